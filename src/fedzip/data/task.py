@@ -1,0 +1,141 @@
+"""A task: tokenized train/test data, per-client batches, and evaluation.
+
+Classification examples are ``(input_ids, label)``; causal-LM examples are ``prompt + answer`` with
+the loss taken on the answer tokens only (prompt positions are labelled -100).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fedzip.data.sources import TextData
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    labels: list[int] | list[list[int]]
+
+
+class Task:
+    def __init__(self, train: TextData, test: TextData, tokenizer, max_length: int):
+        self.train_data, self.test_data = train, test
+        self.kind = "classification" if train.is_classification else "causal_lm"
+        self.num_labels = len(train.label_names) if self.kind == "classification" else None
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.max_length = max_length
+        self.train = self._encode(train)
+        self.test = self._encode(test)
+
+    # -- tokenization ------------------------------------------------------------------------------
+    def _encode(self, data: TextData) -> Encoded:
+        tok = self.tokenizer
+        if self.kind == "classification":
+            ids = tok(data.texts, truncation=True, max_length=self.max_length)["input_ids"]
+            return Encoded(ids, list(data.labels))
+        prompts = [self.format_prompt(p) for p in data.texts]
+        p_ids = tok(prompts, add_special_tokens=True)["input_ids"]
+        a_ids = tok([a for a in data.answers], add_special_tokens=False)["input_ids"]
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        inputs, labels = [], []
+        for p, a in zip(p_ids, a_ids):
+            a = a + eos
+            # Keep the whole answer where possible: cut the prompt from the left first.
+            room = max(self.max_length - len(a), self.max_length // 4)
+            p = p[-room:]
+            seq = (p + a)[: self.max_length]
+            lab = ([IGNORE] * len(p) + a)[: self.max_length]
+            inputs.append(seq)
+            labels.append(lab)
+        return Encoded(inputs, labels)
+
+    def format_prompt(self, prompt: str) -> str:
+        return f"Question: {prompt.strip()}\nAnswer: "
+
+    # -- batching ----------------------------------------------------------------------------------
+    def collate(self, enc: Encoded, idx) -> dict[str, torch.Tensor]:
+        seqs = [enc.input_ids[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.kind == "classification":
+            batch["labels"] = torch.tensor([enc.labels[i] for i in idx], dtype=torch.long)
+        else:
+            lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+            for r, l in enumerate(enc.labels[i] for i in idx):
+                lab[r, : len(l)] = torch.tensor(l)
+            batch["labels"] = lab
+        return batch
+
+    def train_batches(self, indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[dict]:
+        order = rng.permutation(indices)
+        for s in range(0, len(order), batch_size):
+            yield self.collate(self.train, order[s : s + batch_size])
+
+    def steps_per_epoch(self, n: int, batch_size: int) -> int:
+        return math.ceil(n / batch_size)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, batch_size: int = 64, max_examples: int | None = None, seed: int = 0) -> dict[str, float]:
+        n = len(self.test.input_ids)
+        idx = np.arange(n)
+        if max_examples is not None and max_examples < n:
+            idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_examples])
+        idx = sorted(idx, key=lambda i: len(self.test.input_ids[i]))  # length-sorted: little padding
+        was_training = model.training
+        model.eval()
+        total_loss, total_count, preds, golds = 0.0, 0, [], []
+        for s in range(0, len(idx), batch_size):
+            batch = self.collate(self.test, idx[s : s + batch_size])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits.float()
+            if self.kind == "classification":
+                loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+                total_loss += loss.item()
+                total_count += len(batch["labels"])
+                preds += logits.argmax(-1).tolist()
+                golds += batch["labels"].tolist()
+            else:
+                shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                    ignore_index=IGNORE, reduction="sum")
+                total_loss += loss.item()
+                total_count += int((shift_labels != IGNORE).sum())
+        model.train(was_training)
+        mean_loss = total_loss / max(total_count, 1)
+        if self.kind == "classification":
+            return {"accuracy": accuracy(preds, golds), "macro_f1": macro_f1(preds, golds, self.num_labels),
+                    "loss": mean_loss, "eval_examples": len(idx)}
+        return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "eval_examples": len(idx)}
+
+
+def accuracy(preds, golds) -> float:
+    return float(np.mean(np.asarray(preds) == np.asarray(golds))) if golds else 0.0
+
+
+def macro_f1(preds, golds, num_labels: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
+    p, g = np.asarray(preds), np.asarray(golds)
+    scores = []
+    for c in range(num_labels):
+        tp = int(((p == c) & (g == c)).sum())
+        fp = int(((p == c) & (g != c)).sum())
+        fn = int(((p != c) & (g == c)).sum())
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0

@@ -1,0 +1,69 @@
+"""Everything a method needs at run time: the task, the model with LoRA, and its trainable view."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fedzip.data import Task, load_source, partition, partition_stats
+from fedzip.models import TrainableView, inject_lora, load_base_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    cfg: object
+    task: Task
+    model: torch.nn.Module
+    view: TrainableView
+    parts: list[np.ndarray]
+    stats: dict
+    step_progress: Callable[[int, int], None] | None = field(default=None)
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+
+def build_task(cfg) -> Task:
+    train, test = load_source(cfg.data, cfg.seed, cfg.data_root())
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+    task = Task(train, test, tokenizer, cfg.data.max_length)
+    if cfg.model.task != "auto" and cfg.model.task != task.kind:
+        from fedzip.errors import ConfigError
+
+        raise ConfigError(f"model.task: {cfg.model.task} does not fit data source {cfg.data.source} ({task.kind})")
+    return task
+
+
+def build_model(cfg, method_cls, task: Task):
+    torch.manual_seed(cfg.seed)  # the classification head's init
+    model = load_base_model(cfg.model.name, task.kind, task.num_labels, cfg.model.cache_dir)
+    if method_cls.uses_lora:
+        lc = cfg.lora
+        model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, lc.train_head, cfg.seed)
+    method_cls.prepare_model(model, cfg)
+    return model
+
+
+def build_runtime(cfg, method_cls) -> Runtime:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task = build_task(cfg)
+    labels = task.train_data.labels
+    field_values = task.train_data.fields.get(cfg.partition.field) if cfg.partition.field else None
+    if cfg.partition.scheme == "field" and field_values is None:
+        from fedzip.errors import DataError
+
+        raise DataError(f"partition.field {cfg.partition.field!r} is not a column of the training data")
+    parts = partition(cfg.partition.scheme, len(task.train_data), cfg.num_clients, np.random.default_rng(cfg.seed),
+                      labels=labels, alpha=cfg.partition.alpha, shards_per_client=cfg.partition.shards_per_client,
+                      field_values=field_values, min_examples=cfg.partition.min_examples)
+    stats = partition_stats(parts, labels, task.train_data.label_names)
+    model = build_model(cfg, method_cls, task)
+    return Runtime(cfg=cfg, task=task, model=model, view=TrainableView(model), parts=parts, stats=stats)

@@ -1,0 +1,232 @@
+"""The in-process engine: every message is encoded to bytes, counted, and decoded on the other side.
+
+Per round: sample clients (seeded by round) -> ``method.configure`` -> encode/ledger/decode ->
+``method.fit`` on each client -> encode/ledger/decode -> ``method.aggregate`` -> evaluate -> write
+metrics -> checkpoint. The engine knows the Method protocol, never a particular method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedzip.config import ExperimentConfig, dump_config
+from fedzip.engine.ledger import Ledger
+from fedzip.engine.runtime import build_runtime
+from fedzip.engine.state import ClientStateStore
+from fedzip.errors import PayloadError, RunDirError
+from fedzip.methods import METHODS, ClientContext
+from fedzip.models import save_adapter
+from fedzip.progress import RunProgress
+from fedzip.wire import decode, encode
+
+log = logging.getLogger(__name__)
+
+
+def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> list[int]:
+    rng = np.random.default_rng([seed, rnd, 0x5A])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def client_seed(seed: int, rnd: int, cid: int) -> int:
+    return int(np.random.default_rng([seed, rnd, cid, 0xC1]).integers(2**31))
+
+
+def prepare_run_dir(out: Path, resume: bool) -> Path:
+    if resume:
+        if not (out / "checkpoints" / "state.json").exists():
+            raise RunDirError(f"nothing to resume in {out}: no checkpoint found")
+        return out
+    if out.exists() and any(out.iterdir()):
+        n = 2
+        while (out.parent / f"{out.name}-{n}").exists():
+            n += 1
+        out = out.parent / f"{out.name}-{n}"  # never overwrite an earlier run
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()[:keep]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = True,
+                   stop_after: int | None = None) -> dict:
+    """Run (or resume) an experiment into run directory ``out``. Returns the summary.
+
+    ``stop_after`` ends the process after that round's checkpoint, as an interruption would (tests).
+    """
+    method_cls = METHODS[cfg.method]
+    cfg = method_cls.adjust_config(cfg)
+    out = prepare_run_dir(Path(out), resume)
+    ckpt_dir = out / "checkpoints"
+    if resume:
+        saved = (out / "config.yaml").read_text()
+        if saved != dump_config(cfg):
+            raise RunDirError(f"{out}/config.yaml differs from the config being resumed; resume with the same config")
+    (out / "config.yaml").write_text(dump_config(cfg))
+
+    rt = build_runtime(cfg, method_cls)
+    (out / "partition.json").write_text(json.dumps(rt.stats, indent=1))
+    method = method_cls(cfg, rt)
+    method.init_global()
+    store = ClientStateStore(out / "client_state")
+
+    start, elapsed_before = 1, 0.0
+    if resume:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        method.load_server_state(load_file(str(ckpt_dir / "server.safetensors")))
+        start, elapsed_before = state["round"] + 1, state["wall_seconds"]
+        _truncate_lines(out / "ledger.jsonl", state["ledger_lines"])
+        _truncate_lines(out / "metrics.jsonl", state["metrics_lines"])
+        store.rollback(state["round"])
+        log.info("resuming %s after round %d", out, state["round"])
+    else:
+        for f in ("ledger.jsonl", "metrics.jsonl"):
+            (out / f).write_text("")
+
+    ledger = Ledger(out / "ledger.jsonl")
+    bar = RunProgress(cfg.rounds, start, enabled=progress)
+    rt.step_progress = bar.step
+    t_start = time.time()
+    metrics_lines = sum(1 for _ in open(out / "metrics.jsonl"))
+    last_eval: dict = {}
+    try:
+        for rnd in range(start, cfg.rounds + 1):
+            row = run_round(cfg, rt, method, ledger, store, rnd, bar)
+            if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+                t0 = time.time()
+                rt.view.set(method.global_tensors())
+                full = rnd == cfg.rounds
+                last_eval = rt.task.evaluate(rt.model, cfg.eval.batch_size, None if full else cfg.eval.max_examples,
+                                             seed=cfg.seed)
+                row.update(last_eval)
+                row["eval_s"] = time.time() - t0
+            row["wall_seconds"] = elapsed_before + time.time() - t_start
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            metrics_lines += 1
+            ledger.flush()
+            _checkpoint(ckpt_dir, method, rnd, ledger.lines(), metrics_lines, row["wall_seconds"])
+            store.commit(rnd)
+            bar.round_done(rnd, row)
+            if stop_after is not None and rnd >= stop_after and rnd < cfg.rounds:
+                return {"interrupted_after": rnd, "run_dir": str(out)}
+    finally:
+        bar.close()
+        ledger.close()
+
+    rt.view.set(method.global_tensors())
+    export_model(rt.model, method_cls, out)
+    summary = write_summary(cfg, out, elapsed_before + time.time() - t_start)
+    return {**summary, "run_dir": str(out)}
+
+
+def run_round(cfg, rt, method, ledger: Ledger, store: ClientStateStore, rnd: int, bar: RunProgress) -> dict:
+    t_round = time.time()
+    cids = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+    bar.round_start(rnd, len(cids))
+    timing = dict.fromkeys(("compute_s", "encode_s", "decode_s", "aggregate_s"), 0.0)
+    messages = method.configure(rnd, cids)
+    encoded: dict[int, bytes] = {}  # a message object sent to many clients is encoded once
+    replies, losses, rejected = {}, [], []
+    for cid in cids:
+        bar.client_start(cid)
+        msg = messages[cid]
+        t0 = time.time()
+        if id(msg) not in encoded:
+            encoded[id(msg)] = encode(msg, cfg.wire.down)
+        down = encoded[id(msg)]
+        timing["encode_s"] += time.time() - t0
+        ledger.record(rnd, cid, "down", len(down))
+
+        t0 = time.time()
+        received = decode(down, method.down_spec(cid), max_bytes=cfg.wire.max_payload_bytes)
+        timing["decode_s"] += time.time() - t0
+
+        t0 = time.time()
+        ctx = ClientContext(cid=cid, round=rnd, indices=rt.parts[cid], store=store, seed=client_seed(cfg.seed, rnd, cid))
+        reply = method.fit(ctx, received)
+        timing["compute_s"] += time.time() - t0
+
+        t0 = time.time()
+        up = encode(reply, cfg.wire.up)
+        timing["encode_s"] += time.time() - t0
+        ledger.record(rnd, cid, "up", len(up))
+
+        t0 = time.time()
+        try:
+            replies[cid] = decode(up, method.up_spec(cid), max_bytes=cfg.wire.max_payload_bytes)
+        except PayloadError as exc:  # a bad reply is dropped and logged, never fatal to the server
+            log.warning("round %d: reply from client %d rejected: %s", rnd, cid, exc)
+            rejected.append(cid)
+        timing["decode_s"] += time.time() - t0
+        if isinstance(reply.meta.get("train_loss"), (int, float)):
+            losses.append(float(reply.meta["train_loss"]))
+        bar.client_done()
+
+    t0 = time.time()
+    extra = method.aggregate(rnd, replies) if replies else {}
+    timing["aggregate_s"] = time.time() - t0
+    up_b, down_b = ledger.round_bytes[rnd]["up"], ledger.round_bytes[rnd]["down"]
+    row = {"round": rnd, "clients": cids, "bytes_up": up_b, "bytes_down": down_b,
+           "bytes_up_per_client": up_b / len(cids), "bytes_down_per_client": down_b / len(cids),
+           "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **timing, **extra}
+    row["round_s"] = time.time() - t_round
+    return row
+
+
+def _checkpoint(ckpt_dir: Path, method, rnd: int, ledger_lines: int, metrics_lines: int, wall: float) -> None:
+    """Atomic: write into a temporary folder, then swap it in."""
+    tmp = ckpt_dir.with_name("checkpoints.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in method.server_state().items()}, str(tmp / "server.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"round": rnd, "ledger_lines": ledger_lines,
+                                                "metrics_lines": metrics_lines, "wall_seconds": wall}))
+    old = ckpt_dir.with_name("checkpoints.old")
+    if ckpt_dir.exists():
+        ckpt_dir.rename(old)
+    tmp.rename(ckpt_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_model(model, method_cls, out: Path) -> None:
+    if method_cls.uses_lora:
+        save_adapter(model, out / "adapter")
+    else:
+        model.save_pretrained(str(out / "model"))
+
+
+def write_summary(cfg, out: Path, wall: float) -> dict:
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8") if line.strip()]
+    metric_keys = ("accuracy", "macro_f1", "loss", "perplexity")
+    evaluated = [r for r in rows if any(k in r for k in metric_keys)]
+    final = {k: evaluated[-1][k] for k in metric_keys if evaluated and k in evaluated[-1]}
+    summary = {
+        "method": cfg.method, "name": out.name, "rounds_completed": len(rows), "final_metrics": final,
+        "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "wall_seconds": wall,
+        "time_split_s": {k: sum(r.get(k, 0.0) or 0.0 for r in rows)
+                         for k in ("compute_s", "encode_s", "decode_s", "aggregate_s", "eval_s")},
+        "model": cfg.model.name, "data": cfg.data.source, "seed": cfg.seed,
+        "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,57 @@
+"""On-disk client state (optimizer state, residuals): only the clients of the current round are in memory.
+
+Each save is versioned by round so that a resumed run sees exactly the state an uninterrupted run
+would have: versions newer than the last checkpoint are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_VERSION = re.compile(r"^r(\d+)\.safetensors$")
+
+
+class ClientStateStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _versions(self, cid: int) -> list[tuple[int, Path]]:
+        folder = self.root / str(cid)
+        if not folder.is_dir():
+            return []
+        out = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _VERSION.match(p.name))]
+        return sorted(out)
+
+    def load(self, cid: int) -> dict[str, torch.Tensor]:
+        versions = self._versions(cid)
+        return load_file(str(versions[-1][1])) if versions else {}
+
+    def save(self, cid: int, rnd: int, tensors: dict[str, torch.Tensor]) -> None:
+        folder = self.root / str(cid)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".r{rnd}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(folder / f"r{rnd}.safetensors")
+
+    def commit(self, completed_round: int) -> None:
+        """After a checkpoint: keep only each client's newest version."""
+        if not self.root.is_dir():
+            return
+        for folder in self.root.iterdir():
+            if folder.is_dir():
+                for _, p in self._versions(int(folder.name))[:-1]:
+                    p.unlink()
+
+    def rollback(self, completed_round: int) -> None:
+        """On resume: forget versions written by rounds that did not complete."""
+        if not self.root.is_dir():
+            return
+        for folder in self.root.iterdir():
+            if folder.is_dir():
+                for rnd, p in self._versions(int(folder.name)):
+                    if rnd > completed_round:
+                        p.unlink()

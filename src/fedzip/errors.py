@@ -1,0 +1,37 @@
+"""Typed errors. The CLI turns each into one line on stderr and a non-zero exit."""
+
+
+class FedzipError(Exception):
+    """Base class for every error fedzip reports to a user."""
+
+    exit_code = 1
+
+
+class ConfigError(FedzipError):
+    """A configuration is invalid: unknown key, wrong type, impossible value, missing file."""
+
+    exit_code = 2
+
+
+class DataError(FedzipError):
+    """A data source cannot be read or does not have the expected shape."""
+
+    exit_code = 2
+
+
+class ModelError(FedzipError):
+    """A model cannot be found or loaded."""
+
+    exit_code = 2
+
+
+class PayloadError(FedzipError):
+    """A payload received over the wire is malformed, truncated, oversized or unexpected."""
+
+    exit_code = 3
+
+
+class RunDirError(FedzipError):
+    """A run directory is missing, incomplete or does not match the config being resumed."""
+
+    exit_code = 2

@@ -1,0 +1,15 @@
+"""Federated methods. Each registers under its name; configs choose one with ``method:``."""
+
+from fedzip.methods.base import ClientContext, Method
+from fedzip.methods.fedit import Centralised, FedIT, FFALoRA, FullFedAvg
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FullFedAvg, Centralised)}
+METHODS["centralized"] = Centralised
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+__all__ = ["METHODS", "ClientContext", "Method", "register_method"]

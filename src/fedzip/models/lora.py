@@ -1,0 +1,95 @@
+"""LoRA injection through peft, and a name-addressed view of the trainable tensors.
+
+Methods exchange tensors by *canonical* names: the parameter path inside the base model with peft's
+wrapper prefixes and adapter name removed (``bert.encoder.layer.0.attention.self.query.lora_A.weight``,
+``classifier.weight``). The same names key the wire payloads and the saved adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedzip.errors import ModelError
+
+ATTENTION_NAMES = [
+    ["q_proj", "k_proj", "v_proj", "o_proj"],  # Llama, Qwen2, Gemma, Mistral
+    ["query", "key", "value"],  # BERT family
+    ["c_attn", "c_proj"],  # GPT-2
+    ["q_lin", "k_lin", "v_lin", "out_lin"],  # DistilBERT
+    ["query_key_value", "dense"],  # GPT-NeoX, Falcon
+]
+HEAD_NAMES = ["classifier", "score", "classification_head", "lm_head_cls"]
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for group in ATTENTION_NAMES:
+        present = [n for n in group if n in leaf_names]
+        if present:
+            return present
+    raise ModelError("cannot guess LoRA target modules for this model; set lora.target_modules")
+
+
+def head_module(model: nn.Module) -> str | None:
+    names = {name for name, _ in model.named_modules()}
+    return next((h for h in HEAD_NAMES if h in names), None)
+
+
+def canonical(name: str) -> str:
+    name = re.sub(r"^base_model\.model\.", "", name)
+    name = name.replace(".modules_to_save.default", "").replace(".default", "")
+    return name
+
+
+class TrainableView:
+    """Maps canonical names to a model's trainable parameters (and back)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params: dict[str, nn.Parameter] = {canonical(n): p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ModelError("the model has no trainable parameters")
+
+    def names(self, predicate=None) -> list[str]:
+        return [n for n in self.params if predicate is None or predicate(n)]
+
+    def shapes(self, names=None) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(self.params[n].shape) for n in (names or self.params)}
+
+    def get(self, names=None) -> dict[str, torch.Tensor]:
+        return {n: self.params[n].detach().clone() for n in (names or self.params)}
+
+    def set(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, t in tensors.items():
+                self.params[n].copy_(t)
+
+    def num_elements(self, names=None) -> int:
+        return sum(self.params[n].numel() for n in (names or self.params))
+
+
+def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | None,
+                train_head: bool, seed: int):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    is_cls = head_module(model) is not None and hasattr(model.config, "num_labels") and not hasattr(model, "lm_head")
+    head = head_module(model) if is_cls and train_head else None
+    cfg = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or default_targets(model),
+        modules_to_save=[head] if head else None,
+        task_type=TaskType.SEQ_CLS if is_cls else TaskType.CAUSAL_LM,
+    )
+    torch.manual_seed(seed)  # LoRA A init: the same on the server and on every client
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as exc:
+        raise ModelError(f"cannot apply LoRA: {exc}") from None
+
+
+def save_adapter(model, out_dir: Path) -> None:
+    """The standard peft layout: adapter_config.json + adapter_model.safetensors."""
+    model.save_pretrained(str(out_dir))

@@ -1,0 +1,135 @@
+"""Read run directories (the contract: summary.json, metrics.jsonl) and compare them."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedzip.errors import RunDirError
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    summary: dict
+    rows: list[dict]
+
+    def curve(self, metric: str) -> tuple[list[int], list[float], list[float]]:
+        """(rounds, cumulative MB up+down, metric) at the rounds where the metric was evaluated."""
+        rounds, mb, values, total = [], [], [], 0
+        for r in self.rows:
+            total += r["bytes_up"] + r["bytes_down"]
+            if r.get(metric) is not None:
+                rounds.append(r["round"])
+                mb.append(total / 1e6)
+                values.append(r[metric])
+        return rounds, mb, values
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.exists():
+        raise RunDirError(f"{path} is not a run directory (no metrics.jsonl)")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"method": "?", "final_metrics": {}}
+    return Run(path=path, label=f"{path.name}", summary=summary, rows=rows)
+
+
+def primary_metric(runs: list[Run]) -> str:
+    for m in ("accuracy", "loss"):
+        if any(m in r for run in runs for r in run.rows):
+            return m
+    return "loss"
+
+
+def table_rows(runs: list[Run]) -> list[dict]:
+    out = []
+    for run in runs:
+        fm = run.summary.get("final_metrics", {})
+        up = sum(r["bytes_up"] for r in run.rows)
+        down = sum(r["bytes_down"] for r in run.rows)
+        out.append({"run": run.label, "method": run.summary.get("method", "?"), "rounds": len(run.rows),
+                    "accuracy": fm.get("accuracy"), "macro_f1": fm.get("macro_f1"), "loss": fm.get("loss"),
+                    "MB up": up / 1e6, "MB down": down / 1e6,
+                    "wall s": run.summary.get("wall_seconds")})
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else (f"{v:,.1f}" if isinstance(v, float) else str(v))
+
+
+def print_table(dirs: list[Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = table_rows([load_run(d) for d in dirs])
+    t = Table(title="fedzip runs")
+    for col in rows[0]:
+        t.add_column(col, justify="left" if col in ("run", "method") else "right")
+    for r in rows:
+        t.add_row(*(_fmt(v) for v in r.values()))
+    Console().print(t)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_runs(runs: list[Run], out_dir: Path, metric: str | None = None, title: str = "") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric or primary_metric(runs)
+    paths = []
+    for xkey, xlabel, fname in (("round", "round", f"{metric}_vs_round.png"),
+                                ("mb", "cumulative MB (up + down)", f"{metric}_vs_mb.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        for run in runs:
+            rounds, mb, values = run.curve(metric)
+            if values:
+                ax.plot(rounds if xkey == "round" else mb, values, marker="o", ms=3, label=run.label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        if xkey == "mb":
+            ax.set_xscale("log")
+        ax.set_title(title or f"{metric} vs {xlabel}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(dirs: list[Path], out_dir: Path) -> Path:
+    runs = [load_run(d) for d in dirs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = plot_runs(runs, out_dir)
+    rows = table_rows(runs)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                   for p in pngs)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedzip report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
+padding:4px 8px;text-align:right}}img{{max-width:48%;margin:1%}}</style></head><body>
+<h1>fedzip report</h1><table><tr>{head}</tr>{body}</table>{imgs}</body></html>"""
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

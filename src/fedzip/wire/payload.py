@@ -1,0 +1,146 @@
+"""The payload: the only thing that crosses between a server and a client.
+
+Layout (all integers little-endian)::
+
+    b"FZP1" | u32 header_length | header (UTF-8 JSON) | buffer_0 | buffer_1 | ...
+
+The header is ``{"meta": {...}, "tensors": [{"name", "shape", "codec", "params", "nbytes"}, ...]}``;
+buffers follow in the order of ``tensors``. Nothing is ever unpickled. :func:`decode` checks every
+declared size against the bytes actually present, the names and shapes the receiver expects, and
+that decoded values are finite, and raises :class:`PayloadError` on any mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from fedzip.errors import PayloadError
+from fedzip.wire.codecs import get_codec, numel
+
+MAGIC = b"FZP1"
+PREFIX = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSOR_ELEMENTS = 2**31
+
+
+@dataclass
+class Message:
+    """Named float tensors plus JSON metadata: what a method sends or replies."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
+    """Serialise a message. ``codec`` is one codec name, or a per-tensor mapping of names."""
+    entries, buffers = [], []
+    for name, tensor in message.tensors.items():
+        codec_name = codec if isinstance(codec, str) else codec[name]
+        buf, params = get_codec(codec_name).encode(tensor)
+        entries.append(
+            {"name": name, "shape": list(tensor.shape), "codec": codec_name, "params": params, "nbytes": len(buf)}
+        )
+        buffers.append(buf)
+    header = json.dumps({"meta": message.meta, "tensors": entries}, separators=(",", ":"), allow_nan=False).encode()
+    return b"".join([PREFIX.pack(MAGIC, len(header)), header, *buffers])
+
+
+def decode(
+    data: bytes,
+    expect: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    require_all: bool = True,
+    max_bytes: int | None = None,
+) -> Message:
+    """Parse and validate a payload.
+
+    ``expect`` maps the tensor names the receiver accepts to their shapes; any other name, a wrong
+    shape, or (with ``require_all``) a missing name is an error.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if len(data) < PREFIX.size:
+        raise PayloadError(f"payload truncated: {len(data)} bytes, the prefix alone is {PREFIX.size}")
+    magic, header_len = PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise PayloadError(f"not a fedzip payload (magic {magic!r})")
+    if header_len > MAX_HEADER_BYTES or PREFIX.size + header_len > len(data):
+        raise PayloadError(f"header length {header_len} does not fit in a payload of {len(data)} bytes")
+    try:
+        header = json.loads(data[PREFIX.size : PREFIX.size + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PayloadError(f"payload header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or set(header) != {"meta", "tensors"}:
+        raise PayloadError("payload header must be an object with exactly 'meta' and 'tensors'")
+    meta, entries = header["meta"], header["tensors"]
+    if not isinstance(meta, dict) or not isinstance(entries, list):
+        raise PayloadError("payload 'meta' must be an object and 'tensors' a list")
+
+    body = memoryview(data)[PREFIX.size + header_len :]
+    declared = 0
+    tensors: dict[str, torch.Tensor] = {}
+    for i, entry in enumerate(entries):
+        name, shape, codec_name, params, nbytes = _check_entry(i, entry)
+        if name in tensors:
+            raise PayloadError(f"tensor {name!r} appears twice")
+        if expect is not None:
+            if name not in expect:
+                raise PayloadError(f"unexpected tensor {name!r}")
+            if tuple(expect[name]) != shape:
+                raise PayloadError(f"tensor {name!r} has shape {list(shape)}, expected {list(expect[name])}")
+        if declared + nbytes > len(body):
+            raise PayloadError(
+                f"payload truncated: tensor {name!r} declares {nbytes} bytes at offset {declared}, "
+                f"body has {len(body)}"
+            )
+        try:
+            codec = get_codec(codec_name)
+        except Exception:
+            raise PayloadError(f"tensor {name!r} uses unknown codec {codec_name!r}") from None
+        try:
+            tensor = codec.decode(bytes(body[declared : declared + nbytes]), shape, params)
+        except PayloadError:
+            raise
+        except Exception as exc:  # a codec bug must still surface as a payload error, not a crash
+            raise PayloadError(f"tensor {name!r}: codec {codec_name} failed: {exc}") from None
+        if tuple(tensor.shape) != shape:
+            raise PayloadError(f"tensor {name!r} decoded to shape {list(tensor.shape)}, declared {list(shape)}")
+        if not torch.isfinite(tensor).all():
+            raise PayloadError(f"tensor {name!r} contains NaN or infinite values")
+        tensors[name] = tensor
+        declared += nbytes
+    if declared != len(body):
+        raise PayloadError(f"payload body has {len(body)} bytes but the header declares {declared}")
+    if expect is not None and require_all:
+        missing = sorted(set(expect) - set(tensors))
+        if missing:
+            raise PayloadError(f"payload is missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return Message(tensors=tensors, meta=meta)
+
+
+def _check_entry(i: int, entry: Any) -> tuple[str, tuple[int, ...], str, dict, int]:
+    keys = {"name", "shape", "codec", "params", "nbytes"}
+    if not isinstance(entry, dict) or set(entry) != keys:
+        raise PayloadError(f"tensor entry {i} must be an object with keys {sorted(keys)}")
+    name, shape, codec, params, nbytes = (entry[k] for k in ("name", "shape", "codec", "params", "nbytes"))
+    if not isinstance(name, str) or not name:
+        raise PayloadError(f"tensor entry {i} has an invalid name")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape
+    ):
+        raise PayloadError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if numel(tuple(shape)) > MAX_TENSOR_ELEMENTS:
+        raise PayloadError(f"tensor {name!r} declares too many elements")
+    if not isinstance(codec, str) or not isinstance(params, dict):
+        raise PayloadError(f"tensor {name!r} has an invalid codec or params")
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise PayloadError(f"tensor {name!r} has an invalid byte count {nbytes!r}")
+    return name, tuple(shape), codec, params, nbytes
