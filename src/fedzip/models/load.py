@@ -63,6 +63,11 @@ def smollm_converted(cache_dir: str | None = None) -> Path:
     log.info("converting %s to safetensors (once)", SMOLLM_GGUF)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM_GGUF)
+    # Weights are already dequantised to fp32: drop the GGUF marker so it saves as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
     tmp = target.with_name(target.name + ".partial")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

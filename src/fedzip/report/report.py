@@ -77,7 +77,10 @@ def print_table(dirs: list[Path]) -> None:
         t.add_column(col, justify="left" if col in ("run", "method") else "right")
     for r in rows:
         t.add_row(*(_fmt(v) for v in r.values()))
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped output: do not squeeze columns to 80
+    console.print(t)
 
 
 def markdown_table(rows: list[dict]) -> str:

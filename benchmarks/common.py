@@ -1,0 +1,87 @@
+"""Shared benchmark harness: run a matrix of fedzip configs in parallel subprocesses, collect results.
+
+Each run is an ordinary ``fedzip run`` into ``benchmarks/runs/<bench>/<profile>/<label>`` (not committed);
+results (JSON, markdown table, plots) go to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}"
+
+
+def run_one(label: str, config: str, overrides: list[str], out: Path, threads: int) -> Path:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("FEDZIP_DATA", str((ROOT.parent.parent / "shared" / "data").resolve()))
+    if out.exists() and (out / "summary.json").exists():
+        print(f"[{label}] already done: {out}", flush=True)
+        return out
+    cmd = [sys.executable, "-m", "fedzip.cli", "run", config, "--out", str(out), "--quiet",
+           "--set", f"train.threads={threads}", *[a for o in overrides for a in ("--set", o)]]
+    if (out / "checkpoints" / "state.json").exists():
+        cmd.append("--resume")  # an interrupted benchmark continues where it stopped
+    t0 = time.time()
+    print(f"[{label}] start: {' '.join(cmd[3:])}", flush=True)
+    log = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT.parent)
+    if rc != 0:
+        raise RuntimeError(f"[{label}] failed with exit {rc}; see {log}")
+    print(f"[{label}] done in {time.time() - t0:.0f}s", flush=True)
+    return out
+
+
+def run_matrix(bench: str, profile: str, runs: list[tuple[str, str, list[str]]], jobs: int) -> dict[str, Path]:
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    base = ROOT / "runs" / bench / profile
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {label: pool.submit(run_one, label, cfg, ov, base / label, threads) for label, cfg, ov in runs}
+        return {label: f.result() for label, f in futures.items()}
+
+
+def collect(run_dir: Path, profile: str, label: str) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve, cum_up, cum_down = [], 0, 0
+    for r in rows:
+        cum_up += r["bytes_up"]
+        cum_down += r["bytes_down"]
+        point = {"round": r["round"], "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
+                 "cum_bytes_up": cum_up, "cum_bytes_down": cum_down, "round_s": round(r["round_s"], 3),
+                 "compute_s": round(r["compute_s"], 3), "train_loss": r.get("train_loss")}
+        for k in ("accuracy", "macro_f1", "loss", "perplexity", "eval_examples"):
+            if k in r:
+                point[k] = r[k]
+        curve.append(point)
+    return {"label": label, "method": summary["method"], "profile": profile, "machine": machine(),
+            "final_metrics": summary["final_metrics"], "bytes_up_total": summary["bytes_up_total"],
+            "bytes_down_total": summary["bytes_down_total"], "wall_seconds": round(summary["wall_seconds"], 1),
+            "time_split_s": {k: round(v, 2) for k, v in summary["time_split_s"].items()},
+            "rounds": summary["rounds_completed"], "curve": curve}
+
+
+def merge_results(path: Path, new_runs: list[dict]) -> dict:
+    """Results of one profile replace that profile's earlier results; other profiles are kept."""
+    old = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    profiles = {r["profile"] for r in new_runs}
+    runs = [r for r in old["runs"] if r["profile"] not in profiles] + new_runs
+    data = {"benchmark": path.stem, "runs": runs}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return data

@@ -1,0 +1,138 @@
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedzip.errors import PayloadError
+from fedzip.wire import Message, decode, encode
+from fedzip.wire.payload import PREFIX
+
+
+def sample(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Message(tensors={"layer.lora_A.weight": torch.randn(4, 16, generator=g),
+                            "layer.lora_B.weight": torch.randn(32, 4, generator=g),
+                            "head.bias": torch.randn(3, generator=g)},
+                   meta={"round": 3, "num_examples": 17})
+
+
+def body_bytes(data: bytes) -> int:
+    _, header_len = PREFIX.unpack_from(data)
+    return len(data) - PREFIX.size - header_len
+
+
+@pytest.mark.parametrize("codec,tol", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 1e-2)])
+def test_round_trip(codec, tol):
+    msg = sample()
+    out = decode(encode(msg, codec), {n: tuple(t.shape) for n, t in msg.tensors.items()})
+    assert out.meta == msg.meta
+    for n, t in msg.tensors.items():
+        assert out.tensors[n].dtype == torch.float32
+        assert torch.allclose(out.tensors[n], t, atol=tol * t.abs().max().item(), rtol=tol)
+    if codec == "fp32":
+        assert all(torch.equal(out.tensors[n], t) for n, t in msg.tensors.items())
+
+
+def test_fp16_halves_dense_bytes():
+    msg = sample()
+    n = sum(t.numel() for t in msg.tensors.values())
+    b32, b16 = body_bytes(encode(msg, "fp32")), body_bytes(encode(msg, "fp16"))
+    assert b32 == 4 * n and b16 == 2 * n and b16 * 2 == b32
+    assert body_bytes(encode(msg, "bf16")) == 2 * n
+
+
+def test_per_tensor_codec_mapping():
+    msg = sample()
+    data = encode(msg, {"layer.lora_A.weight": "fp16", "layer.lora_B.weight": "fp32", "head.bias": "bf16"})
+    header = json.loads(data[PREFIX.size:PREFIX.size + PREFIX.unpack_from(data)[1]])
+    assert [e["codec"] for e in header["tensors"]] == ["fp16", "fp32", "bf16"]
+    assert set(decode(data).tensors) == set(msg.tensors)
+
+
+def test_every_truncation_raises_typed_error():
+    data = encode(sample(), "fp16")
+    for cut in range(len(data)):
+        with pytest.raises(PayloadError):
+            decode(data[:cut])
+
+
+def test_trailing_garbage_rejected():
+    with pytest.raises(PayloadError, match="declares"):
+        decode(encode(sample()) + b"\x00")
+
+
+def test_corrupted_bytes_raise_typed_error_or_decode_equal_shapes():
+    data = bytearray(encode(sample(), "fp32"))
+    expect = {n: tuple(t.shape) for n, t in sample().tensors.items()}
+    for pos in range(0, len(data), 7):
+        bad = bytearray(data)
+        bad[pos] ^= 0xFF
+        try:
+            out = decode(bytes(bad), expect)
+        except PayloadError:
+            continue
+        # a flip inside a value buffer can still decode: shapes and names must then be exactly as expected
+        assert {n: tuple(t.shape) for n, t in out.tensors.items()} == expect
+
+
+def test_receiver_expectations_enforced():
+    msg = sample()
+    data = encode(msg)
+    with pytest.raises(PayloadError, match="unexpected tensor"):
+        decode(data, {"layer.lora_A.weight": (4, 16), "layer.lora_B.weight": (32, 4)})
+    with pytest.raises(PayloadError, match="shape"):
+        decode(data, {"layer.lora_A.weight": (16, 4), "layer.lora_B.weight": (32, 4), "head.bias": (3,)})
+    with pytest.raises(PayloadError, match="missing"):
+        decode(data, {**{n: tuple(t.shape) for n, t in msg.tensors.items()}, "extra": (2,)})
+
+
+def test_non_finite_values_rejected():
+    with pytest.raises(PayloadError, match="NaN"):
+        decode(encode(Message({"x": torch.tensor([1.0, float("nan")])})))
+    with pytest.raises(PayloadError, match="NaN or infinite"):
+        decode(encode(Message({"x": torch.tensor([float("inf")])}), "fp16"))
+
+
+def _forge(header: dict, body: bytes = b"") -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<4sI", b"FZP1", len(h)) + h + body
+
+
+@pytest.mark.parametrize("header,body", [
+    ({"meta": {}, "tensors": [{"name": "x", "shape": [2], "codec": "fp32", "params": {}, "nbytes": 4}]}, b"\0" * 4),
+    ({"meta": {}, "tensors": [{"name": "x", "shape": [-1], "codec": "fp32", "params": {}, "nbytes": 4}]}, b"\0" * 4),
+    ({"meta": {}, "tensors": [{"name": "x", "shape": [1], "codec": "pickle", "params": {}, "nbytes": 4}]}, b"\0" * 4),
+    ({"meta": {}, "tensors": [{"name": "x", "shape": [1], "codec": "fp32", "params": {"a": 1}, "nbytes": 4}]}, b"\0" * 4),
+    ({"meta": {}, "tensors": [{"name": "x", "shape": [1 << 40], "codec": "fp32", "params": {}, "nbytes": 4}]}, b"\0" * 4),
+    ({"meta": [], "tensors": []}, b""),
+    ({"meta": {}, "tensors": [{"name": "x"}]}, b""),
+    ({"meta": {}, "tensors": [], "extra": 1}, b""),
+])
+def test_forged_headers_rejected(header, body):
+    with pytest.raises(PayloadError):
+        decode(_forge(header, body))
+
+
+def test_size_limit_and_magic():
+    data = encode(sample())
+    with pytest.raises(PayloadError, match="exceeds"):
+        decode(data, max_bytes=len(data) - 1)
+    with pytest.raises(PayloadError, match="magic"):
+        decode(b"PK\x03\x04" + data[4:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3), min_size=0, max_size=4),
+       codec=st.sampled_from(["fp32", "fp16", "bf16"]), seed=st.integers(0, 2**16))
+def test_property_round_trip_and_size(shapes, codec, seed):
+    g = torch.Generator().manual_seed(seed)
+    msg = Message({f"t{i}": torch.randn(tuple(s), generator=g) for i, s in enumerate(shapes)}, {"k": seed})
+    data = encode(msg, codec)
+    width = 4 if codec == "fp32" else 2
+    assert body_bytes(data) == width * sum(t.numel() for t in msg.tensors.values())
+    out = decode(data, {n: tuple(t.shape) for n, t in msg.tensors.items()})
+    assert list(out.tensors) == list(msg.tensors)
+    assert all(out.tensors[n].shape == t.shape for n, t in msg.tensors.items())
