@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -227,6 +228,7 @@ def write_summary(cfg, out: Path, wall: float) -> dict:
         "model": cfg.model.name, "data": cfg.data.source, "seed": cfg.seed,
         "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
