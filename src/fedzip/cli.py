@@ -35,6 +35,10 @@ def cmd_run(args) -> int:
 
     if args.resume and args.config is None and args.out:
         config_path = Path(args.out) / "config.yaml"
+        if not config_path.exists():
+            from fedzip.errors import RunDirError
+
+            raise RunDirError(f"nothing to resume in {args.out}: no config.yaml")
     else:
         config_path = args.config or "quickstart"
     cfg = load_config(config_path, args.set)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,8 @@ def newsgroups(root: Path, remove: list[str]) -> tuple[TextData, TextData]:
             names = sorted({(r["label"], r["label_name"]) for r in rows})
             splits.append(([r["text"] for r in rows], [int(r["label"]) for r in rows], [n for _, n in names]))
     else:  # the public source, through scikit-learn's downloader where the network allows
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("FEDZIP_OFFLINE") == "1":
+            raise DataError(f"20 Newsgroups not found under {folder} (offline, so no download); set FEDZIP_DATA")
         try:
             from sklearn.datasets import fetch_20newsgroups
         except ImportError:
