@@ -51,3 +51,14 @@ def test_cli_report_command(tmp_path, tiny_cfg):
     bad = subprocess.run([sys.executable, "-m", "fedzip.cli", "report", str(tmp_path / "nothing")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_main_job_quickstart_beats_chance(tmp_path):
+    """`fedzip run` with no arguments: the packaged quickstart, end to end, as a user runs it."""
+    r = subprocess.run([sys.executable, "-m", "fedzip.cli"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "run directory:" in r.stdout and "report:" in r.stdout and "bytes up" in r.stdout
+    summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["final_metrics"]["accuracy"] > 0.6  # 5 balanced-ish classes: chance is about 0.2
+    assert summary["bytes_up_total"] > 0 and summary["bytes_down_total"] > 0
+    assert (tmp_path / "runs" / "quickstart" / "report.html").exists()
