@@ -64,7 +64,7 @@ def strip_quotes(text: str) -> str:
 def strip_footer(text: str) -> str:
     lines = text.strip().split("\n")
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].strip("-") == "":
+        if lines[i].strip().strip("-") == "":
             break
     else:
         return text
