@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedzip.errors import ConfigError
+from fedzip.errors import ConfigError, FedzipError
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -77,14 +77,20 @@ class WireConfig(Section):
     up: str = "fp32"
     max_payload_bytes: int = Field(2**31, ge=1)
 
-    @field_validator("down", "up")
+    @field_validator("down", "up", mode="before")
     @classmethod
-    def _known_codec(cls, v: str) -> str:
-        from fedzip.wire import CODECS
+    def _known_codec(cls, v):
+        """A codec name or chain: ``fp16``, ``topk(0.05)+int8+zstd`` or a YAML list of stages."""
+        from fedzip.wire import get_codec
 
-        if v not in CODECS:
-            raise ValueError(f"unknown codec {v!r}; known: {', '.join(sorted(CODECS))}")
-        return v
+        if isinstance(v, list):
+            v = "+".join(str(s) for s in v)
+        if not isinstance(v, str):
+            raise ValueError(f"must be a codec name or a list of codec stages, got {v!r}")
+        try:
+            return get_codec(v).name
+        except FedzipError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class EvalConfig(Section):

@@ -10,6 +10,7 @@ Dense codecs live here; sparse, quantised and learned codecs register themselves
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Protocol
 
@@ -71,10 +72,19 @@ def register_codec(codec: Codec) -> Codec:
 
 
 def get_codec(name: str) -> Codec:
-    try:
+    """A registered codec, or a chain parsed from its spec (``topk(0.05)+int8+zstd``)."""
+    if name in CODECS:
         return CODECS[name]
-    except KeyError:
-        raise ConfigError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
+    if not isinstance(name, str):
+        raise ConfigError(f"codec name must be a string, got {type(name).__name__}")
+    return _chain(name)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: names arrive from the network too
+def _chain(spec: str) -> Codec:
+    from fedzip.wire.stages import ChainCodec
+
+    return ChainCodec(spec)
 
 
 register_codec(DenseCodec("fp32", torch.float32))

@@ -40,11 +40,9 @@ def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
     """Serialise a message. ``codec`` is one codec name, or a per-tensor mapping of names."""
     entries, buffers = [], []
     for name, tensor in message.tensors.items():
-        codec_name = codec if isinstance(codec, str) else codec[name]
-        buf, params = get_codec(codec_name).encode(tensor)
-        entries.append(
-            {"name": name, "shape": list(tensor.shape), "codec": codec_name, "params": params, "nbytes": len(buf)}
-        )
+        c = get_codec(codec if isinstance(codec, str) else codec[name])
+        buf, params = c.encode(tensor)
+        entries.append({"name": name, "shape": list(tensor.shape), "codec": c.name, "params": params, "nbytes": len(buf)})
         buffers.append(buf)
     header = json.dumps({"meta": message.meta, "tensors": entries}, separators=(",", ":"), allow_nan=False).encode()
     return b"".join([PREFIX.pack(MAGIC, len(header)), header, *buffers])
