@@ -127,6 +127,14 @@ class ExperimentConfig(Section):
 
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        options = METHODS[self.method].Options
+        if options is None and self.method_options:
+            raise ValueError(f"method_options: method {self.method} takes no options")
+        if options is not None:
+            try:
+                options.model_validate(self.method_options)
+            except ValidationError as exc:
+                raise ValueError(f"method_options.{_format_error(exc)}") from None
         return self
 
     def data_root(self) -> Path:

@@ -149,7 +149,7 @@ def run_round(cfg, rt, method, ledger: Ledger, store: ClientStateStore, rnd: int
         msg = messages[cid]
         t0 = time.time()
         if id(msg) not in encoded:
-            encoded[id(msg)] = encode(msg, cfg.wire.down)
+            encoded[id(msg)] = encode(msg, method.wire_codec("down"))
         down = encoded[id(msg)]
         timing["encode_s"] += time.time() - t0
         ledger.record(rnd, cid, "down", len(down))
@@ -164,7 +164,7 @@ def run_round(cfg, rt, method, ledger: Ledger, store: ClientStateStore, rnd: int
         timing["compute_s"] += time.time() - t0
 
         t0 = time.time()
-        up = encode(reply, cfg.wire.up)
+        up = encode(reply, method.wire_codec("up"))
         timing["encode_s"] += time.time() - t0
         ledger.record(rnd, cid, "up", len(up))
 

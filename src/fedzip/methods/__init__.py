@@ -2,9 +2,11 @@
 
 from fedzip.methods.base import ClientContext, Method
 from fedzip.methods.fedit import Centralised, FedIT, FFALoRA, FullFedAvg
+from fedzip.methods.flasc import Flasc
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FullFedAvg, Centralised)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FullFedAvg, Centralised, Flasc)}
 METHODS["centralized"] = Centralised
+METHODS["flasc"] = Flasc
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from fedzip.errors import PayloadError
 from fedzip.wire import Message
@@ -37,10 +38,16 @@ class Method:
 
     name: ClassVar[str] = ""
     uses_lora: ClassVar[bool] = True
+    Options: ClassVar[type[BaseModel] | None] = None  # schema of cfg.method_options (None: must be empty)
 
     def __init__(self, cfg, runtime):
         self.cfg = cfg
         self.rt = runtime  # fedzip.engine.runtime.Runtime: model, view, task, local trainer
+        self.opts = self.Options.model_validate(cfg.method_options) if self.Options else None
+
+    def wire_codec(self, direction: str) -> str:
+        """The codec for messages in ``direction`` ('down' or 'up'); methods that sparsify adapt it."""
+        return getattr(self.cfg.wire, direction)
 
     # -- set-up ------------------------------------------------------------------------------------
     @classmethod

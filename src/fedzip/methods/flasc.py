@@ -1,0 +1,174 @@
+"""FLASC (Kuo et al., arXiv 2406.05233), shipped as CELLM: LoRA with sparse communication both ways.
+
+ALGORITHMS.md section 2. Per round t, with P trainable entries (LoRA A, B and the head):
+    server: d_dl(t) = d_dl * gamma^((t-1) // every);  M = top-k |theta_s| with k = ceil(d_dl(t) * P),
+            one global threshold over all tensors;  send theta_s * M           (sparse, positions counted)
+    client: theta_c <- dense local training from theta_s * M      (client_freeze: only entries in M move)
+            delta = theta_c - theta_s * M  (+ residual, with error feedback)
+            send the top ceil(d_ul(t) * P) entries of delta by magnitude       (sparse, positions counted)
+    server: theta_s.grad = -mean_k delta_k;  server optimiser step (AdamW by default; SGD lr 1 = FedAvg)
+Baselines from the same paper are switches: ``client_freeze`` (sparse fine-tuning), ``server_freeze``
+(mask fixed after round 1), ``freeze_a``; lower-rank LoRA is just ``lora.rank``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedzip.methods.base import ClientContext, Method, reply_weight
+from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, train_locally
+from fedzip.wire import Message
+
+
+class FlascOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    d_dl: float = Field(1.0, gt=0, le=1, description="download density")
+    d_ul: float = Field(1.0, gt=0, le=1, description="upload density")
+    gamma: float = Field(1.0, gt=0, le=1, description="density decay factor")
+    schedule_every: int = Field(1, ge=1, description="rounds between density decays")
+    server_optimizer: Literal["adamw", "sgd"] = "adamw"
+    server_lr: float = Field(1e-3, gt=0)
+    server_weight_decay: float = Field(0.0, ge=0)
+    weighting: Literal["uniform", "samples"] = "uniform"
+    client_freeze: bool = False
+    server_freeze: bool = False
+    freeze_a: bool = False
+    error_feedback: bool = False
+
+
+def global_topk_masks(tensors: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Boolean masks keeping the k largest magnitudes over all tensors together (one threshold)."""
+    flat = torch.cat([t.detach().flatten().abs() for t in tensors.values()])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    if k > 0:
+        keep[torch.topk(flat, min(k, flat.numel()), sorted=False).indices] = True
+    masks, start = {}, 0
+    for name, t in tensors.items():
+        masks[name] = keep[start:start + t.numel()].view(t.shape)
+        start += t.numel()
+    return masks
+
+
+class Flasc(Method):
+    name = "cellm"
+    Options = FlascOptions
+
+    @classmethod
+    def prepare_model(cls, model, cfg) -> None:
+        if cfg.method_options.get("freeze_a"):
+            for n, p in model.named_parameters():
+                if "lora_A" in n:
+                    p.requires_grad_(False)
+
+    # -- densities and codecs --------------------------------------------------------------------
+    def density(self, d0: float, rnd: int) -> float:
+        return d0 * self.opts.gamma ** ((rnd - 1) // self.opts.schedule_every)
+
+    def k_for(self, d0: float, rnd: int) -> int:
+        return max(1, math.ceil(self.density(d0, rnd) * self.num_params))
+
+    def wire_codec(self, direction: str) -> str:
+        base = getattr(self.cfg.wire, direction)
+        sparse = (self.opts.d_dl if direction == "down" else self.opts.d_ul) < 1
+        if sparse and not base.startswith(("topk", "nonzero")):
+            return f"nonzero+{base}"  # send only the kept entries, with their positions
+        return base
+
+    # -- server ------------------------------------------------------------------------------------
+    def init_global(self) -> None:
+        self.theta = {n: torch.nn.Parameter(t.clone()) for n, t in self.rt.view.get().items()}
+        self.num_params = sum(t.numel() for t in self.theta.values())
+        params = list(self.theta.values())
+        if self.opts.server_optimizer == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=self.opts.server_lr, weight_decay=self.opts.server_weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=self.opts.server_lr, weight_decay=self.opts.server_weight_decay)
+        self.fixed_mask: dict[str, torch.Tensor] | None = None
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        state = {f"theta::{n}": p.detach().clone() for n, p in self.theta.items()}
+        state.update({f"opt::{k}": v for k, v in optimizer_state_to_tensors(self.opt, list(self.theta)).items()})
+        if self.fixed_mask is not None:
+            state.update({f"mask::{n}": m.to(torch.uint8) for n, m in self.fixed_mask.items()})
+        return state
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.theta.items():
+                p.copy_(state[f"theta::{n}"])
+        load_optimizer_state(self.opt, list(self.theta), {k[5:]: v for k, v in state.items() if k.startswith("opt::")})
+        masks = {k[6:]: v.bool() for k, v in state.items() if k.startswith("mask::")}
+        self.fixed_mask = masks or None
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.theta.items()}
+
+    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        return self.rt.view.shapes()
+
+    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        return self.rt.view.shapes()
+
+    def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
+        theta = self.global_tensors()
+        if self.opts.d_dl < 1:
+            if self.opts.server_freeze and self.fixed_mask is not None:
+                mask = self.fixed_mask
+            else:
+                mask = global_topk_masks(theta, self.k_for(self.opts.d_dl, rnd))
+                if self.opts.server_freeze:
+                    self.fixed_mask = mask
+            theta = {n: t * mask[n] for n, t in theta.items()}
+        msg = Message(tensors=theta, meta={"round": rnd})
+        return {cid: msg for cid in cids}
+
+    def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        weights = {}
+        for cid, r in replies.items():
+            n = reply_weight(r)  # validates the reply either way
+            weights[cid] = n if self.opts.weighting == "samples" else 1
+        total = sum(weights.values())
+        self.opt.zero_grad(set_to_none=True)
+        for n, p in self.theta.items():
+            p.grad = -sum(replies[cid].tensors[n] * (w / total) for cid, w in weights.items())
+        self.opt.step()
+        return {"density_dl": self.density(self.opts.d_dl, rnd), "density_ul": self.density(self.opts.d_ul, rnd)}
+
+    # -- client ------------------------------------------------------------------------------------
+    def fit(self, client: ClientContext, message: Message) -> Message:
+        view, opts = self.rt.view, self.opts
+        start = message.tensors
+        view.set(start)
+        grad_hook = None
+        if opts.client_freeze and opts.d_dl < 1:
+            support = {n: (t != 0).float() for n, t in start.items()}  # the server's mask, as received
+
+            def grad_hook():
+                for n, p in view.params.items():
+                    if p.grad is not None:
+                        p.grad.mul_(support[n])
+
+        stored = client.store.load(client.cid) if (opts.error_feedback or self.cfg.train.persist_optimizer_state) else {}
+        steps, loss, opt_state = train_locally(
+            self.rt.model, view.params, self.rt.task, client.indices, self.cfg.train, client.seed,
+            opt_state={k[5:]: v for k, v in stored.items() if k.startswith("opt::")},
+            grad_hook=grad_hook, progress=self.rt.step_progress)
+        delta = {n: view.params[n].detach() - start[n] for n in start}
+        if opts.client_freeze and opts.d_dl < 1:  # weight decay or momentum must not leak outside the mask
+            delta = {n: d * support[n] for n, d in delta.items()}
+        if opts.error_feedback:
+            delta = {n: d + stored.get(f"ef::{n}", torch.zeros_like(d)) for n, d in delta.items()}
+        sent = delta
+        if opts.d_ul < 1:
+            masks = global_topk_masks(delta, self.k_for(opts.d_ul, client.round))
+            sent = {n: d * masks[n] for n, d in delta.items()}
+        to_store = {f"opt::{k}": v for k, v in opt_state.items()}
+        if opts.error_feedback:
+            to_store.update({f"ef::{n}": delta[n] - sent[n] for n in delta})
+        if to_store:
+            client.store.save(client.cid, client.round, to_store)
+        return Message(tensors=sent, meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})

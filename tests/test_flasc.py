@@ -1,0 +1,132 @@
+"""FLASC / CELLM: densities, global top-k, exact sparse bytes, baselines as switches, resume."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fedzip.engine.simulation as sim
+from fedzip.config import load_config
+from fedzip.engine import run_experiment
+from fedzip.engine.ledger import read_ledger
+from fedzip.errors import ConfigError
+from fedzip.methods.flasc import global_topk_masks
+from fedzip.wire.payload import PREFIX
+
+
+def run(tmp_path, overrides, name):
+    return run_experiment(load_config(None, overrides), tmp_path / name, progress=False), tmp_path / name
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    sent, bodies = Spy(), []
+    real = sim.encode
+
+    def wrapper(message, codec):
+        data = real(message, codec)
+        sent.append((message, codec, len(data)))
+        bodies.append(body_bytes(data))
+        return data
+
+    monkeypatch.setattr(sim, "encode", wrapper)
+    sent.bodies = bodies
+    return sent
+
+
+class Spy(list):
+    pass
+
+
+def body_bytes(data: bytes) -> int:
+    """Payload bytes after the header: values and positions (headers are the same size for any density)."""
+    return len(data) - PREFIX.size - PREFIX.unpack_from(data)[1]
+
+
+def test_global_topk_uses_one_threshold_over_all_tensors():
+    t = {"a": torch.tensor([1.0, -5.0, 0.5]), "b": torch.tensor([[4.0, -0.1], [3.0, 2.0]])}
+    m = global_topk_masks(t, 3)
+    assert m["a"].tolist() == [False, True, False] and m["b"].tolist() == [[True, False], [True, False]]
+
+
+def test_flasc_dense_with_sgd_lr1_equals_fedit(tmp_path, tiny_cfg):
+    """With densities 1, FedAvg weighting and a server SGD step of 1, FLASC is exactly FedIT."""
+    _, a = run(tmp_path, tiny_cfg, "fedit")
+    _, b = run(tmp_path, tiny_cfg + ["method=flasc", "method_options={server_optimizer: sgd, server_lr: 1.0, "
+                                     "weighting: samples}"], "flasc")
+    ta, tb = load_file(str(a / "adapter/adapter_model.safetensors")), load_file(str(b / "adapter/adapter_model.safetensors"))
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
+
+
+def test_sparse_messages_carry_exactly_k_entries_and_cost_their_bytes(tmp_path, tiny_cfg, spy):
+    summary, out = run(tmp_path, tiny_cfg + ["rounds=2", "method=cellm",
+                                             "method_options={d_dl: 0.25, d_ul: 0.0625}"], "sparse")
+    p = sum(t.numel() for t in spy[0][0].tensors.values())
+    down = [m for m, c, _ in spy if "round" in m.meta]
+    up = [m for m, c, _ in spy if "num_examples" in m.meta]
+    for m in down:
+        assert sum(int((t != 0).sum()) for t in m.tensors.values()) <= math.ceil(0.25 * p)
+    for m in up:
+        assert sum(int((t != 0).sum()) for t in m.tensors.values()) == math.ceil(0.0625 * p)
+    assert all(c.startswith("nonzero+") for _, c, _ in spy)
+    # the ledger records exactly the encoded lengths
+    assert [e["bytes"] for e in read_ledger(out / "ledger.jsonl") if e["direction"] == "up"] == \
+        [n for m, _, n in spy if "num_examples" in m.meta]
+    sparse_up = sum(b for (m, _, _), b in zip(spy, spy.bodies) if "num_examples" in m.meta)
+    dense_up = sum(4 * p for m in up)
+    assert sparse_up < 0.1 * dense_up  # 1/16 of the values + Rice-coded positions
+    sparse_down = sum(b for (m, _, _), b in zip(spy, spy.bodies) if "round" in m.meta)
+    assert sparse_down < 0.35 * 4 * p * len(down)
+    assert summary["bytes_up_total"] == sum(n for m, _, n in spy if "num_examples" in m.meta)
+
+
+def test_client_freeze_only_moves_masked_entries(tmp_path, tiny_cfg, spy):
+    run(tmp_path, tiny_cfg + ["rounds=1", "method=flasc", "train.weight_decay=0.1",
+                              "method_options={d_dl: 0.25, client_freeze: true}"], "cf")
+    down = next(m for m, _, _ in spy if "round" in m.meta)
+    up = [m for m, _, _ in spy if "num_examples" in m.meta]
+    for m in up:
+        for n, d in m.tensors.items():
+            assert (d[down.tensors[n] == 0] == 0).all()
+        assert any((d != 0).any() for d in m.tensors.values())
+
+
+def test_server_freeze_keeps_the_round_one_mask(tmp_path, tiny_cfg, spy):
+    run(tmp_path, tiny_cfg + ["rounds=3", "method=flasc", "method_options={d_dl: 0.25, server_freeze: true}"], "sf")
+    downs = [m for m, _, _ in spy if "round" in m.meta]
+    supports = [{n: t != 0 for n, t in m.tensors.items()} for m in downs]
+    assert all(torch.equal(supports[0][n], s[n]) for s in supports[1:] for n in s)
+
+
+def test_density_schedule(tmp_path, tiny_cfg, spy):
+    run(tmp_path, tiny_cfg + ["rounds=3", "method=flasc",
+                              "method_options={d_ul: 0.5, gamma: 0.5, schedule_every: 1}"], "sched")
+    p = sum(t.numel() for t in spy[0][0].tensors.values())
+    ups = [m for m, _, _ in spy if "num_examples" in m.meta]
+    counts = [sum(int((t != 0).sum()) for t in m.tensors.values()) for m in ups]
+    assert counts == [math.ceil(0.5 * p)] * 2 + [math.ceil(0.25 * p)] * 2 + [math.ceil(0.125 * p)] * 2
+
+
+def test_error_feedback_and_resume_are_exact(tmp_path, tiny_cfg):
+    opts = tiny_cfg + ["rounds=4", "num_clients=2", "method=flasc",
+                       "method_options={d_dl: 0.5, d_ul: 0.1, error_feedback: true}"]
+    full, fdir = run(tmp_path, opts, "full")
+    part = run_experiment(load_config(None, opts), tmp_path / "part", progress=False, stop_after=2)
+    assert part["interrupted_after"] == 2
+    resumed = run_experiment(load_config(None, opts), tmp_path / "part", resume=True, progress=False)
+    a = load_file(str(fdir / "adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "adapter/adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["bytes_up_total"] == full["bytes_up_total"]
+    residuals = load_file(str(next((fdir / "client_state" / "0").glob("r*.safetensors"))))
+    assert any(k.startswith("ef::") for k in residuals) and any(v.abs().sum() > 0 for v in residuals.values())
+
+
+def test_bad_options_name_the_key():
+    with pytest.raises(ConfigError, match="method_options.d_ul"):
+        load_config(None, ["method=flasc", "method_options={d_ul: 0}"])
+    with pytest.raises(ConfigError, match="method_options.bogus"):
+        load_config(None, ["method=flasc", "method_options={bogus: 1}"])
+    with pytest.raises(ConfigError, match="takes no options"):
+        load_config(None, ["method=fedit", "method_options={d_ul: 0.5}"])
