@@ -1,0 +1,109 @@
+"""B1 FLASC / CELLM vs FedIT: sparse LoRA at several densities, its baselines, and stacked codecs.
+
+Every run shares B1's data, model, partition and seed (``configs/b1_fedit.yaml``). The server step is
+FedAvg-equivalent (SGD, lr 1) so that density 1 reproduces FedIT exactly and every difference comes from
+sparsity. Writes ``results/b1_flasc.json`` (the ``b1_fedit.json`` schema plus ``bytes_to_target`` and
+``ratio_vs_fedit``), ``results/b1_flasc.md`` and ``results/b1_flasc_<profile>.png``.
+
+    python benchmarks/b1_flasc.py --profile smoke|full
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from b1_fedit import PROFILES  # noqa: E402  (the same smoke/full sizes as the FedIT baselines)
+from common import RESULTS, collect, merge_results, run_matrix  # noqa: E402
+
+SERVER = "server_optimizer: sgd, server_lr: 1.0, weighting: samples"
+
+
+def flasc(d_dl: float, d_ul: float, extra: str = "") -> list[str]:
+    return ["method=flasc", f"method_options={{{SERVER}, d_dl: {d_dl}, d_ul: {d_ul}{', ' + extra if extra else ''}}}"]
+
+
+RUNS = [
+    ("fedit_fp32", ["method=fedit"]),
+    ("flasc_1_4", flasc(0.25, 0.25)),
+    ("flasc_1_16", flasc(0.0625, 0.0625)),
+    ("flasc_1_64", flasc(1 / 64, 1 / 64)),
+    ("flasc_dl1_ul1_16", flasc(1.0, 0.0625)),
+    ("sparse_ft_1_16", flasc(0.0625, 0.0625, "client_freeze: true")),
+    ("mask_fixed_1_16", flasc(0.0625, 0.0625, "server_freeze: true")),
+    ("freeze_a", flasc(1.0, 1.0, "freeze_a: true")),
+    ("lora_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"]),
+    ("flasc_1_16_int8_zstd", flasc(0.0625, 0.0625) + ["wire.up=int8+zstd", "wire.down=int8+zstd"]),
+    ("flasc_1_16_int4_zstd", flasc(0.0625, 0.0625) + ["wire.up=int4+zstd", "wire.down=int4+zstd"]),
+]
+
+
+def bytes_to_target(run: dict, target: float) -> int | None:
+    for p in run["curve"]:
+        if p.get("accuracy") is not None and p["accuracy"] >= target:
+            return p["cum_bytes_up"] + p["cum_bytes_down"]
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    runs = [(label, "b1_fedit", PROFILES[args.profile] + ov) for label, ov in RUNS]
+    dirs = run_matrix("b1_flasc", args.profile, runs, args.jobs)
+    results = [collect(dirs[label], args.profile, label) for label, _, _ in runs]
+    ref = next(r for r in results if r["label"] == "fedit_fp32")
+    target = ref["final_metrics"]["accuracy"] - 0.01
+    ref_bytes = bytes_to_target(ref, target)
+    for r in results:
+        r["target_accuracy"] = target
+        r["bytes_to_target"] = bytes_to_target(r, target)
+        r["ratio_vs_fedit"] = (ref_bytes / r["bytes_to_target"]) if r["bytes_to_target"] and ref_bytes else None
+    data = merge_results(RESULTS / "b1_flasc.json", results)
+    write_outputs(data)
+
+
+def write_outputs(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# B1: FLASC / CELLM vs FedIT (20 Newsgroups, MiniLM + LoRA r=16, 100 clients, Dirichlet 0.1)", ""]
+    for profile in ("full", "smoke"):
+        runs = [r for r in data["runs"] if r["profile"] == profile]
+        if not runs:
+            continue
+        lines += [f"## Profile `{profile}` ({runs[0]['machine']})", "",
+                  f"Target accuracy: FedIT's final minus 1 point = {runs[0]['target_accuracy']:.4f}.", "",
+                  "| run | accuracy | MB up | MB down | bytes to target | FedIT bytes / run bytes (to target) |",
+                  "|---|---|---|---|---|---|"]
+        for r in runs:
+            btt = f"{r['bytes_to_target'] / 1e6:.2f} MB" if r["bytes_to_target"] else "not reached"
+            ratio = f"{r['ratio_vs_fedit']:.1f}x" if r["ratio_vs_fedit"] else "-"
+            lines.append(f"| {r['label']} | {r['final_metrics'].get('accuracy', float('nan')):.4f} | "
+                         f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {btt} | {ratio} |")
+        lines.append("")
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        for r in runs:
+            pts = [p for p in r["curve"] if "accuracy" in p]
+            ax.plot([(p["cum_bytes_up"] + p["cum_bytes_down"]) / 1e6 for p in pts], [p["accuracy"] for p in pts],
+                    marker="o", ms=3, label=r["label"])
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative MB (up + down)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"B1 FLASC vs FedIT, {profile} ({runs[0]['machine']})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"b1_flasc_{profile}.png")
+        plt.close(fig)
+        lines += [f"![accuracy vs MB](b1_flasc_{profile}.png)", ""]
+    (RESULTS / "b1_flasc.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
