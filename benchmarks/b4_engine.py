@@ -30,7 +30,8 @@ def main() -> None:
     prof = PROFILES[args.profile]
     runs = [(f"clients_{n}", "b1_fedit",
              [f"num_clients={n}", "clients_per_round=10", f"rounds={prof['rounds']}", "train.max_steps=2",
-              "data.max_test_examples=200", f"eval.every={prof['rounds']}", "partition.min_examples=1"])
+              "data.max_test_examples=200", f"eval.every={prof['rounds']}", "partition.min_examples=1",
+              "train.persist_optimizer_state=true"])
             for n in prof["sizes"]]
     dirs = run_matrix("b4_engine", args.profile, runs, args.jobs)
     rows = []
