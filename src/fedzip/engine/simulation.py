@@ -103,7 +103,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     bar = RunProgress(cfg.rounds, start, enabled=progress)
     rt.step_progress = bar.step
     t_start = time.time()
-    metrics_lines = sum(1 for _ in open(out / "metrics.jsonl"))
+    with open(out / "metrics.jsonl", encoding="utf-8") as f:
+        metrics_lines = sum(1 for _ in f)
     last_eval: dict = {}
     try:
         for rnd in range(start, cfg.rounds + 1):
@@ -215,7 +216,8 @@ def export_model(model, method_cls, out: Path) -> None:
 
 
 def write_summary(cfg, out: Path, wall: float) -> dict:
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8") if line.strip()]
+    with open(out / "metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     metric_keys = ("accuracy", "macro_f1", "loss", "perplexity")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
     final = {k: evaluated[-1][k] for k in metric_keys if evaluated and k in evaluated[-1]}
