@@ -9,6 +9,10 @@ ALGORITHMS.md section 2. Per round t, with P trainable entries (LoRA A, B and th
     server: theta_s.grad = -mean_k delta_k;  server optimiser step (AdamW by default; SGD lr 1 = FedAvg)
 Baselines from the same paper are switches: ``client_freeze`` (sparse fine-tuning), ``server_freeze``
 (mask fixed after round 1), ``freeze_a``; lower-rank LoRA is just ``lora.rank``.
+
+The mask is global, so messages carry all trainable tensors flattened into one vector (in the trainable
+view's order): one position stream over all P entries, and a header of a few dozen bytes instead of one
+entry per tensor.
 """
 
 from __future__ import annotations
@@ -53,9 +57,26 @@ def global_topk_masks(tensors: dict[str, torch.Tensor], k: int) -> dict[str, tor
     return masks
 
 
+def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().flatten() for t in tensors.values()])
+
+
+def unflatten(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = flat[start:start + n].view(shape)
+        start += n
+    return out
+
+
 class Flasc(Method):
     name = "cellm"
     Options = FlascOptions
+
+    def __init__(self, cfg, runtime):
+        super().__init__(cfg, runtime)
+        self.num_params = runtime.view.num_elements()  # P: both sides know it from the model
 
     @classmethod
     def prepare_model(cls, model, cfg) -> None:
@@ -81,7 +102,6 @@ class Flasc(Method):
     # -- server ------------------------------------------------------------------------------------
     def init_global(self) -> None:
         self.theta = {n: torch.nn.Parameter(t.clone()) for n, t in self.rt.view.get().items()}
-        self.num_params = sum(t.numel() for t in self.theta.values())
         params = list(self.theta.values())
         if self.opts.server_optimizer == "adamw":
             self.opt = torch.optim.AdamW(params, lr=self.opts.server_lr, weight_decay=self.opts.server_weight_decay)
@@ -108,10 +128,10 @@ class Flasc(Method):
         return {n: p.detach() for n, p in self.theta.items()}
 
     def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        return self.rt.view.shapes()
+        return {"theta": (self.num_params,)}
 
     def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        return self.rt.view.shapes()
+        return {"delta": (self.num_params,)}
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
         theta = self.global_tensors()
@@ -123,7 +143,7 @@ class Flasc(Method):
                 if self.opts.server_freeze:
                     self.fixed_mask = mask
             theta = {n: t * mask[n] for n, t in theta.items()}
-        msg = Message(tensors=theta, meta={"round": rnd})
+        msg = Message(tensors={"theta": flatten(theta)}, meta={"round": rnd})
         return {cid: msg for cid in cids}
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
@@ -133,15 +153,17 @@ class Flasc(Method):
             weights[cid] = n if self.opts.weighting == "samples" else 1
         total = sum(weights.values())
         self.opt.zero_grad(set_to_none=True)
+        mean_delta = unflatten(sum(replies[cid].tensors["delta"] * (w / total) for cid, w in weights.items()),
+                               self.rt.view.shapes())
         for n, p in self.theta.items():
-            p.grad = -sum(replies[cid].tensors[n] * (w / total) for cid, w in weights.items())
+            p.grad = -mean_delta[n]
         self.opt.step()
         return {"density_dl": self.density(self.opts.d_dl, rnd), "density_ul": self.density(self.opts.d_ul, rnd)}
 
     # -- client ------------------------------------------------------------------------------------
     def fit(self, client: ClientContext, message: Message) -> Message:
         view, opts = self.rt.view, self.opts
-        start = message.tensors
+        start = unflatten(message.tensors["theta"], view.shapes())
         view.set(start)
         grad_hook = None
         if opts.client_freeze and opts.d_dl < 1:
@@ -171,4 +193,5 @@ class Flasc(Method):
             to_store.update({f"ef::{n}": delta[n] - sent[n] for n in delta})
         if to_store:
             client.store.save(client.cid, client.round, to_store)
-        return Message(tensors=sent, meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+        return Message(tensors={"delta": flatten(sent)},
+                       meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
