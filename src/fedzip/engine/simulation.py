@@ -84,6 +84,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     (out / "partition.json").write_text(json.dumps(rt.stats, indent=1))
     method = method_cls(cfg, rt)
     method.init_global()
+    (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe()}, indent=1))
     store = ClientStateStore(out / "client_state")
 
     start, elapsed_before = 1, 0.0

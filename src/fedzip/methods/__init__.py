@@ -3,10 +3,12 @@
 from fedzip.methods.base import ClientContext, Method
 from fedzip.methods.fedit import Centralised, FedIT, FFALoRA, FullFedAvg
 from fedzip.methods.flasc import Flasc
+from fedzip.methods.hafl import Hafl
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FullFedAvg, Centralised, Flasc)}
 METHODS["centralized"] = Centralised
 METHODS["flasc"] = Flasc
+METHODS["hafl"] = Hafl
 
 
 def register_method(cls: type[Method]) -> type[Method]:

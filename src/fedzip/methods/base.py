@@ -59,6 +59,10 @@ class Method:
     def prepare_model(cls, model, cfg) -> None:
         """Freeze or unfreeze parameters before the trainable view is built."""
 
+    def describe(self) -> dict[str, Any]:
+        """Facts about the method's set-up worth keeping with the run (written to ``method.json``)."""
+        return {}
+
     # -- server side -------------------------------------------------------------------------------
     def init_global(self) -> None:
         raise NotImplementedError

@@ -1,0 +1,139 @@
+"""HAFL, HetLoRA and FlexLoRA: component bookkeeping, freezing, truncation, SVD, aggregation, resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedzip.config import load_config
+from fedzip.engine import run_experiment
+from fedzip.engine.ledger import read_ledger
+from fedzip.engine.runtime import build_runtime
+from fedzip.engine.state import ClientStateStore
+from fedzip.errors import ConfigError
+from fedzip.methods import METHODS, ClientContext
+from fedzip.methods.hafl import _mask, assign_ranks, best_rank_r, top_components
+from fedzip.wire import Message
+
+
+def opts(mode="freeze", agg="adaptive", extra=""):
+    return (f"method_options={{mode: {mode}, aggregation: {agg}, "
+            f"tiers: [{{rank: 2, share: 0.5}}, {{rank: 4, share: 0.5}}]{', ' + extra if extra else ''}}}")
+
+
+def make(tiny_cfg, mode="freeze", agg="adaptive", extra=""):
+    cfg = load_config(None, tiny_cfg + ["method=hafl", "lora.rank=4", "lora.alpha=4", opts(mode, agg, extra)])
+    rt = build_runtime(cfg, METHODS["hafl"])
+    method = METHODS["hafl"](cfg, rt)
+    method.init_global()
+    return method
+
+
+def reply(method, cid, held, value, n=10):
+    """A reply in which client ``cid`` trained components ``held`` (per module) to constant ``value``."""
+    tensors = {name: torch.full(method.shapes[name], value) for name in method.others}
+    for j, m in enumerate(method.modules):
+        tensors[method.a(m)] = torch.full((len(held[j]), method.shapes[method.a(m)][1]), value)
+        tensors[method.b(m)] = torch.full((method.shapes[method.b(m)][0], len(held[j])), value)
+    tensors["scores"] = torch.zeros(len(method.modules), method.R)
+    return Message(tensors, {"num_examples": n, "components": [_mask(h) for h in held]})
+
+
+@pytest.mark.parametrize("agg", ["adaptive", "zero_pad"])
+def test_aggregation_counts_only_the_clients_that_updated_a_component(tiny_cfg, agg):
+    method = make(tiny_cfg, agg=agg, extra="client_ranks: [2, 2, 4, 4]")
+    m, M = method.modules[0], len(method.modules)
+    before = {n: t.clone() for n, t in method.global_.items()}
+    replies = {0: reply(method, 0, [[0, 1]] * M, 1.0, n=10), 1: reply(method, 1, [[1, 2]] * M, 3.0, n=30)}
+    method.aggregate(1, replies)
+    a = method.global_[method.a(m)]
+    if agg == "adaptive":
+        assert torch.all(a[0] == 1.0)  # only client 0 trained it: not diluted by client 1
+        assert torch.allclose(a[1], torch.tensor(0.25 * 1.0 + 0.75 * 3.0))
+        assert torch.all(a[2] == 3.0)
+        assert torch.equal(a[3], before[method.a(m)][3])  # nobody trained it: unchanged
+    else:
+        assert torch.allclose(a[0], torch.tensor(0.25)) and torch.allclose(a[2], torch.tensor(2.25))
+        assert torch.all(a[3] == 0)  # zero padding: absent everywhere means zero
+
+
+def test_freezing_leaves_untrained_components_bit_identical(tiny_cfg, tmp_path):
+    method = make(tiny_cfg, extra="client_ranks: [2, 2, 4, 4]")
+    g = torch.Generator().manual_seed(0)
+    start = {n: torch.randn(t.shape, generator=g) * 0.1 for n, t in method.global_.items()}
+    msg = Message(start | {"scores": torch.zeros(len(method.modules), 4)}, {"round": 1})
+    method.cfg.train.weight_decay = 0.1  # decoupled decay must not move frozen components either
+    ctx = ClientContext(cid=0, round=1, indices=method.rt.parts[0], store=ClientStateStore(tmp_path), seed=1)
+    out = method.fit(ctx, msg)
+    for j, m in enumerate(method.modules):
+        held = [i for i in range(4) if out.meta["components"][j] >> i & 1]
+        assert len(held) == 2
+        frozen = [i for i in range(4) if i not in held]
+        a_now, b_now = method.rt.view.params[method.a(m)].detach(), method.rt.view.params[method.b(m)].detach()
+        assert torch.equal(a_now[frozen], start[method.a(m)][frozen])
+        assert torch.equal(b_now[:, frozen], start[method.b(m)][:, frozen])
+        assert not torch.equal(a_now[held], start[method.a(m)][held])
+        assert out.tensors[method.a(m)].shape[0] == 2 and (out.tensors["scores"][j, frozen] == 0).all()
+
+
+def test_truncation_sends_the_highest_scoring_components(tiny_cfg):
+    method = make(tiny_cfg, mode="truncate", extra="client_ranks: [2, 2, 4, 4]")
+    method.scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]] * len(method.modules))
+    msgs = method.configure(1, [0, 2])
+    assert msgs[0].meta["components"] == [_mask([1, 3])] * len(method.modules)
+    m = method.modules[0]
+    assert torch.equal(msgs[0].tensors[method.a(m)], method.global_[method.a(m)][[1, 3]])
+    het = make(tiny_cfg, mode="hetlora", extra="client_ranks: [2, 2, 4, 4]")
+    het.scores = method.scores
+    assert het.configure(1, [0])[0].meta["components"] == [_mask([0, 1])] * len(het.modules)
+    assert top_components(torch.tensor([3.0, 1.0, 3.0, 2.0]), 2) == [0, 2]
+
+
+def test_flexlora_redistribution_is_the_best_rank_r_approximation():
+    g = torch.Generator().manual_seed(0)
+    dw = torch.randn(12, 9, generator=g)
+    scale = 2.0
+    for r in (1, 3, 5):
+        a, b = best_rank_r(dw, r, scale, torch.zeros(9, 9))
+        assert a.shape == (r, 9) and b.shape == (12, r)
+        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+        best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        assert torch.allclose(scale * b @ a, best, atol=1e-5)
+        # Eckart-Young: the error is exactly the discarded singular values
+        assert torch.linalg.norm(dw - scale * b @ a) == pytest.approx(float(s[r:].square().sum().sqrt()), rel=1e-4)
+    a, b = best_rank_r(torch.zeros(4, 3), 2, 1.0, torch.ones(3, 3))
+    assert torch.all(a == 1) and torch.all(b == 0)  # from dw = 0 clients start like a fresh LoRA
+
+
+def test_rank_assignment_by_tier_shares_and_validation():
+    from fedzip.methods.hafl import HaflOptions
+    o = HaflOptions(tiers=[{"rank": 4, "share": 1 / 3}, {"rank": 8, "share": 1 / 3}, {"rank": 16, "share": 1 / 3}])
+    ranks = assign_ranks(o, 30, 16, seed=0)
+    assert sorted(ranks) == [4] * 10 + [8] * 10 + [16] * 10 and ranks == assign_ranks(o, 30, 16, seed=0)
+    with pytest.raises(ConfigError, match="lora.rank"):
+        assign_ranks(o, 30, 8, seed=0)
+
+
+@pytest.mark.parametrize("mode", ["freeze", "truncate", "hetlora", "flexlora"])
+def test_modes_run_resume_exactly_and_count_per_tier_bytes(tmp_path, tiny_cfg, mode):
+    ov = tiny_cfg + ["method=hafl", "lora.rank=4", "lora.alpha=4", "rounds=3",
+                     opts(mode, extra="client_ranks: [1, 1, 4, 4], degradation_every: 1")]
+    full = run_experiment(load_config(None, ov), tmp_path / "full", progress=False)
+    run_experiment(load_config(None, ov), tmp_path / "part", progress=False, stop_after=1)
+    resumed = run_experiment(load_config(None, ov), tmp_path / "part", resume=True, progress=False)
+    a = load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "part/adapter/adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed["final_metrics"] == full["final_metrics"]
+    ups = {}
+    for e in read_ledger(tmp_path / "full" / "ledger.jsonl"):
+        if e["direction"] == "up":
+            ups.setdefault(e["client"], e["bytes"])
+    low = [v for c, v in ups.items() if c in (0, 1)]
+    high = [v for c, v in ups.items() if c in (2, 3)]
+    if low and high:
+        assert max(low) < min(high)  # rank-1 clients upload less than rank-4 clients
+    desc = json.loads((tmp_path / "full" / "method.json").read_text())
+    assert desc["client_ranks"] == [1, 1, 4, 4] and desc["tier_trainable_params"]["1"] < desc["tier_trainable_params"]["4"]
+    row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "tier1_accuracy" in row and "tier4_accuracy" in row
