@@ -1,0 +1,114 @@
+"""B1 heterogeneous: HAFL vs HetLoRA, FlexLoRA and homogeneous FedIT at ranks 16 and 4.
+
+Three tiers with rank budgets 4 / 8 / 16 of a global rank 16, a third of the clients each, on B1's data,
+model, partition and seed. Writes ``results/b1_hafl.json`` (the ``b1_fedit.json`` schema plus per-tier
+bytes and distribution accuracy), ``results/b1_hafl.md`` and ``results/b1_hafl_<profile>.png``.
+
+    python benchmarks/b1_hafl.py --profile smoke|full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from b1_fedit import PROFILES  # noqa: E402
+from common import RESULTS, collect, merge_results, run_matrix  # noqa: E402
+
+TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"
+
+
+def hafl(mode: str, agg: str) -> list[str]:
+    every = "degradation_every: 5, degradation_examples: 2000"
+    return ["method=hafl", f"method_options={{mode: {mode}, aggregation: {agg}, {TIERS}, {every}}}"]
+
+
+RUNS = [
+    ("hafl_freeze_adaptive", hafl("freeze", "adaptive")),
+    ("hafl_freeze_zero_pad", hafl("freeze", "zero_pad")),
+    ("hafl_truncate", hafl("truncate", "adaptive")),
+    ("hetlora", hafl("hetlora", "zero_pad")),
+    ("flexlora", hafl("flexlora", "adaptive")),
+    ("fedit_rank16", ["method=fedit"]),
+    ("fedit_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"]),
+]
+
+
+def tier_bytes(run_dir: Path) -> dict[str, dict[str, int]]:
+    method = run_dir / "method.json"
+    if not method.exists() or "client_ranks" not in json.loads(method.read_text()):
+        return {}
+    ranks = json.loads(method.read_text())["client_ranks"]
+    out: dict[str, dict[str, int]] = {}
+    for line in (run_dir / "ledger.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        t = out.setdefault(str(ranks[e["client"]]), {"up": 0, "down": 0, "messages_up": 0})
+        t[e["direction"]] += e["bytes"]
+        t["messages_up"] += e["direction"] == "up"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    runs = [(label, "b1_fedit", PROFILES[args.profile] + ov) for label, ov in RUNS]
+    dirs = run_matrix("b1_hafl", args.profile, runs, args.jobs)
+    results = []
+    for label, _, _ in runs:
+        r = collect(dirs[label], args.profile, label)
+        r["tier_bytes"] = tier_bytes(dirs[label])
+        rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]
+        r["tier_accuracy"] = [{k: v for k, v in row.items() if k.startswith("tier") or k == "round"}
+                              for row in rows if any(k.startswith("tier") for k in row)]
+        results.append(r)
+    data = merge_results(RESULTS / "b1_hafl.json", results)
+    write_outputs(data)
+
+
+def write_outputs(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# B1 heterogeneous ranks: HAFL vs HetLoRA, FlexLoRA, FedIT (tiers 4/8/16 of rank 16)", ""]
+    for profile in ("full", "smoke"):
+        runs = [r for r in data["runs"] if r["profile"] == profile]
+        if not runs:
+            continue
+        lines += [f"## Profile `{profile}` ({runs[0]['machine']})", "",
+                  "| run | accuracy | MB up | MB down | mean up KB / message by tier (4 / 8 / 16) | last tier accuracy (4 / 8 / 16) |",
+                  "|---|---|---|---|---|---|"]
+        for r in runs:
+            tb = r.get("tier_bytes") or {}
+            per = " / ".join(f"{tb[t]['up'] / max(tb[t]['messages_up'], 1) / 1e3:.1f}" if t in tb else "-"
+                             for t in ("4", "8", "16"))
+            last = r["tier_accuracy"][-1] if r.get("tier_accuracy") else {}
+            acc = " / ".join(f"{last[f'tier{t}_accuracy']:.3f}" if f"tier{t}_accuracy" in last else "-"
+                             for t in ("4", "8", "16"))
+            lines.append(f"| {r['label']} | {r['final_metrics'].get('accuracy', float('nan')):.4f} | "
+                         f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {per} | {acc} |")
+        lines.append("")
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        for r in runs:
+            pts = [p for p in r["curve"] if "accuracy" in p]
+            ax.plot([p["round"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=3, label=r["label"])
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"B1 heterogeneous ranks, {profile} ({runs[0]['machine']})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"b1_hafl_{profile}.png")
+        plt.close(fig)
+        lines += [f"![accuracy](b1_hafl_{profile}.png)", ""]
+    (RESULTS / "b1_hafl.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
