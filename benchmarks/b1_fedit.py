@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, collect, merge_results, run_matrix  # noqa: E402
+from common import RESULTS, collect, merge_results, plot_accuracy, run_matrix  # noqa: E402
 
 PROFILES = {
     # Same code path, smaller: fewer clients, rounds and test examples.
@@ -42,11 +42,6 @@ def main() -> None:
 
 
 def write_outputs(data: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = ["# B1: FedIT baselines (20 Newsgroups, MiniLM + LoRA r=16, 100 clients, Dirichlet 0.1)", ""]
     for profile in ("full", "smoke"):
         runs = [r for r in data["runs"] if r["profile"] == profile]
@@ -63,23 +58,7 @@ def write_outputs(data: dict) -> None:
                          f"{r['bytes_down_total'] / 1e6:.2f} | {r['bytes_up_total'] / ref['bytes_up_total']:.3f} | "
                          f"{r['wall_seconds']:.0f} |")
         lines.append("")
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-        for r in runs:
-            pts = [p for p in r["curve"] if "accuracy" in p]
-            axes[0].plot([p["round"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=3, label=r["label"])
-            axes[1].plot([(p["cum_bytes_up"] + p["cum_bytes_down"]) / 1e6 for p in pts], [p["accuracy"] for p in pts],
-                         marker="o", ms=3, label=r["label"])
-        axes[0].set_xlabel("round")
-        axes[1].set_xlabel("cumulative MB (up + down)")
-        axes[1].set_xscale("log")
-        for ax in axes:
-            ax.set_ylabel("test accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"B1 FedIT baselines, profile {profile} ({runs[0]['machine']})", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"b1_fedit_{profile}.png")
-        plt.close(fig)
+        plot_accuracy(runs, RESULTS / f"b1_fedit_{profile}.png", f"B1 FedIT baselines, profile {profile}")
         lines += [f"![accuracy](b1_fedit_{profile}.png)", ""]
     lines += ["Intermediate points of the full profile are evaluated on a fixed 2,000-post subset of the test",
               "split; the final round on the full test split (7,532 posts).", ""]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES  # noqa: E402  (the same smoke/full sizes as the FedIT baselines)
-from common import RESULTS, collect, merge_results, run_matrix  # noqa: E402
+from common import RESULTS, collect, merge_results, plot_accuracy, run_matrix  # noqa: E402
 
 SERVER = "server_optimizer: sgd, server_lr: 1.0, weighting: samples"
 
@@ -67,11 +67,6 @@ def main() -> None:
 
 
 def write_outputs(data: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = ["# B1: FLASC / CELLM vs FedIT (20 Newsgroups, MiniLM + LoRA r=16, 100 clients, Dirichlet 0.1)", ""]
     for profile in ("full", "smoke"):
         runs = [r for r in data["runs"] if r["profile"] == profile]
@@ -87,20 +82,7 @@ def write_outputs(data: dict) -> None:
             lines.append(f"| {r['label']} | {r['final_metrics'].get('accuracy', float('nan')):.4f} | "
                          f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {btt} | {ratio} |")
         lines.append("")
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-        for r in runs:
-            pts = [p for p in r["curve"] if "accuracy" in p]
-            ax.plot([(p["cum_bytes_up"] + p["cum_bytes_down"]) / 1e6 for p in pts], [p["accuracy"] for p in pts],
-                    marker="o", ms=3, label=r["label"])
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative MB (up + down)")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title(f"B1 FLASC vs FedIT, {profile} ({runs[0]['machine']})", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"b1_flasc_{profile}.png")
-        plt.close(fig)
+        plot_accuracy(runs, RESULTS / f"b1_flasc_{profile}.png", f"B1 FLASC vs FedIT, {profile}", axes=("mb",))
         lines += [f"![accuracy vs MB](b1_flasc_{profile}.png)", ""]
     (RESULTS / "b1_flasc.md").write_text("\n".join(lines))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES  # noqa: E402
-from common import RESULTS, collect, merge_results, run_matrix  # noqa: E402
+from common import RESULTS, collect, merge_results, plot_accuracy, run_matrix  # noqa: E402
 
 TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"
 
@@ -71,11 +71,6 @@ def main() -> None:
 
 
 def write_outputs(data: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = ["# B1 heterogeneous ranks: HAFL vs HetLoRA, FlexLoRA, FedIT (tiers 4/8/16 of rank 16)", ""]
     for profile in ("full", "smoke"):
         runs = [r for r in data["runs"] if r["profile"] == profile]
@@ -94,18 +89,7 @@ def write_outputs(data: dict) -> None:
             lines.append(f"| {r['label']} | {r['final_metrics'].get('accuracy', float('nan')):.4f} | "
                          f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {per} | {acc} |")
         lines.append("")
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-        for r in runs:
-            pts = [p for p in r["curve"] if "accuracy" in p]
-            ax.plot([p["round"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=3, label=r["label"])
-        ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title(f"B1 heterogeneous ranks, {profile} ({runs[0]['machine']})", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(RESULTS / f"b1_hafl_{profile}.png")
-        plt.close(fig)
+        plot_accuracy(runs, RESULTS / f"b1_hafl_{profile}.png", f"B1 heterogeneous ranks, {profile}", axes=("round",))
         lines += [f"![accuracy](b1_hafl_{profile}.png)", ""]
     (RESULTS / "b1_hafl.md").write_text("\n".join(lines))
 

@@ -85,3 +85,29 @@ def merge_results(path: Path, new_runs: list[dict]) -> dict:
     data = {"benchmark": path.stem, "runs": runs}
     path.write_text(json.dumps(data, indent=1) + "\n")
     return data
+
+
+def plot_accuracy(runs: list[dict], path: Path, title: str, axes: tuple[str, ...] = ("round", "mb")) -> None:
+    """Accuracy against rounds and/or cumulative MB (up + down), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, subplots = plt.subplots(1, len(axes), figsize=(5.5 * len(axes), 4.2), dpi=110, squeeze=False)
+    for ax, kind in zip(subplots[0], axes):
+        for r in runs:
+            pts = [p for p in r["curve"] if "accuracy" in p]
+            xs = ([p["round"] for p in pts] if kind == "round"
+                  else [(p["cum_bytes_up"] + p["cum_bytes_down"]) / 1e6 for p in pts])
+            ax.plot(xs, [p["accuracy"] for p in pts], marker="o", ms=3, label=r["label"])
+        ax.set_xlabel("round" if kind == "round" else "cumulative MB (up + down)")
+        if kind == "mb":
+            ax.set_xscale("log")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title} ({runs[0]['machine']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
