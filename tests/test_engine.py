@@ -160,3 +160,14 @@ def test_rejected_reply_is_logged_not_fatal(tmp_path, tiny_cfg, monkeypatch):
     summary, out = run(tmp_path, tiny_cfg + ["rounds=1"])
     row = json.loads((out / "metrics.jsonl").read_text())
     assert len(row["rejected"]) == 1 and summary["rounds_completed"] == 1
+
+
+def test_resume_recovers_from_a_crash_during_the_checkpoint_swap(tmp_path, tiny_cfg):
+    opts = tiny_cfg + ["rounds=3"]
+    full, fdir = run(tmp_path, opts, "full")
+    run(tmp_path, opts, "part", stop_after=2)
+    part = tmp_path / "part"
+    (part / "checkpoints").rename(part / "checkpoints.old")  # the crash: old moved aside, new not yet in place
+    run_experiment(load_config(None, opts), part, resume=True, progress=False)
+    a, b = adapter_tensors(fdir), adapter_tensors(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)

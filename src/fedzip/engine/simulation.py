@@ -41,8 +41,23 @@ def client_seed(seed: int, rnd: int, cid: int) -> int:
     return int(np.random.default_rng([seed, rnd, cid, 0xC1]).integers(2**31))
 
 
+def recover_checkpoint(out: Path) -> None:
+    """A crash in the middle of swapping checkpoints leaves a complete one under another name."""
+    ckpt = out / "checkpoints"
+    if (ckpt / "state.json").exists():
+        return
+    for name in ("checkpoints.tmp", "checkpoints.old"):  # the newer complete one first
+        cand = out / name
+        if (cand / "state.json").exists() and (cand / "server.safetensors").exists():
+            if ckpt.exists():
+                shutil.rmtree(ckpt)
+            cand.rename(ckpt)
+            return
+
+
 def prepare_run_dir(out: Path, resume: bool) -> Path:
     if resume:
+        recover_checkpoint(out)
         if not (out / "checkpoints" / "state.json").exists():
             raise RunDirError(f"nothing to resume in {out}: no checkpoint found")
         return out
@@ -106,7 +121,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     t_start = time.time()
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         metrics_lines = sum(1 for _ in f)
-    last_eval: dict = {}
     try:
         for rnd in range(start, cfg.rounds + 1):
             row = run_round(cfg, rt, method, ledger, store, rnd, bar)
@@ -114,9 +128,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                 t0 = time.time()
                 rt.view.set(method.global_tensors())
                 full = rnd == cfg.rounds
-                last_eval = rt.task.evaluate(rt.model, cfg.eval.batch_size, None if full else cfg.eval.max_examples,
-                                             seed=cfg.seed)
-                row.update(last_eval)
+                row.update(rt.task.evaluate(rt.model, cfg.eval.batch_size, None if full else cfg.eval.max_examples,
+                                            seed=cfg.seed))
                 row["eval_s"] = time.time() - t0
             row["wall_seconds"] = elapsed_before + time.time() - t_start
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -199,6 +212,7 @@ def _checkpoint(ckpt_dir: Path, method, rnd: int, ledger_lines: int, metrics_lin
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in method.server_state().items()}, str(tmp / "server.safetensors"))
+    # state.json last: its presence marks the folder complete (recover_checkpoint relies on it)
     (tmp / "state.json").write_text(json.dumps({"round": rnd, "ledger_lines": ledger_lines,
                                                 "metrics_lines": metrics_lines, "wall_seconds": wall}))
     old = ckpt_dir.with_name("checkpoints.old")
