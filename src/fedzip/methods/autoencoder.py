@@ -1,0 +1,175 @@
+"""CG-FedLLM building blocks: the LoRA factor map, learned autoencoders for it, TGAP training, SNR.
+
+ALGORITHMS.md section 5. The factor map stacks every module's ``A^T (d_in x r)`` and ``B (d_out x r)``
+side by side into one 2-D map ``X (d x 2*M*L*r)``; rows are zero-padded to the largest ``d`` and both
+sides to the autoencoder's stride. The paper's autoencoder is convolutional with a latent of exactly
+1/64 of its input; a cheaper per-block linear autoencoder with a configurable ratio is also provided.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+# --- the factor map ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MapLayout:
+    modules: tuple[str, ...]
+    dims: tuple[tuple[int, int], ...]  # (d_in, d_out) per module
+    rank: int
+    height: int  # padded rows
+    width: int  # padded columns
+
+    @property
+    def used_width(self) -> int:
+        return 2 * len(self.modules) * self.rank
+
+
+def make_layout(shapes: dict[str, tuple[int, ...]], stride: int = 1) -> MapLayout:
+    modules = tuple(n[: -len(".lora_A.weight")] for n in shapes if n.endswith(".lora_A.weight"))
+    if not modules:
+        raise ValueError("the factor map needs LoRA modules")
+    rank = shapes[f"{modules[0]}.lora_A.weight"][0]
+    dims = tuple((shapes[f"{m}.lora_A.weight"][1], shapes[f"{m}.lora_B.weight"][0]) for m in modules)
+    height = max(max(d) for d in dims)
+    width = 2 * len(modules) * rank
+    up = lambda v: math.ceil(v / stride) * stride  # noqa: E731
+    return MapLayout(modules, dims, rank, up(height), up(width))
+
+
+def to_map(tensors: dict[str, torch.Tensor], layout: MapLayout) -> torch.Tensor:
+    x = torch.zeros(layout.height, layout.width)
+    r = layout.rank
+    for j, (m, (d_in, d_out)) in enumerate(zip(layout.modules, layout.dims)):
+        x[:d_in, 2 * j * r:(2 * j + 1) * r] = tensors[f"{m}.lora_A.weight"].T
+        x[:d_out, (2 * j + 1) * r:(2 * j + 2) * r] = tensors[f"{m}.lora_B.weight"]
+    return x
+
+
+def from_map(x: torch.Tensor, layout: MapLayout) -> dict[str, torch.Tensor]:
+    r, out = layout.rank, {}
+    for j, (m, (d_in, d_out)) in enumerate(zip(layout.modules, layout.dims)):
+        out[f"{m}.lora_A.weight"] = x[:d_in, 2 * j * r:(2 * j + 1) * r].T.contiguous()
+        out[f"{m}.lora_B.weight"] = x[:d_out, (2 * j + 1) * r:(2 * j + 2) * r].contiguous()
+    return out
+
+
+# --- signal-to-noise --------------------------------------------------------------------------------
+def snr_paper(g: torch.Tensor, g_hat: torch.Tensor) -> float:
+    """The paper's definition: ||G||^2 / (||G - G~||^2 / n)."""
+    err = float((g - g_hat).square().sum())
+    return float(g.square().sum()) / (err / g.numel()) if err > 0 else math.inf
+
+
+def snr_db(g: torch.Tensor, g_hat: torch.Tensor) -> float:
+    """The standard definition in decibels: 10 log10(||G||^2 / ||G - G~||^2)."""
+    err = float((g - g_hat).square().sum())
+    return 10 * math.log10(float(g.square().sum()) / err) if err > 0 else math.inf
+
+
+def cosine(g: torch.Tensor, g_hat: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(g.flatten(), g_hat.flatten(), dim=0))
+
+
+# --- autoencoders -----------------------------------------------------------------------------------
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU(),
+                                  nn.Conv2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+class ConvAutoencoder(nn.Module):
+    """The paper's shape: 6 stride-2 conv + BN + ReLU stages (1 -> 64 channels) and 3 residual blocks,
+    mirrored in the decoder, ending in Tanh. Each side shrinks 64x, 64 channels remain: latent = input / 64."""
+
+    stride = 64
+
+    def __init__(self, channels: tuple[int, ...] = (8, 16, 32, 64, 64, 64)):
+        super().__init__()
+        enc, ch = [], 1
+        for c in channels:
+            enc += [nn.Conv2d(ch, c, 4, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            ch = c
+        self.encoder = nn.Sequential(*enc, *[ResBlock(ch) for _ in range(3)])
+        dec = [ResBlock(ch) for _ in range(3)]
+        for c in list(reversed(channels[:-1])) + [1]:
+            last = c == 1
+            dec += [nn.ConvTranspose2d(ch, c, 4, stride=2, padding=1)]
+            dec += [nn.Tanh()] if last else [nn.BatchNorm2d(c), nn.ReLU()]
+            ch = c
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # (H, W) -> latent (64, H/64, W/64)
+        return self.encoder(x[None, None])[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z[None])[0, 0]
+
+    def forward(self, x):  # batched (N, 1, H, W)
+        return self.decoder(self.encoder(x))
+
+
+class BlockLinearAutoencoder(nn.Module):
+    """Cheaper variant: the map is cut into blocks of ``block`` values, each encoded to ``block // ratio``."""
+
+    def __init__(self, block: int = 256, ratio: int = 64):
+        super().__init__()
+        if block % ratio:
+            raise ValueError("block must be a multiple of ratio")
+        self.block, self.stride = block, 1
+        self.enc = nn.Linear(block, block // ratio)
+        self.dec = nn.Sequential(nn.Linear(block // ratio, block), nn.Tanh())
+
+    def _blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        flat = x.flatten()
+        pad = (-flat.numel()) % self.block
+        return torch.nn.functional.pad(flat, (0, pad)).view(-1, self.block), pad
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        blocks, _ = self._blocks(x)
+        return self.enc(blocks)
+
+    def decode_to(self, z: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        return self.dec(z).flatten()[: shape[0] * shape[1]].view(shape)
+
+    def forward(self, x):  # batched (N, 1, H, W)
+        return torch.stack([self.decode_to(self.encode(m[0]), tuple(m[0].shape))[None] for m in x])
+
+
+def normalise(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Scale into [-1, 1] for the Tanh output; the scale travels with the payload as one float."""
+    scale = float(x.abs().max())
+    return (x / scale if scale > 0 else x), scale
+
+
+def train_autoencoder(ae: nn.Module, maps: list[torch.Tensor], epochs: int = 20, lr: float = 2e-4,
+                      batch: int = 8, seed: int = 0) -> list[float]:
+    """TGAP: fit the autoencoder to the recorded (normalised) factor maps with MSE and Adam.
+
+    Returns the mean loss of each epoch."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.stack([normalise(m)[0] for m in maps])[:, None]
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    ae.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=g)
+        total = 0.0
+        for s in range(0, len(data), batch):
+            x = data[order[s:s + batch]]
+            loss = torch.nn.functional.mse_loss(ae(x), x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(x)
+        losses.append(total / len(data))
+    ae.eval()
+    return losses

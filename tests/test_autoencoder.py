@@ -1,0 +1,67 @@
+"""CG-FedLLM components: factor map round trip, SNR definitions, autoencoder shapes and TGAP training."""
+
+import math
+
+import pytest
+import torch
+
+from fedzip.methods.autoencoder import (BlockLinearAutoencoder, ConvAutoencoder, cosine, from_map, make_layout,
+                                        normalise, snr_db, snr_paper, to_map, train_autoencoder)
+
+
+def lora_tensors(seed=0, d_in=48, d_out=40, r=4, modules=3):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in range(modules):
+        out[f"layer{m}.q.lora_A.weight"] = torch.randn(r, d_in, generator=g)
+        out[f"layer{m}.q.lora_B.weight"] = torch.randn(d_out, r, generator=g)
+    return out
+
+
+def test_factor_map_round_trips_exactly_without_the_autoencoder():
+    t = lora_tensors()
+    layout = make_layout({n: tuple(v.shape) for n, v in t.items()}, stride=64)
+    x = to_map(t, layout)
+    assert x.shape == (64, 64) and layout.used_width == 24
+    back = from_map(x, layout)
+    assert back.keys() == t.keys() and all(torch.equal(back[n], t[n]) for n in t)
+    assert x[48:].abs().sum() == 0 and x[:, 24:].abs().sum() == 0  # padding stays zero
+
+
+def test_snr_definitions_match_hand_computed_values():
+    g = torch.tensor([3.0, 4.0])  # ||G||^2 = 25
+    g_hat = torch.tensor([3.0, 3.0])  # ||G - G~||^2 = 1, n = 2
+    assert snr_paper(g, g_hat) == pytest.approx(25 / (1 / 2))
+    assert snr_db(g, g_hat) == pytest.approx(10 * math.log10(25))
+    assert cosine(g, g_hat) == pytest.approx(21 / (5 * math.sqrt(18)))
+    assert snr_db(g, g) == math.inf
+
+
+def test_conv_autoencoder_latent_is_exactly_one_64th():
+    ae = ConvAutoencoder()
+    x = torch.randn(128, 192)
+    z = ae.encode(x)
+    assert z.numel() * 64 == x.numel()
+    ae.eval()
+    assert ae.decode(z).shape == x.shape
+
+
+def test_block_linear_autoencoder_ratio():
+    ae = BlockLinearAutoencoder(block=256, ratio=16)
+    x = torch.randn(64, 64)
+    assert ae.encode(x).numel() * 16 == x.numel()
+    assert ae.decode_to(ae.encode(x), (64, 64)).shape == (64, 64)
+
+
+@pytest.mark.parametrize("ae", [ConvAutoencoder(channels=(4, 8, 16, 32, 64, 64)), BlockLinearAutoencoder(64, 8)])
+def test_tgap_loss_falls_on_recorded_maps(ae):
+    torch.manual_seed(0)
+    t = [lora_tensors(seed=s, d_in=64, d_out=64, r=8, modules=4) for s in range(12)]
+    layout = make_layout({n: tuple(v.shape) for n, v in t[0].items()}, stride=64)
+    # recorded maps share structure (a low-rank trend plus noise), as consecutive client updates do
+    base = to_map(t[0], layout)
+    maps = [base * (1 + 0.1 * i) + 0.05 * to_map(t[i], layout) for i in range(12)]
+    losses = train_autoencoder(ae, maps, epochs=15, lr=2e-3, batch=4)
+    assert losses[-1] < 0.7 * losses[0]
+    x, scale = normalise(maps[0])
+    assert scale > 0 and float(x.abs().max()) == pytest.approx(1.0)
