@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,6 +25,7 @@ class Runtime:
     parts: list[np.ndarray]
     stats: dict
     step_progress: Callable[[int, int], None] | None = field(default=None)
+    run_dir: Path | None = None  # where a method may keep artefacts worth reusing (e.g. a trained codec)
 
     @property
     def client_sizes(self) -> list[int]:

@@ -96,6 +96,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     (out / "config.yaml").write_text(dump_config(cfg))
 
     rt = build_runtime(cfg, method_cls)
+    rt.run_dir = out
     (out / "partition.json").write_text(json.dumps(rt.stats, indent=1))
     method = method_cls(cfg, rt)
     method.init_global()

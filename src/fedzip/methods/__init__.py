@@ -4,11 +4,13 @@ from fedzip.methods.base import ClientContext, Method
 from fedzip.methods.fedit import Centralised, FedIT, FFALoRA, FullFedAvg
 from fedzip.methods.flasc import Flasc
 from fedzip.methods.hafl import Hafl
+from fedzip.methods.cgfedllm import CgFedLLM
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FullFedAvg, Centralised, Flasc)}
 METHODS["centralized"] = Centralised
 METHODS["flasc"] = Flasc
 METHODS["hafl"] = Hafl
+METHODS["cgfedllm"] = CgFedLLM
 
 
 def register_method(cls: type[Method]) -> type[Method]:

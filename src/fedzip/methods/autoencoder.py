@@ -169,7 +169,7 @@ def train_autoencoder(ae: nn.Module, maps: list[torch.Tensor], epochs: int = 20,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
         losses.append(total / len(data))
     ae.eval()
     return losses

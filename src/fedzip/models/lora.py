@@ -85,9 +85,14 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     )
     torch.manual_seed(seed)  # LoRA A init: the same on the server and on every client
     try:
-        return get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, cfg)
     except ValueError as exc:
         raise ModelError(f"cannot apply LoRA: {exc}") from None
+    if not train_head:  # peft makes a classification head trainable on its own: honour the switch
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.requires_grad_(False)
+    return peft_model
 
 
 def save_adapter(model, out_dir: Path) -> None:

@@ -1,0 +1,233 @@
+"""CG-FedLLM (arXiv 2405.13746): a learned autoencoder compresses client uploads.
+
+ALGORITHMS.md section 5. Each client's data is split into a TGAP share (30% by default) and the rest.
+    rounds 1..T (TGAP): FedIT on the TGAP share with uncompressed uploads; the server records every
+        client's factor map every round (the temporal ensemble); after round T it trains the
+        autoencoder on them (MSE, Adam) and saves it to the run directory for reuse.
+    rounds T+1.. (FAF): FedIT on the rest; each client receives the encoder once (its bytes are in that
+        round's download), encodes its normalised factor map (per-round change by default, or its LoRA
+        state) and uploads the latent plus one scale; the server decodes, rebuilds each client's LoRA and
+        averages (sample-weighted); the broadcast stays uncompressed. The autoencoder stays frozen.
+Trainable tensors outside LoRA (a classification head) travel dense. Reconstruction diagnostics (both SNR
+definitions and cosine) are computed in simulation only, from the true map the client kept aside: they
+cost no protocol bytes and are not available in a real deployment.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from fedzip.errors import ConfigError, PayloadError
+from fedzip.methods.autoencoder import (BlockLinearAutoencoder, ConvAutoencoder, cosine, from_map, make_layout,
+                                        normalise, snr_db, snr_paper, to_map, train_autoencoder)
+from fedzip.methods.base import ClientContext, Method, reply_weight, weighted_average
+from fedzip.methods.training import train_locally
+from fedzip.wire import Message
+
+ENC = "enc::"
+
+
+class CgOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tgap_share: float = Field(0.3, gt=0, lt=1, description="share of each client's data used by TGAP")
+    tgap_rounds: int = Field(5, ge=0, description="rounds of the TGAP phase (0 with autoencoder_path)")
+    autoencoder: Literal["conv", "linear"] = "conv"
+    linear_block: int = Field(256, ge=2)
+    linear_ratio: int = Field(64, ge=1)
+    ae_epochs: int = Field(30, ge=1)
+    ae_lr: float = Field(2e-4, gt=0)
+    ae_batch: int = Field(8, ge=1)
+    representation: Literal["delta", "state"] = "delta"
+    autoencoder_path: str | None = None
+
+
+class CgFedLLM(Method):
+    name = "cgfedllm"
+    Options = CgOptions
+
+    def __init__(self, cfg, runtime):
+        super().__init__(cfg, runtime)
+        if self.opts.tgap_rounds >= cfg.rounds:
+            raise ConfigError(f"method_options.tgap_rounds ({self.opts.tgap_rounds}) must be below rounds ({cfg.rounds})")
+        if self.opts.tgap_rounds == 0 and not self.opts.autoencoder_path:
+            raise ConfigError("method_options: tgap_rounds 0 needs autoencoder_path (a trained autoencoder)")
+        shapes = runtime.view.shapes()
+        self.lora = [n for n in shapes if ".lora_A." in n or ".lora_B." in n]
+        self.others = [n for n in shapes if n not in self.lora]
+        self.ae = self._new_autoencoder()
+        self.layout = make_layout({n: shapes[n] for n in self.lora}, stride=self.ae.stride)
+        self._expect: dict[int, dict[str, tuple[int, ...]]] = {}  # what each client of this round receives
+        self._round = 0
+        self._true_maps: dict[int, torch.Tensor] = {}  # simulation-only diagnostics, never sent
+
+    def _new_autoencoder(self):
+        torch.manual_seed(self.cfg.seed)
+        if self.opts.autoencoder == "conv":
+            return ConvAutoencoder().eval()
+        return BlockLinearAutoencoder(self.opts.linear_block, self.opts.linear_ratio).eval()
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        enc = self.ae.encoder if self.opts.autoencoder == "conv" else self.ae.enc
+        return {ENC + k: v.float() for k, v in enc.state_dict().items()}
+
+    def load_encoder(self, tensors: dict[str, torch.Tensor]) -> None:
+        enc = self.ae.encoder if self.opts.autoencoder == "conv" else self.ae.enc
+        ref = enc.state_dict()
+        enc.load_state_dict({k: tensors[ENC + k].to(ref[k].dtype) for k in ref})
+
+    def phase(self, rnd: int) -> str:
+        return "tgap" if rnd <= self.opts.tgap_rounds else "faf"
+
+    def describe(self) -> dict:
+        latent = self._latent_numel()
+        return {"map_shape": [self.layout.height, self.layout.width], "latent_values": latent,
+                "encoder_params": sum(v.numel() for v in self.encoder_state().values()),
+                "lora_values": sum(math.prod(self.rt.view.shapes()[n]) for n in self.lora)}
+
+    def _latent_numel(self) -> int:
+        with torch.no_grad():
+            return int(self.ae.encode(torch.zeros(self.layout.height, self.layout.width)).numel())
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        with torch.no_grad():
+            return tuple(self.ae.encode(torch.zeros(self.layout.height, self.layout.width)).shape)
+
+    # -- server ------------------------------------------------------------------------------------
+    def init_global(self) -> None:
+        self.global_ = self.rt.view.get()
+        self.maps: list[torch.Tensor] = []
+        self.ae_trained = False
+        self.has_encoder: set[int] = set()
+        if self.opts.autoencoder_path:
+            try:
+                self.ae.load_state_dict(load_file(self.opts.autoencoder_path))
+            except Exception as exc:
+                raise ConfigError(f"method_options.autoencoder_path: cannot load {self.opts.autoencoder_path}: {exc}") from None
+            self.ae_trained = True
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        state = {f"g::{n}": t for n, t in self.global_.items()}
+        state["has_encoder"] = torch.tensor(sorted(self.has_encoder), dtype=torch.float32)
+        if self.maps:
+            state["maps"] = torch.stack(self.maps)
+        if self.ae_trained:
+            state |= {f"ae::{k}": v.float() for k, v in self.ae.state_dict().items()}
+        return state
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.global_ = {n: state[f"g::{n}"].clone() for n in self.global_}
+        self.has_encoder = {int(c) for c in state["has_encoder"].tolist()}
+        self.maps = list(state["maps"]) if "maps" in state else []
+        ae_keys = {k[4:]: v for k, v in state.items() if k.startswith("ae::")}
+        if ae_keys:
+            ref = self.ae.state_dict()
+            self.ae.load_state_dict({k: ae_keys[k].to(ref[k].dtype) for k in ref})
+            self.ae_trained = True
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return self.global_
+
+    def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
+        self._round = rnd
+        plain = Message(self.global_, {"round": rnd, "phase": self.phase(rnd)})
+        with_encoder = None
+        out = {}
+        for cid in cids:
+            if self.phase(rnd) == "faf" and cid not in self.has_encoder:  # shipped once, counted then
+                with_encoder = with_encoder or Message(self.global_ | self.encoder_state(), plain.meta)
+                out[cid] = with_encoder
+                self.has_encoder.add(cid)
+            else:
+                out[cid] = plain
+            self._expect[cid] = {n: tuple(t.shape) for n, t in out[cid].tensors.items()}
+        return out
+
+    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        return self._expect[cid]
+
+    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        if self.phase(self._round) == "faf":
+            return {n: tuple(self.global_[n].shape) for n in self.others} | {"latent": self._latent_shape()}
+        return {n: tuple(t.shape) for n, t in self.global_.items()}
+
+    def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.phase(rnd) == "tgap":
+            for r in replies.values():
+                rep = {n: r.tensors[n] - self.global_[n] for n in self.lora} if self.opts.representation == "delta" \
+                    else {n: r.tensors[n] for n in self.lora}
+                self.maps.append(to_map(rep, self.layout))
+            self.global_ = weighted_average(replies, list(self.global_))
+            if rnd == self.opts.tgap_rounds and not self.ae_trained:
+                losses = train_autoencoder(self.ae, self.maps, self.opts.ae_epochs, self.opts.ae_lr,
+                                           self.opts.ae_batch, self.cfg.seed)
+                self.ae_trained, self.maps = True, []
+                metrics |= {"tgap_loss_first": losses[0], "tgap_loss_last": losses[-1]}
+                if self.rt.run_dir is not None:
+                    save_file({k: v.contiguous().float() for k, v in self.ae.state_dict().items()},
+                              str(self.rt.run_dir / "autoencoder.safetensors"))
+            return metrics
+        rebuilt, diag = {}, []
+        for cid, r in replies.items():
+            scale = r.meta.get("scale")
+            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+                raise PayloadError(f"reply meta 'scale' must be a finite non-negative number, got {scale!r}")
+            with torch.no_grad():
+                x_hat = self._decode(r.tensors["latent"]) * scale
+            rep = from_map(x_hat, self.layout)
+            lora = {n: self.global_[n] + rep[n] for n in self.lora} if self.opts.representation == "delta" else rep
+            rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
+            true = self._true_maps.pop(cid, None)
+            if true is not None:
+                diag.append((snr_paper(true, x_hat), snr_db(true, x_hat), cosine(true, x_hat)))
+        self.global_ = weighted_average(rebuilt, list(self.global_))
+        if diag:
+            d = np.array(diag)
+            finite = lambda col: float(np.mean(col[np.isfinite(col)])) if np.isfinite(col).any() else float("inf")  # noqa: E731
+            metrics |= {"snr_paper": finite(d[:, 0]), "snr_db": finite(d[:, 1]), "cosine": float(d[:, 2].mean())}
+        return metrics
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.opts.autoencoder == "conv":
+            return self.ae.decode(latent)
+        return self.ae.decode_to(latent, (self.layout.height, self.layout.width))
+
+    # -- client ------------------------------------------------------------------------------------
+    def split(self, client: ClientContext) -> np.ndarray:
+        """The client's TGAP share or the rest, by a permutation fixed per client."""
+        idx = np.random.default_rng([self.cfg.seed, client.cid, 0xC6]).permutation(client.indices)
+        cut = max(1, math.ceil(self.opts.tgap_share * len(idx)))
+        part = idx[:cut] if self.phase(client.round) == "tgap" else idx[cut:]
+        return np.sort(part if len(part) else idx[:1])
+
+    def fit(self, client: ClientContext, message: Message) -> Message:
+        view = self.rt.view
+        start = {n: message.tensors[n] for n in view.names()}
+        view.set(start)
+        indices = self.split(client)
+        steps, loss, _ = train_locally(self.rt.model, view.params, self.rt.task, indices, self.cfg.train,
+                                       client.seed, progress=self.rt.step_progress)
+        meta = {"num_examples": int(len(indices)), "steps": steps, "train_loss": loss}
+        trained = view.get()
+        if self.phase(client.round) == "tgap":
+            return Message(trained, meta)
+        if any(n.startswith(ENC) for n in message.tensors):  # first FAF round for this client: keep the encoder
+            enc = {n: t for n, t in message.tensors.items() if n.startswith(ENC)}
+            client.store.save(client.cid, client.round, enc)
+        else:
+            enc = client.store.load(client.cid)
+        self.load_encoder(enc)
+        rep = {n: trained[n] - start[n] for n in self.lora} if self.opts.representation == "delta" \
+            else {n: trained[n] for n in self.lora}
+        x = to_map(rep, self.layout)
+        xn, scale = normalise(x)
+        with torch.no_grad():
+            latent = self.ae.encode(xn)
+        self._true_maps[client.cid] = x
+        return Message({"latent": latent} | {n: trained[n] for n in self.others}, meta | {"scale": scale})
