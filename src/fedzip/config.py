@@ -97,6 +97,8 @@ class EvalConfig(Section):
     every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
     batch_size: int = Field(64, ge=1)
     max_examples: int | None = Field(None, ge=1, description="evaluate intermediate rounds on a fixed subset")
+    ceval: bool = Field(False, description="causal LM: also C-Eval multiple choice (val split)")
+    ceval_max_per_subject: int | None = Field(None, ge=1)
 
 
 class ExperimentConfig(Section):

@@ -34,6 +34,7 @@ class Task:
         self.max_length = max_length
         self.train = self._encode(train)
         self.test = self._encode(test)
+        self.extra_evals: list = []  # callables model -> metrics dict, run with every evaluation
 
     # -- tokenization ------------------------------------------------------------------------------
     def _encode(self, data: TextData) -> Encoded:
@@ -120,7 +121,10 @@ class Task:
         if self.kind == "classification":
             return {"accuracy": accuracy(preds, golds), "macro_f1": macro_f1(preds, golds, self.num_labels),
                     "loss": mean_loss, "eval_examples": len(idx)}
-        return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "eval_examples": len(idx)}
+        out = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "eval_examples": len(idx)}
+        for extra in self.extra_evals:
+            out.update(extra(model))
+        return out
 
 
 def accuracy(preds, golds) -> float:

@@ -40,6 +40,15 @@ def build_task(cfg) -> Task:
         from fedzip.errors import ConfigError
 
         raise ConfigError(f"model.task: {cfg.model.task} does not fit data source {cfg.data.source} ({task.kind})")
+    if cfg.eval.ceval:
+        from fedzip.data.ceval import evaluate_ceval, load_ceval
+
+        if task.kind != "causal_lm":
+            from fedzip.errors import ConfigError
+
+            raise ConfigError("eval.ceval needs a causal-LM task")
+        items = load_ceval(cfg.data_root(), "val", cfg.eval.ceval_max_per_subject)
+        task.extra_evals.append(lambda model: evaluate_ceval(model, tokenizer, items, cfg.eval.batch_size))
     return task
 
 

@@ -234,7 +234,7 @@ def export_model(model, method_cls, out: Path) -> None:
 def write_summary(cfg, out: Path, wall: float) -> dict:
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    metric_keys = ("accuracy", "macro_f1", "loss", "perplexity")
+    metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
     final = {k: evaluated[-1][k] for k in metric_keys if evaluated and k in evaluated[-1]}
     summary = {
