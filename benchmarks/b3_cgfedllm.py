@@ -22,13 +22,17 @@ PROFILES = {
               "eval.ceval_max_per_subject=1"],
     "full": [],
 }
-TGAP = "tgap_rounds: 6, ae_epochs: 30"
-RUNS = [
-    ("fedit", ["method=fedit"]),
-    ("cgfedllm_conv64", ["method=cgfedllm", f"method_options={{{TGAP}, autoencoder: conv}}"]),
-    ("cgfedllm_linear64", ["method=cgfedllm", f"method_options={{{TGAP}, autoencoder: linear, linear_ratio: 64}}"]),
-    ("cgfedllm_linear16", ["method=cgfedllm", f"method_options={{{TGAP}, autoencoder: linear, linear_ratio: 16}}"]),
-]
+TGAP = {"smoke": "tgap_rounds: 2, ae_epochs: 3", "full": "tgap_rounds: 6, ae_epochs: 30"}
+
+
+def runs_for(profile: str) -> list[tuple[str, list[str]]]:
+    t = TGAP[profile]
+    return [
+        ("fedit", ["method=fedit"]),
+        ("cgfedllm_conv64", ["method=cgfedllm", f"method_options={{{t}, autoencoder: conv}}"]),
+        ("cgfedllm_linear64", ["method=cgfedllm", f"method_options={{{t}, autoencoder: linear, linear_ratio: 64}}"]),
+        ("cgfedllm_linear16", ["method=cgfedllm", f"method_options={{{t}, autoencoder: linear, linear_ratio: 16}}"]),
+    ]
 
 
 def main() -> None:
@@ -36,7 +40,7 @@ def main() -> None:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    runs = [(label, "b3_cgfedllm", PROFILES[args.profile] + ov) for label, ov in RUNS]
+    runs = [(label, "b3_cgfedllm", PROFILES[args.profile] + ov) for label, ov in runs_for(args.profile)]
     dirs = run_matrix("b3_cgfedllm", args.profile, runs, args.jobs)
     results = [collect(dirs[label], args.profile, label) for label, _, _ in runs]
     ref = next(r for r in results if r["label"] == "fedit")
