@@ -44,7 +44,7 @@ def main() -> None:
     from fedzip.wire.stages import position_floor_bits
 
     run = Path(args.run)
-    cfg = load_config(run / "config.yaml", ["train.threads=2"])
+    cfg = load_config(run / "config.yaml", ["train.threads=1"])
     rt = build_runtime(cfg, METHODS[cfg.method])
     state = load_file(str(run / "checkpoints" / "server.safetensors"))
     names = rt.view.names()
