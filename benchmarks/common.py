@@ -49,7 +49,7 @@ def run_one(label: str, config: str, overrides: list[str], out: Path, threads: i
 
 
 def run_matrix(bench: str, profile: str, runs: list[tuple[str, str, list[str]]], jobs: int) -> dict[str, Path]:
-    threads = max(1, (os.cpu_count() or 2) // jobs)
+    threads = int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // jobs)
     base = ROOT / "runs" / bench / profile
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {label: pool.submit(run_one, label, cfg, ov, base / label, threads) for label, cfg, ov in runs}
