@@ -3,12 +3,10 @@
 import json
 import math
 
-import torch
-from safetensors.torch import load_file
-
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
+from helpers import assert_resume_is_exact
 
 
 def cg(tiny_cfg, extra=""):
@@ -45,9 +43,4 @@ def test_reuse_a_trained_autoencoder_and_resume(tmp_path, tiny_cfg):
     ae = tmp_path / "first" / "autoencoder.safetensors"
     opts = cg(tiny_cfg, f"autoencoder_path: {ae}")
     opts = [o.replace("tgap_rounds: 2", "tgap_rounds: 0") for o in opts]
-    full = run_experiment(load_config(None, opts), tmp_path / "full", progress=False)
-    run_experiment(load_config(None, opts), tmp_path / "part", progress=False, stop_after=2)
-    resumed = run_experiment(load_config(None, opts), tmp_path / "part", resume=True, progress=False)
-    a = load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "part/adapter/adapter_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a) and resumed["bytes_up_total"] == full["bytes_up_total"]
+    assert_resume_is_exact(tmp_path, opts, stop_after=2)

@@ -13,6 +13,7 @@ from fedzip.engine.ledger import read_ledger
 from fedzip.errors import ConfigError
 from fedzip.methods.flasc import global_topk_masks
 from fedzip.wire.payload import PREFIX
+from helpers import assert_resume_is_exact
 
 
 def run(tmp_path, overrides, name):
@@ -113,15 +114,8 @@ def test_density_schedule(tmp_path, tiny_cfg, spy):
 def test_error_feedback_and_resume_are_exact(tmp_path, tiny_cfg):
     opts = tiny_cfg + ["rounds=4", "num_clients=2", "method=flasc",
                        "method_options={d_dl: 0.5, d_ul: 0.1, error_feedback: true}"]
-    full, fdir = run(tmp_path, opts, "full")
-    part = run_experiment(load_config(None, opts), tmp_path / "part", progress=False, stop_after=2)
-    assert part["interrupted_after"] == 2
-    resumed = run_experiment(load_config(None, opts), tmp_path / "part", resume=True, progress=False)
-    a = load_file(str(fdir / "adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "part" / "adapter/adapter_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["bytes_up_total"] == full["bytes_up_total"]
-    residuals = load_file(str(next((fdir / "client_state" / "0").glob("r*.safetensors"))))
+    assert_resume_is_exact(tmp_path, opts, stop_after=2)
+    residuals = load_file(str(next((tmp_path / "full" / "client_state" / "0").glob("r*.safetensors"))))
     assert any(k.startswith("ef::") for k in residuals) and any(v.abs().sum() > 0 for v in residuals.values())
 
 

@@ -4,10 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedzip.config import load_config
-from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
@@ -15,6 +13,7 @@ from fedzip.errors import ConfigError
 from fedzip.methods import METHODS, ClientContext
 from fedzip.methods.hafl import _mask, assign_ranks, best_rank_r, top_components
 from fedzip.wire import Message
+from helpers import assert_resume_is_exact
 
 
 def opts(mode="freeze", agg="adaptive", extra=""):
@@ -119,12 +118,7 @@ def test_rank_assignment_by_tier_shares_and_validation():
 def test_modes_run_resume_exactly_and_count_per_tier_bytes(tmp_path, tiny_cfg, mode):
     ov = tiny_cfg + ["method=hafl", "lora.rank=4", "lora.alpha=4", "rounds=3",
                      opts(mode, extra="client_ranks: [1, 1, 4, 4], degradation_every: 1")]
-    full = run_experiment(load_config(None, ov), tmp_path / "full", progress=False)
-    run_experiment(load_config(None, ov), tmp_path / "part", progress=False, stop_after=1)
-    resumed = run_experiment(load_config(None, ov), tmp_path / "part", resume=True, progress=False)
-    a = load_file(str(tmp_path / "full/adapter/adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "part/adapter/adapter_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a) and resumed["final_metrics"] == full["final_metrics"]
+    assert_resume_is_exact(tmp_path, ov)
     ups = {}
     for e in read_ledger(tmp_path / "full" / "ledger.jsonl"):
         if e["direction"] == "up":
