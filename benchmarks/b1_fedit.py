@@ -9,12 +9,11 @@ Runs FedIT with dense fp32 and fp16 payloads and FFA-LoRA, then writes
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, collect, merge_results, plot_accuracy, run_matrix  # noqa: E402
+from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
 
 PROFILES = {
     # Same code path, smaller: fewer clients, rounds and test examples.
@@ -30,26 +29,17 @@ RUNS = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split between them)")
-    args = ap.parse_args()
-    runs = [(label, "b1_fedit", PROFILES[args.profile] + ov) for label, ov in RUNS]
-    dirs = run_matrix("b1_fedit", args.profile, runs, args.jobs)
-    results = [collect(dirs[label], args.profile, label) for label, _, _ in runs]
+    profile, runs, dirs = run_profile("b1_fedit", "b1_fedit", PROFILES, lambda _: RUNS)
+    results = [collect(dirs[label], profile, label) for label, _, _ in runs]
     data = merge_results(RESULTS / "b1_fedit.json", results)
     write_outputs(data)
 
 
 def write_outputs(data: dict) -> None:
     lines = ["# B1: FedIT baselines (20 Newsgroups, MiniLM + LoRA r=16, 100 clients, Dirichlet 0.1)", ""]
-    for profile in ("full", "smoke"):
-        runs = [r for r in data["runs"] if r["profile"] == profile]
-        if not runs:
-            continue
-        lines += [f"## Profile `{profile}` ({runs[0]['machine']})", "",
-                  "| run | method | rounds | accuracy | macro-F1 | MB up | MB down | up bytes vs fp32 | wall s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+    columns = ["run", "method", "rounds", "accuracy", "macro-F1", "MB up", "MB down", "up bytes vs fp32", "wall s"]
+    for profile, runs, header in profile_sections(data["runs"], columns):
+        lines += header
         ref = next((r for r in runs if r["label"] == "fedit_fp32"), runs[0])
         for r in runs:
             fm = r["final_metrics"]

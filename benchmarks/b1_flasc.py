@@ -10,13 +10,12 @@ sparsity. Writes ``results/b1_flasc.json`` (the ``b1_fedit.json`` schema plus ``
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES  # noqa: E402  (the same smoke/full sizes as the FedIT baselines)
-from common import RESULTS, collect, merge_results, plot_accuracy, run_matrix  # noqa: E402
+from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
 
 SERVER = "server_optimizer: sgd, server_lr: 1.0, weighting: samples"
 
@@ -48,13 +47,8 @@ def bytes_to_target(run: dict, target: float) -> int | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    ap.add_argument("--jobs", type=int, default=2)
-    args = ap.parse_args()
-    runs = [(label, "b1_fedit", PROFILES[args.profile] + ov) for label, ov in RUNS]
-    dirs = run_matrix("b1_flasc", args.profile, runs, args.jobs)
-    results = [collect(dirs[label], args.profile, label) for label, _, _ in runs]
+    profile, runs, dirs = run_profile("b1_flasc", "b1_fedit", PROFILES, lambda _: RUNS)
+    results = [collect(dirs[label], profile, label) for label, _, _ in runs]
     ref = next(r for r in results if r["label"] == "fedit_fp32")
     target = ref["final_metrics"]["accuracy"] - 0.01
     ref_bytes = bytes_to_target(ref, target)
@@ -68,14 +62,10 @@ def main() -> None:
 
 def write_outputs(data: dict) -> None:
     lines = ["# B1: FLASC / CELLM vs FedIT (20 Newsgroups, MiniLM + LoRA r=16, 100 clients, Dirichlet 0.1)", ""]
-    for profile in ("full", "smoke"):
-        runs = [r for r in data["runs"] if r["profile"] == profile]
-        if not runs:
-            continue
-        lines += [f"## Profile `{profile}` ({runs[0]['machine']})", "",
-                  f"Target accuracy: FedIT's final minus 1 point = {runs[0]['target_accuracy']:.4f}.", "",
-                  "| run | accuracy | MB up | MB down | bytes to target | FedIT bytes / run bytes (to target) |",
-                  "|---|---|---|---|---|---|"]
+    columns = ["run", "accuracy", "MB up", "MB down", "bytes to target", "FedIT bytes / run bytes (to target)"]
+    for profile, runs, header in profile_sections(data["runs"], columns):
+        lines += header[:2] + [f"Target accuracy: FedIT's final minus 1 point = {runs[0]['target_accuracy']:.4f}.",
+                               ""] + header[2:]
         for r in runs:
             btt = f"{r['bytes_to_target'] / 1e6:.2f} MB" if r["bytes_to_target"] else "not reached"
             ratio = f"{r['ratio_vs_fedit']:.1f}x" if r["ratio_vs_fedit"] else "-"

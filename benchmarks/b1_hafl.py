@@ -9,14 +9,13 @@ bytes and distribution accuracy), ``results/b1_hafl.md`` and ``results/b1_hafl_<
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES  # noqa: E402
-from common import RESULTS, collect, merge_results, plot_accuracy, run_matrix  # noqa: E402
+from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
 
 TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"
 
@@ -52,15 +51,10 @@ def tier_bytes(run_dir: Path) -> dict[str, dict[str, int]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    ap.add_argument("--jobs", type=int, default=2)
-    args = ap.parse_args()
-    runs = [(label, "b1_fedit", PROFILES[args.profile] + ov) for label, ov in RUNS]
-    dirs = run_matrix("b1_hafl", args.profile, runs, args.jobs)
+    profile, runs, dirs = run_profile("b1_hafl", "b1_fedit", PROFILES, lambda _: RUNS)
     results = []
     for label, _, _ in runs:
-        r = collect(dirs[label], args.profile, label)
+        r = collect(dirs[label], profile, label)
         r["tier_bytes"] = tier_bytes(dirs[label])
         rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]
         r["tier_accuracy"] = [{k: v for k, v in row.items() if k.startswith("tier") or k == "round"}
@@ -72,13 +66,10 @@ def main() -> None:
 
 def write_outputs(data: dict) -> None:
     lines = ["# B1 heterogeneous ranks: HAFL vs HetLoRA, FlexLoRA, FedIT (tiers 4/8/16 of rank 16)", ""]
-    for profile in ("full", "smoke"):
-        runs = [r for r in data["runs"] if r["profile"] == profile]
-        if not runs:
-            continue
-        lines += [f"## Profile `{profile}` ({runs[0]['machine']})", "",
-                  "| run | accuracy | MB up | MB down | mean up KB / message by tier (4 / 8 / 16) | last tier accuracy (4 / 8 / 16) |",
-                  "|---|---|---|---|---|---|"]
+    columns = ["run", "accuracy", "MB up", "MB down", "mean up KB / message by tier (4 / 8 / 16)",
+               "last tier accuracy (4 / 8 / 16)"]
+    for profile, runs, header in profile_sections(data["runs"], columns):
+        lines += header
         for r in runs:
             tb = r.get("tier_bytes") or {}
             per = " / ".join(f"{tb[t]['up'] / max(tb[t]['messages_up'], 1) / 1e3:.1f}" if t in tb else "-"

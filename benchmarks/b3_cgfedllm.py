@@ -9,13 +9,12 @@ bytes and C-Eval (val) accuracy. Writes ``results/b3_cgfedllm.json`` (the ``b1_f
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, collect, merge_results, run_matrix  # noqa: E402
+from common import RESULTS, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 PROFILES = {
     "smoke": ["rounds=4", "clients_per_round=2", "train.max_steps=2", "data.max_test_examples=40",
@@ -36,13 +35,8 @@ def runs_for(profile: str) -> list[tuple[str, list[str]]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="smoke")
-    ap.add_argument("--jobs", type=int, default=2)
-    args = ap.parse_args()
-    runs = [(label, "b3_cgfedllm", PROFILES[args.profile] + ov) for label, ov in runs_for(args.profile)]
-    dirs = run_matrix("b3_cgfedllm", args.profile, runs, args.jobs)
-    results = [collect(dirs[label], args.profile, label) for label, _, _ in runs]
+    profile, runs, dirs = run_profile("b3_cgfedllm", "b3_cgfedllm", PROFILES, runs_for)
+    results = [collect(dirs[label], profile, label) for label, _, _ in runs]
     ref = next(r for r in results if r["label"] == "fedit")
     for r, (label, _, _) in zip(results, runs):
         rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]
@@ -57,13 +51,10 @@ def main() -> None:
         r["encoder_params"] = method.get("encoder_params")
     data = merge_results(RESULTS / "b3_cgfedllm.json", results)
     lines = ["# B3: CG-FedLLM vs FedIT (SmolLM2-135M-Instruct + LoRA r=8, Alpaca-format, 10 clients)", ""]
-    for profile in ("full", "smoke"):
-        sel = [r for r in data["runs"] if r["profile"] == profile]
-        if not sel:
-            continue
-        lines += [f"## Profile `{profile}` ({sel[0]['machine']})", "",
-                  "| run | held-out loss | C-Eval val | MB up | uplink vs FedIT (FAF rounds) | mean SNR dB | mean cosine |",
-                  "|---|---|---|---|---|---|---|"]
+    columns = ["run", "held-out loss", "C-Eval val", "MB up", "uplink vs FedIT (FAF rounds)", "mean SNR dB",
+               "mean cosine"]
+    for profile, sel, header in profile_sections(data["runs"], columns):
+        lines += header
         for r in sel:
             fm, snr = r["final_metrics"], r.get("snr_db") or []
             mean = lambda k: sum(s[k] for s in snr) / len(snr) if snr else float("nan")  # noqa: E731

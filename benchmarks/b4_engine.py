@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, run_matrix  # noqa: E402
+from common import RESULTS, machine, profile_sections, run_matrix  # noqa: E402
 
 PROFILES = {"smoke": {"sizes": [10, 100], "rounds": 2}, "full": {"sizes": [10, 100, 1000], "rounds": 4}}
 
@@ -59,14 +59,10 @@ def main() -> None:
     data = {"benchmark": "b4_engine", "runs": [r for r in old if r["profile"] != args.profile] + rows}
     path.write_text(json.dumps(data, indent=1) + "\n")
     lines = ["# B4: engine overhead and memory (B1 setting, 10 clients a round, 2 local steps each)", ""]
-    for profile in ("full", "smoke"):
-        sel = [r for r in data["runs"] if r["profile"] == profile]
-        if not sel:
-            continue
-        lines += [f"## Profile `{profile}` ({sel[0]['machine']})", "",
-                  "| registered clients | s / round | client compute s | encode+decode s | aggregate s | "
-                  "engine overhead | process peak RSS MiB | server state MiB | MB up / round |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+    columns = ["registered clients", "s / round", "client compute s", "encode+decode s", "aggregate s",
+               "engine overhead", "process peak RSS MiB", "server state MiB", "MB up / round"]
+    for profile, sel, header in profile_sections(data["runs"], columns):
+        lines += header
         for r in sel:
             lines.append(f"| {r['registered_clients']} | {r['seconds_per_round']:.2f} | {r['client_compute_s']:.2f} | "
                          f"{r['encode_decode_s']:.3f} | {r['aggregate_s']:.3f} | "

@@ -111,3 +111,26 @@ def plot_accuracy(runs: list[dict], path: Path, title: str, axes: tuple[str, ...
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def profile_sections(runs: list[dict], columns: list[str]):
+    """Yield (profile, its runs, markdown heading + table header) for each profile present, full first."""
+    for profile in ("full", "smoke"):
+        sel = [r for r in runs if r["profile"] == profile]
+        if sel:
+            yield profile, sel, [f"## Profile `{profile}` ({sel[0]['machine']})", "",
+                                 "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def run_profile(bench: str, config: str, profiles: dict[str, list[str]], runs_for) -> tuple[str, list, dict]:
+    """Parse ``--profile``/``--jobs``, run ``runs_for(profile)`` (label, overrides) on ``config``.
+
+    Returns the profile, the (label, config, overrides) matrix and each label's run directory."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=f"benchmark {bench}")
+    ap.add_argument("--profile", choices=sorted(profiles), default="smoke")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split between them)")
+    args = ap.parse_args()
+    runs = [(label, config, profiles[args.profile] + ov) for label, ov in runs_for(args.profile)]
+    return args.profile, runs, run_matrix(bench, args.profile, runs, args.jobs)
