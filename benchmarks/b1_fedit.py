@@ -30,7 +30,7 @@ RUNS = [
 
 def main() -> None:
     profile, runs, dirs = run_profile("b1_fedit", "b1_fedit", PROFILES, lambda _: RUNS)
-    results = [collect(dirs[label], profile, label) for label, _, _ in runs]
+    results = [collect(dirs[label], profile, label) for label, *_ in runs]
     data = merge_results(RESULTS / "b1_fedit.json", results)
     write_outputs(data)
 

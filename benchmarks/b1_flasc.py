@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from b1_fedit import PROFILES  # noqa: E402  (the same smoke/full sizes as the FedIT baselines)
+from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402  (the same sizes and FedIT reference)
 from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
 
 SERVER = "server_optimizer: sgd, server_lr: 1.0, weighting: samples"
@@ -25,7 +25,8 @@ def flasc(d_dl: float, d_ul: float, extra: str = "") -> list[str]:
 
 
 RUNS = [
-    ("fedit_fp32", ["method=fedit"]),
+    # B1 FedIT's own run (identical config), trained once and reused here.
+    ("fedit_fp32", dict(FEDIT_RUNS)["fedit_fp32"], "b1_fedit/fedit_fp32"),
     ("flasc_1_4", flasc(0.25, 0.25)),
     ("flasc_1_16", flasc(0.0625, 0.0625)),
     ("flasc_1_64", flasc(1 / 64, 1 / 64)),
@@ -33,7 +34,7 @@ RUNS = [
     ("sparse_ft_1_16", flasc(0.0625, 0.0625, "client_freeze: true")),
     ("mask_fixed_1_16", flasc(0.0625, 0.0625, "server_freeze: true")),
     ("freeze_a", flasc(1.0, 1.0, "freeze_a: true")),
-    ("lora_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"]),
+    ("lora_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"], "b1_hafl/fedit_rank4"),
     ("flasc_1_16_int8_zstd", flasc(0.0625, 0.0625) + ["wire.up=int8+zstd", "wire.down=int8+zstd"]),
     ("flasc_1_16_int4_zstd", flasc(0.0625, 0.0625) + ["wire.up=int4+zstd", "wire.down=int4+zstd"]),
 ]
@@ -48,7 +49,7 @@ def bytes_to_target(run: dict, target: float) -> int | None:
 
 def main() -> None:
     profile, runs, dirs = run_profile("b1_flasc", "b1_fedit", PROFILES, lambda _: RUNS)
-    results = [collect(dirs[label], profile, label) for label, _, _ in runs]
+    results = [collect(dirs[label], profile, label) for label, *_ in runs]
     ref = next(r for r in results if r["label"] == "fedit_fp32")
     target = ref["final_metrics"]["accuracy"] - 0.01
     ref_bytes = bytes_to_target(ref, target)

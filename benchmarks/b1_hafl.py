@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from b1_fedit import PROFILES  # noqa: E402
+from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402
 from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
 
 TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"
@@ -31,7 +31,7 @@ RUNS = [
     ("hafl_truncate", hafl("truncate", "adaptive")),
     ("hetlora", hafl("hetlora", "zero_pad")),
     ("flexlora", hafl("flexlora", "adaptive")),
-    ("fedit_rank16", ["method=fedit"]),
+    ("fedit_rank16", dict(FEDIT_RUNS)["fedit_fp32"], "b1_fedit/fedit_fp32"),  # B1 FedIT's run, reused
     ("fedit_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"]),
 ]
 
@@ -53,7 +53,7 @@ def tier_bytes(run_dir: Path) -> dict[str, dict[str, int]]:
 def main() -> None:
     profile, runs, dirs = run_profile("b1_hafl", "b1_fedit", PROFILES, lambda _: RUNS)
     results = []
-    for label, _, _ in runs:
+    for label, *_ in runs:
         r = collect(dirs[label], profile, label)
         r["tier_bytes"] = tier_bytes(dirs[label])
         rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]

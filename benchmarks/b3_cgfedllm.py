@@ -36,7 +36,7 @@ def runs_for(profile: str) -> list[tuple[str, list[str]]]:
 
 def main() -> None:
     profile, runs, dirs = run_profile("b3_cgfedllm", "b3_cgfedllm", PROFILES, runs_for)
-    results = [collect(dirs[label], profile, label) for label, _, _ in runs]
+    results = [collect(dirs[label], profile, label) for label, *_ in runs]
     ref = next(r for r in results if r["label"] == "fedit")
     for r, (label, _, _) in zip(results, runs):
         rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]

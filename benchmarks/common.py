@@ -48,12 +48,23 @@ def run_one(label: str, config: str, overrides: list[str], out: Path, threads: i
     return out
 
 
-def run_matrix(bench: str, profile: str, runs: list[tuple[str, str, list[str]]], jobs: int) -> dict[str, Path]:
+def _run_dir(bench: str, profile: str, label: str, home: list[str]) -> Path:
+    other_bench, _, other_label = (home[0] if home else f"{bench}/{label}").partition("/")
+    return ROOT / "runs" / other_bench / profile / other_label
+
+
+def run_matrix(bench: str, profile: str, runs: list[tuple], jobs: int) -> dict[str, Path]:
+    """Run (label, config, overrides[, home]) in ``jobs`` parallel subprocesses; return each label's run dir.
+
+    ``home`` ("<bench>/<label>") names the same run in another benchmark (identical config and overrides):
+    its directory is reused, so a shared reference such as FedIT is trained once for every benchmark."""
     threads = int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // jobs)
-    base = ROOT / "runs" / bench / profile
+    dirs = {label: _run_dir(bench, profile, label, home) for label, _, _, *home in runs}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {label: pool.submit(run_one, label, cfg, ov, base / label, threads) for label, cfg, ov in runs}
-        return {label: f.result() for label, f in futures.items()}
+        futures = [pool.submit(run_one, label, cfg, ov, dirs[label], threads) for label, cfg, ov, *_ in runs]
+        for f in futures:
+            f.result()
+    return dirs
 
 
 def collect(run_dir: Path, profile: str, label: str) -> dict:
@@ -78,10 +89,10 @@ def collect(run_dir: Path, profile: str, label: str) -> dict:
 
 
 def merge_results(path: Path, new_runs: list[dict]) -> dict:
-    """Results of one profile replace that profile's earlier results; other profiles are kept."""
+    """New results replace earlier results of the same (profile, label); all others are kept."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    profiles = {r["profile"] for r in new_runs}
-    runs = [r for r in old["runs"] if r["profile"] not in profiles] + new_runs
+    fresh = {(r["profile"], r["label"]) for r in new_runs}
+    runs = [r for r in old["runs"] if (r["profile"], r["label"]) not in fresh] + new_runs
     data = {"benchmark": path.stem, "runs": runs}
     path.write_text(json.dumps(data, indent=1) + "\n")
     return data
@@ -123,14 +134,24 @@ def profile_sections(runs: list[dict], columns: list[str]):
 
 
 def run_profile(bench: str, config: str, profiles: dict[str, list[str]], runs_for) -> tuple[str, list, dict]:
-    """Parse ``--profile``/``--jobs``, run ``runs_for(profile)`` (label, overrides) on ``config``.
+    """Parse ``--profile``/``--jobs``/``--only``, run ``runs_for(profile)`` (label, overrides[, home]) on ``config``.
 
-    Returns the profile, the (label, config, overrides) matrix and each label's run directory."""
+    Returns the profile, the (label, config, overrides[, home]) runs that have finished (the ones asked
+    for with ``--only``, plus any finished earlier) and each one's run directory."""
     import argparse
 
     ap = argparse.ArgumentParser(description=f"benchmark {bench}")
     ap.add_argument("--profile", choices=sorted(profiles), default="smoke")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split between them)")
+    ap.add_argument("--only", default="", help="comma-separated labels to run (default: all); "
+                    "the tables then show these plus any runs already finished")
     args = ap.parse_args()
-    runs = [(label, config, profiles[args.profile] + ov) for label, ov in runs_for(args.profile)]
-    return args.profile, runs, run_matrix(bench, args.profile, runs, args.jobs)
+    matrix = [(label, config, profiles[args.profile] + ov, *home) for label, ov, *home in runs_for(args.profile)]
+    only = {x for x in args.only.split(",") if x}
+    unknown = only - {r[0] for r in matrix}
+    if unknown:
+        ap.error(f"unknown run label(s): {', '.join(sorted(unknown))}; known: {', '.join(r[0] for r in matrix)}")
+    run_matrix(bench, args.profile, [r for r in matrix if not only or r[0] in only], args.jobs)
+    dirs = {label: _run_dir(bench, args.profile, label, home) for label, _, _, *home in matrix}
+    done = [r for r in matrix if (dirs[r[0]] / "summary.json").exists()]
+    return args.profile, done, dirs

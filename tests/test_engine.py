@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fedzip.engine.client as client_mod
 import fedzip.engine.simulation as sim
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
@@ -29,7 +30,8 @@ def test_ledger_equals_encoded_payload_lengths(tmp_path, tiny_cfg, monkeypatch):
         lengths.append(len(data))
         return data
 
-    monkeypatch.setattr(sim, "encode", spy)
+    monkeypatch.setattr(sim, "encode", spy)  # the server's downlink
+    monkeypatch.setattr(client_mod, "encode", spy)  # the clients' replies
     summary, out = run(tmp_path, tiny_cfg)
     ledger = read_ledger(out / "ledger.jsonl")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

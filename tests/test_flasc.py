@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fedzip.engine.client as client_mod
 import fedzip.engine.simulation as sim
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
@@ -31,7 +32,8 @@ def spy(monkeypatch):
         bodies.append(body_bytes(data))
         return data
 
-    monkeypatch.setattr(sim, "encode", wrapper)
+    monkeypatch.setattr(sim, "encode", wrapper)  # the server's messages
+    monkeypatch.setattr(client_mod, "encode", wrapper)  # the clients' replies
     sent.bodies = bodies
     return sent
 

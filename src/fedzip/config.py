@@ -101,6 +101,15 @@ class EvalConfig(Section):
     ceval_max_per_subject: int | None = Field(None, ge=1)
 
 
+class DeployConfig(Section):
+    """Only read by deployments (Flower): in simulation every client always replies."""
+
+    round_timeout_s: float = Field(600.0, gt=0, description="how long the server waits for a round's replies")
+    min_reply_fraction: float = Field(0.5, gt=0, le=1, description="share of sampled clients that must reply "
+                                      "for the round to count; otherwise it is retried")
+    max_round_retries: int = Field(2, ge=0, description="retries of a round with too few replies before stopping")
+
+
 class ExperimentConfig(Section):
     name: str | None = None
     method: str = "fedit"
@@ -115,6 +124,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     wire: WireConfig = Field(default_factory=WireConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     method_options: dict[str, Any] = Field(default_factory=dict, description="options read by the method")
 
     @model_validator(mode="after")

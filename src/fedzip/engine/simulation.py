@@ -1,8 +1,10 @@
-"""The in-process engine: every message is encoded to bytes, counted, and decoded on the other side.
+"""The round engine: every message is encoded to bytes, counted, and decoded on the other side.
 
-Per round: sample clients (seeded by round) -> ``method.configure`` -> encode/ledger/decode ->
-``method.fit`` on each client -> encode/ledger/decode -> ``method.aggregate`` -> evaluate -> write
-metrics -> checkpoint. The engine knows the Method protocol, never a particular method.
+Per round: sample clients (seeded by round) -> ``method.configure`` -> encode + ledger -> an *exchange*
+carries the bytes to the clients and their replies back -> ledger + decode -> ``method.aggregate`` ->
+evaluate -> write metrics -> checkpoint. The exchange is the only part that differs between a laptop
+simulation (:class:`InProcessExchange`: clients run here, one after another) and a deployment (the
+Flower exchange in ``fedzip.deploy``). The engine knows the Method protocol, never a particular method.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from fedzip.engine.ledger import Ledger
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError, RunDirError
-from fedzip.methods import METHODS, ClientContext
+from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
+from fedzip.methods import METHODS
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
 from fedzip.wire import decode, encode
@@ -37,8 +40,22 @@ def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> lis
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
-def client_seed(seed: int, rnd: int, cid: int) -> int:
-    return int(np.random.default_rng([seed, rnd, cid, 0xC1]).integers(2**31))
+class InProcessExchange:
+    """Clients run in this process, one after another, each from the bytes it was sent.
+
+    They use their own Method instance, built like a deployed client's: nothing passes from the
+    server side to a client except the message bytes."""
+
+    def __init__(self, client_method, store: ClientStateStore, bar: RunProgress):
+        self.method, self.store, self.bar = client_method, store, bar
+
+    def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict[str, float]):
+        replies = {}
+        for cid, down in downs.items():
+            self.bar.client_start(cid)
+            replies[cid] = run_client(self.method, self.store, rnd, cid, down, timing)
+            self.bar.client_done()
+        return replies, {}  # (replies, failures: cid -> reason)
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -80,9 +97,11 @@ def _truncate_lines(path: Path, keep: int) -> None:
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = True,
-                   stop_after: int | None = None) -> dict:
+                   stop_after: int | None = None, exchange=None) -> dict:
     """Run (or resume) an experiment into run directory ``out``. Returns the summary.
 
+    ``exchange(rnd, {cid: bytes}, timing) -> ({cid: reply bytes}, {cid: failure reason})`` carries a
+    round's messages; by default clients run in this process (:class:`InProcessExchange`).
     ``stop_after`` ends the process after that round's checkpoint, as an interruption would (tests).
     """
     method_cls = METHODS[cfg.method]
@@ -119,12 +138,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     ledger = Ledger(out / "ledger.jsonl")
     bar = RunProgress(cfg.rounds, start, enabled=progress)
     rt.step_progress = bar.step
+    if exchange is None:
+        exchange = InProcessExchange(method_cls(cfg, rt), store, bar)
     t_start = time.time()
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         metrics_lines = sum(1 for _ in f)
     try:
         for rnd in range(start, cfg.rounds + 1):
-            row = run_round(cfg, rt, method, ledger, store, rnd, bar)
+            row = run_round(cfg, method, ledger, rnd, bar, exchange)
             if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                 t0 = time.time()
                 rt.view.set(method.global_tensors())
@@ -152,48 +173,42 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     return {**summary, "run_dir": str(out)}
 
 
-def run_round(cfg, rt, method, ledger: Ledger, store: ClientStateStore, rnd: int, bar: RunProgress) -> dict:
+def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange) -> dict:
     t_round = time.time()
     cids = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
     bar.round_start(rnd, len(cids))
     timing = dict.fromkeys(("compute_s", "encode_s", "decode_s", "aggregate_s"), 0.0)
     messages = method.configure(rnd, cids)
     encoded: dict[int, bytes] = {}  # a message object sent to many clients is encoded once
-    replies, losses, rejected = {}, [], []
+    downs: dict[int, bytes] = {}
+    t0 = time.time()
     for cid in cids:
-        bar.client_start(cid)
         msg = messages[cid]
-        t0 = time.time()
         if id(msg) not in encoded:
             encoded[id(msg)] = encode(msg, method.wire_codec("down"))
-        down = encoded[id(msg)]
-        timing["encode_s"] += time.time() - t0
-        ledger.record(rnd, cid, "down", len(down))
+        downs[cid] = encoded[id(msg)]
+    timing["encode_s"] += time.time() - t0
 
-        t0 = time.time()
-        received = decode(down, method.down_spec(cid), max_bytes=cfg.wire.max_payload_bytes)
-        timing["decode_s"] += time.time() - t0
-
-        t0 = time.time()
-        ctx = ClientContext(cid=cid, round=rnd, indices=rt.parts[cid], store=store, seed=client_seed(cfg.seed, rnd, cid))
-        reply = method.fit(ctx, received)
-        timing["compute_s"] += time.time() - t0
-
-        t0 = time.time()
-        up = encode(reply, method.wire_codec("up"))
-        timing["encode_s"] += time.time() - t0
+    ups, failures = exchange(rnd, downs, timing)
+    replies, losses, rejected = {}, [], []
+    for cid in cids:
+        if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
+            ledger.record(rnd, cid, "down", len(downs[cid]), status=failures[cid])
+            continue
+        ledger.record(rnd, cid, "down", len(downs[cid]))
+        up = ups[cid]
         ledger.record(rnd, cid, "up", len(up))
-
         t0 = time.time()
         try:
             replies[cid] = decode(up, method.up_spec(cid), max_bytes=cfg.wire.max_payload_bytes)
         except PayloadError as exc:  # a bad reply is dropped and logged, never fatal to the server
             log.warning("round %d: reply from client %d rejected: %s", rnd, cid, exc)
             rejected.append(cid)
-        timing["decode_s"] += time.time() - t0
-        if isinstance(reply.meta.get("train_loss"), (int, float)):
-            losses.append(float(reply.meta["train_loss"]))
-        bar.client_done()
+            continue
+        finally:
+            timing["decode_s"] += time.time() - t0
+        if isinstance(replies[cid].meta.get("train_loss"), (int, float)):
+            losses.append(float(replies[cid].meta["train_loss"]))
 
     t0 = time.time()
     extra = method.aggregate(rnd, replies) if replies else {}
@@ -201,7 +216,8 @@ def run_round(cfg, rt, method, ledger: Ledger, store: ClientStateStore, rnd: int
     up_b, down_b = ledger.round_bytes[rnd]["up"], ledger.round_bytes[rnd]["down"]
     row = {"round": rnd, "clients": cids, "bytes_up": up_b, "bytes_down": down_b,
            "bytes_up_per_client": up_b / len(cids), "bytes_down_per_client": down_b / len(cids),
-           "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected, **timing, **extra}
+           "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected,
+           **({"failed": sorted(failures)} if failures else {}), **timing, **extra}
     row["round_s"] = time.time() - t_round
     return row
 

@@ -85,8 +85,12 @@ class Method:
         raise NotImplementedError
 
     def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes a client accepts from the server."""
+        """Names and shapes a client accepts from the server, known from the client's side alone."""
         raise NotImplementedError
+
+    def down_optional(self, cid: int) -> set[str]:
+        """Names in ``down_spec`` that a message may leave out (e.g. a codec sent only once)."""
+        return set()
 
     def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
         """Names and shapes the server accepts from client ``cid``."""

@@ -62,9 +62,9 @@ class CgFedLLM(Method):
         self.others = [n for n in shapes if n not in self.lora]
         self.ae = self._new_autoencoder()
         self.layout = make_layout({n: shapes[n] for n in self.lora}, stride=self.ae.stride)
-        self._expect: dict[int, dict[str, tuple[int, ...]]] = {}  # what each client of this round receives
         self._round = 0
-        self._true_maps: dict[int, torch.Tensor] = {}  # simulation-only diagnostics, never sent
+        # Simulation-only diagnostics, never sent: the client side leaves each true map here for the server.
+        self._true_maps: dict[int, torch.Tensor] = runtime.sim_only.setdefault("cgfedllm_true_maps", {})
 
     def _new_autoencoder(self):
         torch.manual_seed(self.cfg.seed)
@@ -145,11 +145,14 @@ class CgFedLLM(Method):
                 self.has_encoder.add(cid)
             else:
                 out[cid] = plain
-            self._expect[cid] = {n: tuple(t.shape) for n, t in out[cid].tensors.items()}
         return out
 
     def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        return self._expect[cid]
+        shapes = self.rt.view.shapes()
+        return shapes | {n: tuple(t.shape) for n, t in self.encoder_state().items()}
+
+    def down_optional(self, cid: int) -> set[str]:
+        return set(self.encoder_state())  # sent once, with a client's first FAF round
 
     def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
         if self.phase(self._round) == "faf":
@@ -222,6 +225,8 @@ class CgFedLLM(Method):
             client.store.save(client.cid, client.round, enc)
         else:
             enc = client.store.load(client.cid)
+            if not enc:
+                raise PayloadError("an FAF round without the encoder: the server never sent it to this client")
         self.load_encoder(enc)
         rep = {n: trained[n] - start[n] for n in self.lora} if self.opts.representation == "delta" \
             else {n: trained[n] for n in self.lora}

@@ -1,0 +1,43 @@
+"""The client side of a round, shared by every engine: the bytes the server sent in, the reply's bytes out.
+
+The in-process engine and the Flower ClientApp both call :func:`run_client`, so a method's client code
+runs the same way in a laptop simulation and on a SuperNode.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fedzip.errors import PayloadError
+from fedzip.methods import ClientContext
+from fedzip.wire import decode, encode
+
+
+def client_seed(seed: int, rnd: int, cid: int) -> int:
+    return int(np.random.default_rng([seed, rnd, cid, 0xC1]).integers(2**31))
+
+
+def run_client(method, store, rnd: int, cid: int, down: bytes, timing: dict[str, float] | None = None) -> bytes:
+    """Decode the server's message, train client ``cid`` on its partition, return the encoded reply.
+
+    ``method`` is a client-side instance (never the server's): all a client knows comes from its
+    config, its data, its own state ``store`` and the bytes it received."""
+    timing = timing if timing is not None else {}
+    cfg, rt = method.cfg, method.rt
+    t0 = time.time()
+    spec = method.down_spec(cid)
+    received = decode(down, spec, max_bytes=cfg.wire.max_payload_bytes, require_all=False)
+    missing = sorted(set(spec) - set(received.tensors) - method.down_optional(cid))
+    if missing:
+        raise PayloadError(f"message from the server lacks tensor(s) {', '.join(missing[:5])}")
+    t1 = time.time()
+    ctx = ClientContext(cid=cid, round=rnd, indices=rt.parts[cid], store=store, seed=client_seed(cfg.seed, rnd, cid))
+    reply = method.fit(ctx, received)
+    t2 = time.time()
+    up = encode(reply, method.wire_codec("up"))
+    t3 = time.time()
+    for key, dt in (("decode_s", t1 - t0), ("compute_s", t2 - t1), ("encode_s", t3 - t2)):
+        timing[key] = timing.get(key, 0.0) + dt
+    return up
