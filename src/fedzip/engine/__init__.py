@@ -1,4 +1,4 @@
-"""Engines: the in-process simulation (and, later, Flower), the ledger, client state, checkpoints."""
+"""Engines: the round engine with its in-process exchange (Flower's is in fedzip.deploy), the ledger, client state."""
 
 from fedzip.engine.simulation import run_experiment
 

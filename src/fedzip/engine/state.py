@@ -37,21 +37,20 @@ class ClientStateStore:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(folder / f"r{rnd}.safetensors")
 
-    def commit(self, completed_round: int) -> None:
-        """After a checkpoint: keep only each client's newest version."""
-        if not self.root.is_dir():
-            return
-        for folder in self.root.iterdir():
-            if folder.is_dir():
-                for _, p in self._versions(int(folder.name))[:-1]:
-                    p.unlink()
+    def _clients(self, cid: int | None) -> list[int]:
+        if cid is not None:
+            return [cid]
+        return [int(f.name) for f in self.root.iterdir() if f.is_dir()] if self.root.is_dir() else []
 
-    def rollback(self, completed_round: int) -> None:
-        """On resume: forget versions written by rounds that did not complete."""
-        if not self.root.is_dir():
-            return
-        for folder in self.root.iterdir():
-            if folder.is_dir():
-                for rnd, p in self._versions(int(folder.name)):
-                    if rnd > completed_round:
-                        p.unlink()
+    def commit(self, completed_round: int, cid: int | None = None) -> None:
+        """After a checkpoint: keep only the newest version of each client (or of client ``cid``)."""
+        for c in self._clients(cid):
+            for _, p in self._versions(c)[:-1]:
+                p.unlink()
+
+    def rollback(self, completed_round: int, cid: int | None = None) -> None:
+        """On resume: forget versions written by rounds that did not complete (all clients, or ``cid``)."""
+        for c in self._clients(cid):
+            for rnd, p in self._versions(c):
+                if rnd > completed_round:
+                    p.unlink()

@@ -1,0 +1,138 @@
+"""The Flower exchange: a round's encoded messages go to the SuperNodes hosting the sampled clients.
+
+The engine (``fedzip.engine.simulation``) drives the rounds exactly as in a simulation; only this
+object differs. It finds which SuperNode hosts which logical client (a ``query`` message to each new
+node), sends each ``train`` message, and waits up to ``deploy.round_timeout_s``. Missing, failed,
+malformed or oversized replies are reported as failures (the engine logs them in the ledger); clients
+that failed are asked again, up to ``deploy.max_round_retries`` times, until at least
+``deploy.min_reply_fraction`` of the sampled clients have replied, or the run stops resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedzip.deploy.task import RECORD
+from fedzip.errors import FedzipError
+
+log = logging.getLogger(__name__)
+
+
+class TooFewReplies(FedzipError):
+    exit_code = 4
+
+
+class FlowerExchange:
+    def __init__(self, grid, cfg, retry_pause_s: float = 2.0):
+        self.grid, self.cfg = grid, cfg
+        self.retry_pause_s = retry_pause_s
+        self.node_clients: dict[int, list[int]] = {}  # node id -> logical clients it hosts
+
+    # -- which node hosts which client ------------------------------------------------------------
+    def refresh_nodes(self) -> None:
+        live = set(self.grid.get_node_ids())
+        for gone in set(self.node_clients) - live:
+            log.warning("SuperNode %d left the federation", gone)
+            del self.node_clients[gone]
+        new = sorted(live - set(self.node_clients))
+        if not new:
+            return
+        queries = [Message(RecordDict({RECORD: ConfigRecord({"num_clients": self.cfg.num_clients})}),
+                           dst_node_id=n, message_type="query") for n in new]
+        for reply in self.grid.send_and_receive(queries, timeout=min(60.0, self.cfg.deploy.round_timeout_s)):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or RECORD not in reply.content.config_records:
+                log.warning("SuperNode %d did not say which clients it hosts; it is left out for now", node)
+                continue
+            clients = reply.content.config_records[RECORD].get("clients")
+            if not isinstance(clients, list) or not all(isinstance(c, int) and 0 <= c < self.cfg.num_clients
+                                                        for c in clients):
+                log.warning("SuperNode %d sent an invalid client list; it is left out", node)
+                continue
+            self.node_clients[node] = clients
+            log.info("SuperNode %d hosts %d client(s)", node, len(clients))
+
+    def owner(self, cid: int) -> int | None:
+        for node, clients in sorted(self.node_clients.items()):
+            if cid in clients:
+                return node
+        return None
+
+    # -- one round ---------------------------------------------------------------------------------
+    def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict[str, float]):
+        need = math.ceil(self.cfg.deploy.min_reply_fraction * len(downs))
+        replies: dict[int, bytes] = {}
+        failures: dict[int, str] = {}
+        t0 = time.time()
+        for attempt in range(self.cfg.deploy.max_round_retries + 1):
+            pending = {cid: b for cid, b in downs.items() if cid not in replies}
+            got, failed = self._send(rnd, pending)
+            replies |= got
+            failures = {c: r for c, r in (failures | failed).items() if c not in replies}
+            if len(replies) >= need or attempt == self.cfg.deploy.max_round_retries:
+                break
+            log.warning("round %d: %d of %d clients replied (need %d); asking the others again",
+                        rnd, len(replies), len(downs), need)
+            time.sleep(self.retry_pause_s)
+        timing["compute_s"] += time.time() - t0  # round trip: transfer + client work
+        if len(replies) < need:
+            raise TooFewReplies(f"round {rnd}: only {len(replies)} of {len(downs)} sampled clients replied "
+                                f"(deploy.min_reply_fraction needs {need}); the run stopped after its last "
+                                "completed round and can be resumed")
+        for cid, reason in failures.items():
+            log.warning("round %d: client %d failed: %s", rnd, cid, reason)
+        return replies, failures
+
+    def _send(self, rnd: int, downs: dict[int, bytes]) -> tuple[dict[int, bytes], dict[int, str]]:
+        self.refresh_nodes()
+        failures: dict[int, str] = {}
+        messages, sent = [], {}
+        for cid, payload in downs.items():
+            node = self.owner(cid)
+            if node is None:
+                failures[cid] = "no SuperNode hosts this client"
+                continue
+            msg = Message(RecordDict({RECORD: ConfigRecord({"payload": payload, "cid": cid, "round": rnd})}),
+                          dst_node_id=node, message_type="train")
+            messages.append(msg)
+            sent[cid] = node
+        replies: dict[int, bytes] = {}
+        answers = list(self.grid.send_and_receive(messages, timeout=self.cfg.deploy.round_timeout_s)) if messages else []
+        asked = {m.metadata.message_id: cid for m, cid in zip(messages, sent)}  # ids are set when pushed
+        for reply in answers:
+            cid, payload, reason = self._read_reply(reply, rnd, sent, asked.get(reply.metadata.reply_to_message_id))
+            if cid is None:
+                log.warning("round %d: reply dropped: %s", rnd, reason)
+            elif reason:
+                failures[cid] = reason
+            else:
+                replies[cid] = payload
+        for cid in sent:
+            if cid not in replies and cid not in failures:
+                failures[cid] = f"no reply within {self.cfg.deploy.round_timeout_s:g} s"
+        return replies, failures
+
+    def _read_reply(self, reply, rnd: int, sent: dict[int, int], asked_cid: int | None):
+        """(cid, payload, failure reason): a reply is checked before the engine decodes its payload."""
+        node = reply.metadata.src_node_id
+        if asked_cid is None or sent.get(asked_cid) != node:
+            return None, None, f"SuperNode {node} sent a reply to no message of this round"
+        if reply.has_error():
+            return asked_cid, None, f"client error on SuperNode {node}: {reply.error.reason}"
+        rec = reply.content.config_records.get(RECORD) if reply.content else None
+        if rec is None:
+            return asked_cid, None, f"reply has no {RECORD!r} record"
+        cid, r, payload = rec.get("cid"), rec.get("round"), rec.get("payload")
+        if cid != asked_cid:
+            return asked_cid, None, f"reply claims client {cid!r}"
+        if r != rnd:
+            return cid, None, f"reply is for round {r!r}, not {rnd}"
+        if not isinstance(payload, bytes):
+            return cid, None, "reply payload is not bytes"
+        if len(payload) > self.cfg.wire.max_payload_bytes:
+            return cid, None, f"reply of {len(payload)} bytes exceeds wire.max_payload_bytes"
+        return cid, payload, None

@@ -1,0 +1,201 @@
+"""A whole Flower federation on this machine: one SuperLink, N SuperNodes, and ``flwr run`` of the fedzip app.
+
+For trying a deployment out and for tests; real machines run the same three commands by hand
+(README, "Deploying"). Flower runs offline: no update check, no telemetry, no dependency installation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedzip.errors import FedzipError
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+CONNECTION = "fedzip-local"
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    bindir = str(Path(sys.executable).parent)  # flower-superexec etc. are found on PATH
+    return dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1", FLWR_TELEMETRY_ENABLED="0",
+                PATH=bindir + os.pathsep + os.environ.get("PATH", ""), PYTHONUNBUFFERED="1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise FedzipError(f"the SuperLink exited at start-up (code {proc.returncode}); see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FedzipError(f"the SuperLink did not open port {port} within {timeout:.0f} s; see {log}")
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class LocalFederation:
+    """SuperLink + SuperNodes as child processes; every log goes to ``home``."""
+
+    def __init__(self, home: Path, nodes: int, node_config: dict[str, str] | None = None):
+        if nodes < 1:
+            raise FedzipError("a federation needs at least one SuperNode")
+        self.home = Path(home).resolve()
+        self.nodes = nodes
+        self.node_config = node_config or {}
+        self.port = free_port()
+        self.env = flower_env(self.home)
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: dict[int, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "a")
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
+                                start_new_session=True)  # its own group: stopping it stops its children
+
+    def start(self, timeout: float = 60.0) -> "LocalFederation":
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self.superlink = self._spawn("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--database", str(self.home / "superlink.db"), "--host", "127.0.0.1", "--port", str(self.port)])
+        wait_for_port(self.port, timeout, self.superlink, self.home / "superlink.log")
+        for i in range(self.nodes):
+            self.start_node(i)
+        return self
+
+    def start_node(self, i: int) -> None:
+        cfg = {"partition-id": i, "num-partitions": self.nodes, "state-dir": str(self.home / f"node{i}-state"),
+               **self.node_config}
+        node_cfg = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
+        self.supernodes[i] = self._spawn(f"supernode{i}", [
+            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--port", str(free_port()), "--node-config", node_cfg])
+
+    def kill_node(self, i: int) -> None:
+        _kill(self.supernodes.pop(i))
+
+    def submit(self, config: str, overrides: list[str], out: Path, resume: bool = False,
+               stream_to: Path | None = None) -> subprocess.Popen:
+        """``flwr run`` the fedzip app (returns at once; the process ends when the run does)."""
+        bad = [o for o in overrides if ";" in o]
+        if bad:
+            raise FedzipError(f"overrides cannot contain ';' in a deployment: {bad[0]}")
+        run_cfg = self.home / "run-config.toml"
+        run_cfg.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in {
+            "config": config, "overrides": ";".join(overrides), "out": str(Path(out).resolve()),
+            "resume": resume}.items()))
+        log = open(stream_to or self.home / "flwr-run.log", "a")
+        return subprocess.Popen(["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_cfg)],
+                                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
+                                start_new_session=True)
+
+    def kill_serverapps(self) -> int:
+        """Kill the ServerApp processes (as a crash of the server would); returns how many."""
+        out = subprocess.run(["pgrep", "-f", "flwr-serverapp"], capture_output=True, text=True).stdout.split()
+        mine = [int(p) for p in out if _env_home(int(p)) == str(self.home)]
+        for pid in mine:
+            os.kill(pid, signal.SIGKILL)
+        return len(mine)
+
+    def stop(self) -> None:
+        for i in list(self.supernodes):
+            self.kill_node(i)
+        if self.superlink is not None:
+            _kill(self.superlink)
+            self.superlink = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _env_home(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"FLWR_HOME="):
+            return kv[len(b"FLWR_HOME="):].decode()
+    return None
+
+
+def _kill(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path, resume: bool = False,
+                 timeout_s: float | None = None) -> Path:
+    """Start a federation, run one experiment on it to the end, stop everything. Returns the run dir."""
+    out = Path(out).resolve()
+    home = out.parent / f".{out.name}.flower"
+    if home.exists() and not resume:
+        shutil.rmtree(home)
+    print(f"fedzip: starting a SuperLink and {nodes} SuperNode(s); Flower logs in {home}", flush=True)
+    with LocalFederation(home, nodes) as fed:
+        run = fed.submit(config or "quickstart", overrides, out, resume, stream_to=None)
+        log = home / "flwr-run.log"
+        shown = 0
+        try:
+            while run.poll() is None:
+                shown = _echo_new(log, shown)
+                time.sleep(1.0)
+                if timeout_s is not None and time.time() - run_start(run) > timeout_s:
+                    raise FedzipError(f"the run did not finish within {timeout_s:.0f} s; logs in {home}")
+        finally:
+            _echo_new(log, shown)
+            _kill(run)
+    if not (out / "summary.json").exists():
+        raise FedzipError(f"the Flower run ended without a summary in {out}; see {home}/flwr-run.log "
+                          "(an interrupted run continues with --resume)")
+    return out
+
+
+def run_start(proc: subprocess.Popen) -> float:
+    if not hasattr(proc, "_fedzip_t0"):
+        proc._fedzip_t0 = time.time()
+    return proc._fedzip_t0
+
+
+def _echo_new(log: Path, shown: int) -> int:
+    if not log.exists():
+        return shown
+    data = log.read_bytes()
+    if len(data) > shown:
+        sys.stdout.write(data[shown:].decode(errors="replace"))
+        sys.stdout.flush()
+    return len(data)
