@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedzip.config import load_config
+from fedzip.deploy.credentials import make_credentials
 from fedzip.deploy.local import LocalFederation
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
@@ -120,3 +121,21 @@ def test_server_killed_after_a_round_resumes_to_the_same_adapter(tmp_path, tiny_
         flower_run(fed, overrides, out, resume=True)
     assert_same_adapter(out, sim)
     assert read_ledger(out / "ledger.jsonl") == read_ledger(sim / "ledger.jsonl")
+
+
+def test_tls_with_node_authentication_runs_and_refuses_unregistered_nodes(tmp_path, tiny_cfg):
+    creds = tmp_path / "creds"
+    make_credentials(creds, nodes=3, hosts=[])
+    overrides = tiny_cfg + ["rounds=1", "num_clients=4", "clients_per_round=2"]
+    sim = simulate(tmp_path, overrides)
+    with LocalFederation(tmp_path / "flower", nodes=2, credentials=creds) as fed:
+        config = (fed.home / "config.toml").read_text()
+        assert "insecure" not in config and "root-certificates" in config
+        fed.start_node(2)  # its key (node2) was never registered on the SuperLink
+        intruder = fed.supernodes[2]
+        flower_run(fed, overrides, tmp_path / "run")
+        deadline = time.time() + 60
+        while intruder.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert intruder.returncode not in (None, 0), "an unregistered SuperNode was let in"
+    assert_same_adapter(tmp_path / "run", sim)

@@ -78,11 +78,82 @@ def cmd_deploy_local(args) -> int:
     cfg = load_config(args.config or "quickstart", args.set)  # a bad config fails here, before Flower starts
     out = prepare_run_dir(Path(args.out) if args.out else Path(args.runs_dir) / f"{cfg.run_name()}-flower",
                           args.resume)
-    run_dir = deploy_local(args.config, args.set, args.nodes, out, args.resume, args.timeout)
+    run_dir = deploy_local(args.config, args.set, args.nodes, out, args.resume, args.timeout, credentials=args.tls)
     summary = __import__("json").loads((run_dir / "summary.json").read_text())
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
     print(f"{summary['method']} on Flower ({args.nodes} SuperNodes): {summary['rounds_completed']} rounds, {shown}")
     print(f"bytes up {summary['bytes_up_total']:,}, down {summary['bytes_down_total']:,}; run directory: {run_dir}")
+    return 0
+
+
+def cmd_deploy_credentials(args) -> int:
+    from fedzip.deploy.credentials import make_credentials
+
+    paths = make_credentials(Path(args.out), args.nodes, args.host)
+    print(f"wrote {len(paths)} files to {args.out}: CA ca.crt (share) / ca.key (keep offline), "
+          f"superlink.crt/.key, node<i>.key (SuperNode i only) / node<i>.pub (register on the SuperLink)")
+    return 0
+
+
+def _exec_flower(cmd: list[str]) -> int:
+    from fedzip.deploy.local import flower_env
+
+    env = flower_env(Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
+    print("fedzip: " + " ".join(cmd), flush=True)
+    os.execvpe(cmd[0], cmd, env)  # Flower takes over this process (Ctrl-C stops it)
+    return 0
+
+
+def _credential(creds: str | None, name: str, insecure: bool) -> str | None:
+    if insecure:
+        return None
+    if not creds:
+        from fedzip.errors import ConfigError
+
+        raise ConfigError("--credentials DIR is required (TLS and node authentication are on by default); "
+                          "create it with `fedzip deploy credentials`, or pass --insecure to try things out")
+    path = Path(creds) / name
+    if not path.exists():
+        from fedzip.errors import ConfigError
+
+        raise ConfigError(f"{path} not found (made by `fedzip deploy credentials`)")
+    return str(path.resolve())
+
+
+def cmd_deploy_superlink(args) -> int:
+    cmd = ["flower-superlink", "--disable-runtime-dependency-installation", "--host", args.host, "--port", str(args.port),
+           "--database", args.database]
+    if args.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", _credential(args.credentials, "ca.crt", False),
+                "--ssl-certfile", _credential(args.credentials, "superlink.crt", False),
+                "--ssl-keyfile", _credential(args.credentials, "superlink.key", False), "--enable-supernode-auth"]
+    return _exec_flower(cmd)
+
+
+def cmd_deploy_supernode(args) -> int:
+    from fedzip.deploy.local import toml_value
+
+    node_cfg = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
+    for key in ("data_root", "model_cache", "state_dir", "threads"):
+        if getattr(args, key) is not None:
+            node_cfg[key.replace("_", "-")] = getattr(args, key)
+    cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port),
+           "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_cfg.items())]
+    if args.insecure:
+        cmd.append("--insecure")
+    else:
+        key = args.key or _credential(args.credentials, f"node{args.partition_id}.key", False)
+        cmd += ["--root-certificates", _credential(args.credentials, "ca.crt", False),
+                "--auth-supernode-private-key", str(Path(key).resolve())]
+    return _exec_flower(cmd)
+
+
+def cmd_deploy_app(args) -> int:
+    from fedzip.deploy.local import APP_DIR
+
+    print(APP_DIR)
     return 0
 
 
@@ -111,7 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--runs-dir", default="runs", help="parent folder of run directories")
     loc.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     loc.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    loc.add_argument("--tls", metavar="CREDENTIALS_DIR", help="use TLS and SuperNode authentication with "
+                     "credentials from `fedzip deploy credentials` (default: insecure, for trying out)")
     loc.set_defaults(func=cmd_deploy_local)
+    cr = dsub.add_parser("credentials", help="make a CA, the SuperLink's TLS certificate and SuperNode keys")
+    cr.add_argument("--out", required=True, help="folder to write them to")
+    cr.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
+    cr.add_argument("--host", action="append", default=[], help="the SuperLink's DNS name or IP (repeatable)")
+    cr.set_defaults(func=cmd_deploy_credentials)
+    sl = dsub.add_parser("superlink", help="start a SuperLink (TLS + SuperNode authentication unless --insecure)")
+    sl.add_argument("--credentials", help="folder from `fedzip deploy credentials`")
+    sl.add_argument("--host", default="0.0.0.0")
+    sl.add_argument("--port", type=int, default=9092)
+    sl.add_argument("--database", default="superlink.db", help="state file (keeps runs across restarts)")
+    sl.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (trying out only)")
+    sl.set_defaults(func=cmd_deploy_superlink)
+    sn = dsub.add_parser("supernode", help="start a SuperNode serving clients cid %% num-partitions == partition-id")
+    sn.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    sn.add_argument("--partition-id", type=int, required=True)
+    sn.add_argument("--num-partitions", type=int, required=True)
+    sn.add_argument("--credentials", help="folder with ca.crt (and node<partition-id>.key unless --key)")
+    sn.add_argument("--key", help="this SuperNode's private key")
+    sn.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime port")
+    sn.add_argument("--data-root", help="where this machine keeps the datasets")
+    sn.add_argument("--model-cache", help="where this machine caches models")
+    sn.add_argument("--state-dir", help="where client state lives between rounds")
+    sn.add_argument("--threads", type=int, help="torch threads for local training")
+    sn.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (trying out only)")
+    sn.set_defaults(func=cmd_deploy_supernode)
+    ap = dsub.add_parser("app", help="print the folder of fedzip's Flower App (for `flwr run`)")
+    ap.set_defaults(func=cmd_deploy_app)
     return p
 
 

@@ -56,12 +56,15 @@ def toml_value(v) -> str:
 class LocalFederation:
     """SuperLink + SuperNodes as child processes; every log goes to ``home``."""
 
-    def __init__(self, home: Path, nodes: int, node_config: dict[str, str] | None = None):
+    def __init__(self, home: Path, nodes: int, node_config: dict[str, str] | None = None,
+                 credentials: Path | None = None):
         if nodes < 1:
             raise FedzipError("a federation needs at least one SuperNode")
         self.home = Path(home).resolve()
         self.nodes = nodes
         self.node_config = node_config or {}
+        # With credentials (fedzip deploy credentials): TLS everywhere and only registered SuperNodes.
+        self.creds = Path(credentials).resolve() if credentials else None
         self.port = free_port()
         self.env = flower_env(self.home)
         self.superlink: subprocess.Popen | None = None
@@ -74,23 +77,38 @@ class LocalFederation:
 
     def start(self, timeout: float = 60.0) -> "LocalFederation":
         self.home.mkdir(parents=True, exist_ok=True)
+        security = (f'root-certificates = "{self.creds / "ca.crt"}"\n' if self.creds else "insecure = true\n")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{self.port}"\n{security}')
+        tls = (["--ssl-ca-certfile", str(self.creds / "ca.crt"), "--ssl-certfile", str(self.creds / "superlink.crt"),
+                "--ssl-keyfile", str(self.creds / "superlink.key"), "--enable-supernode-auth"]
+               if self.creds else ["--insecure"])
         self.superlink = self._spawn("superlink", [
-            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "flower-superlink", *tls, "--disable-runtime-dependency-installation",
             "--database", str(self.home / "superlink.db"), "--host", "127.0.0.1", "--port", str(self.port)])
         wait_for_port(self.port, timeout, self.superlink, self.home / "superlink.log")
         for i in range(self.nodes):
+            if self.creds:
+                self.register_node(self.creds / f"node{i}.pub")
             self.start_node(i)
         return self
+
+    def register_node(self, public_key: Path) -> None:
+        """Allow a SuperNode's key in (SuperNode authentication), as the SuperLink's operator would."""
+        res = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION], env=self.env,
+                             cwd=self.home, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise FedzipError(f"registering {public_key.name} failed: {(res.stdout + res.stderr).strip()[-300:]}")
 
     def start_node(self, i: int) -> None:
         cfg = {"partition-id": i, "num-partitions": self.nodes, "state-dir": str(self.home / f"node{i}-state"),
                **self.node_config}
         node_cfg = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
+        security = (["--root-certificates", str(self.creds / "ca.crt"),
+                     "--auth-supernode-private-key", str(self.creds / f"node{i}.key")] if self.creds else ["--insecure"])
         self.supernodes[i] = self._spawn(f"supernode{i}", [
-            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
             "--port", str(free_port()), "--node-config", node_cfg])
 
     def kill_node(self, i: int) -> None:
@@ -159,14 +177,17 @@ def _kill(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path, resume: bool = False,
-                 timeout_s: float | None = None) -> Path:
+                 timeout_s: float | None = None, credentials: str | None = None) -> Path:
     """Start a federation, run one experiment on it to the end, stop everything. Returns the run dir."""
     out = Path(out).resolve()
     home = out.parent / f".{out.name}.flower"
     if home.exists() and not resume:
         shutil.rmtree(home)
     print(f"fedzip: starting a SuperLink and {nodes} SuperNode(s); Flower logs in {home}", flush=True)
-    with LocalFederation(home, nodes) as fed:
+    needed = ["ca.crt", "superlink.crt", "superlink.key"] + [f"node{i}.key" for i in range(nodes)]
+    if credentials and not all((Path(credentials) / f).exists() for f in needed):
+        raise FedzipError(f"--tls {credentials}: needs {', '.join(needed)} (`fedzip deploy credentials --nodes {nodes}`)")
+    with LocalFederation(home, nodes, credentials=credentials) as fed:
         run = fed.submit(config or "quickstart", overrides, out, resume, stream_to=None)
         log = home / "flwr-run.log"
         shown = 0

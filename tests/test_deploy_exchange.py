@@ -1,0 +1,117 @@
+"""The Flower exchange against a fake Grid: bad replies are rejected with a reason, never fatal."""
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedzip.config import ExperimentConfig
+from fedzip.deploy.exchange import FlowerExchange, TooFewReplies
+from fedzip.deploy.task import RECORD, hosted_clients
+from fedzip.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower messages can only be built inside a Flower task; pose as one."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+class FakeGrid:
+    """Nodes 11 and 12 host clients by ``cid % 2``; ``answer(node, cid, rnd, payload)`` builds each reply."""
+
+    def __init__(self, answer):
+        self.answer, self.sent = answer, []
+
+    def get_node_ids(self):
+        return [11, 12]
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as a real push does
+            node = m.metadata.dst_node_id
+            TaskIdentity.node_id = node
+            if m.metadata.message_type == "query":
+                out.append(Message(RecordDict({RECORD: ConfigRecord({"clients": [0, 2] if node == 11 else [1, 3]})}),
+                                   reply_to=m))
+                continue
+            rec = m.content.config_records[RECORD]
+            self.sent.append((node, rec["cid"], rec["round"]))
+            content = self.answer(node, rec["cid"], rec["round"], rec["payload"])
+            if content is not None:
+                out.append(Message(content, reply_to=m))  # content: a RecordDict or an Error
+        return out
+
+
+def cfg(**deploy):
+    return ExperimentConfig(num_clients=4, clients_per_round=4, wire={"max_payload_bytes": 64},
+                            deploy={"min_reply_fraction": 0.25, "max_round_retries": 0, **deploy})
+
+
+def ok(node, cid, rnd, payload):
+    return RecordDict({RECORD: ConfigRecord({"payload": b"reply-" + payload, "cid": cid, "round": rnd})})
+
+
+def test_replies_reach_the_engine_and_nodes_get_their_own_clients():
+    grid = FakeGrid(ok)
+    ex = FlowerExchange(grid, cfg(), retry_pause_s=0)
+    timing = {"compute_s": 0.0}
+    replies, failures = ex(3, {c: bytes([c]) for c in range(4)}, timing)
+    assert replies == {c: b"reply-" + bytes([c]) for c in range(4)} and failures == {}
+    assert sorted(grid.sent) == [(11, 0, 3), (11, 2, 3), (12, 1, 3), (12, 3, 3)]
+
+
+def test_bad_replies_are_failures_with_reasons():
+    def answer(node, cid, rnd, payload):
+        if cid == 0:
+            return RecordDict({RECORD: ConfigRecord({"payload": b"x" * 65, "cid": cid, "round": rnd})})  # oversized
+        if cid == 1:
+            return RecordDict({RECORD: ConfigRecord({"payload": b"x", "cid": 3, "round": rnd})})  # claims another client
+        if cid == 2:
+            return Error(code=0, reason="CUDA out of memory")
+        return RecordDict({RECORD: ConfigRecord({"payload": "not bytes", "cid": cid, "round": rnd})})
+
+    ex = FlowerExchange(FakeGrid(answer), cfg(min_reply_fraction=0.01), retry_pause_s=0)
+    with pytest.raises(TooFewReplies):  # no valid reply at all: the round cannot count
+        ex(1, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
+
+    def mostly_ok(node, cid, rnd, payload):
+        return answer(node, cid, rnd, payload) if cid in (0, 1, 2) else ok(node, cid, rnd, payload)
+
+    replies, failures = FlowerExchange(FakeGrid(mostly_ok), cfg(), retry_pause_s=0)(1, {c: b"m" for c in range(4)},
+                                                                                     {"compute_s": 0.0})
+    assert list(replies) == [3]
+    assert "exceeds wire.max_payload_bytes" in failures[0]
+    assert "claims client 3" in failures[1]
+    assert "CUDA out of memory" in failures[2]
+
+
+def test_silent_clients_are_retried_then_the_round_proceeds_or_stops():
+    calls = {}
+
+    def flaky(node, cid, rnd, payload):
+        calls[cid] = calls.get(cid, 0) + 1
+        return ok(node, cid, rnd, payload) if (cid != 1 or calls[cid] > 1) else None  # client 1 silent once
+
+    grid = FakeGrid(flaky)
+    replies, failures = FlowerExchange(grid, cfg(min_reply_fraction=1.0, max_round_retries=1), retry_pause_s=0)(
+        2, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
+    assert set(replies) == {0, 1, 2, 3} and failures == {}
+    assert calls == {0: 1, 1: 2, 2: 1, 3: 1}  # only the silent client was asked again
+
+    dead = FakeGrid(lambda node, cid, rnd, payload: None if node == 11 else ok(node, cid, rnd, payload))
+    replies, failures = FlowerExchange(dead, cfg(min_reply_fraction=0.5), retry_pause_s=0)(
+        2, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
+    assert set(replies) == {1, 3} and set(failures) == {0, 2} and "no reply" in failures[0]
+    with pytest.raises(TooFewReplies, match="can be resumed"):
+        FlowerExchange(dead, cfg(min_reply_fraction=0.75), retry_pause_s=0)(2, {c: b"m" for c in range(4)},
+                                                                           {"compute_s": 0.0})
+
+
+def test_hosted_clients_split_by_partition_and_bad_node_config_is_a_config_error():
+    assert hosted_clients({"partition-id": 1, "num-partitions": 3}, 8) == [1, 4, 7]
+    assert hosted_clients({}, 3) == [0, 1, 2]
+    with pytest.raises(ConfigError):
+        hosted_clients({"partition-id": 3, "num-partitions": 3}, 8)
