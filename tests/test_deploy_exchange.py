@@ -115,3 +115,31 @@ def test_hosted_clients_split_by_partition_and_bad_node_config_is_a_config_error
     assert hosted_clients({}, 3) == [0, 1, 2]
     with pytest.raises(ConfigError):
         hosted_clients({"partition-id": 3, "num-partitions": 3}, 8)
+
+
+def test_deploy_commands_refuse_to_start_insecure_by_accident(tmp_path, capsys):
+    from fedzip.cli import main
+
+    assert main(["deploy", "supernode", "--superlink", "h:9092", "--partition-id", "0", "--num-partitions", "2"]) == 2
+    assert "--credentials DIR is required" in capsys.readouterr().err
+    assert main(["deploy", "superlink", "--credentials", str(tmp_path)]) == 2  # no ca.crt there
+    assert "ca.crt not found" in capsys.readouterr().err
+    assert main(["deploy", "local", "--tls", str(tmp_path), "--out", str(tmp_path / "run")]) == 1
+    assert "needs ca.crt" in capsys.readouterr().err
+
+
+def test_credentials_make_a_ca_signed_server_cert_and_openssh_node_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    from fedzip.deploy.credentials import make_credentials
+
+    paths = make_credentials(tmp_path, nodes=2, hosts=["10.1.2.3", "link.example.org"])
+    ca = x509.load_pem_x509_certificate(paths["ca_cert"].read_bytes())
+    cert = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "link.example.org" in san.get_values_for_type(x509.DNSName)
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.1.2.3"]
+    load_ssh_public_key(paths["node1_pub"].read_bytes())
+    assert oct(paths["node0_key"].stat().st_mode & 0o777) == "0o600"
