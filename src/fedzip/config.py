@@ -99,6 +99,9 @@ class EvalConfig(Section):
     max_examples: int | None = Field(None, ge=1, description="evaluate intermediate rounds on a fixed subset")
     ceval: bool = Field(False, description="causal LM: also C-Eval multiple choice (val split)")
     ceval_max_per_subject: int | None = Field(None, ge=1)
+    exact_match_examples: int = Field(0, ge=0, description="causal LM: greedy exact match of the final number "
+                                      "(GSM8K style) on this many fixed test examples; 0 = off")
+    max_new_tokens: int = Field(256, ge=1, description="generation length for exact match")
 
 
 class DeployConfig(Section):

@@ -34,7 +34,7 @@ def _client_method(cfg):
         method_cls = METHODS[cfg.method]
         cfg = method_cls.adjust_config(cfg)
         _cache.clear()
-        _cache[key] = method_cls(cfg, build_runtime(cfg, method_cls))
+        _cache[key] = method_cls(cfg, build_runtime(cfg, method_cls, with_model=not method_cls.client_builds_model))
     return _cache[key]
 
 

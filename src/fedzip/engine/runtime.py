@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 class Runtime:
     cfg: object
     task: Task
-    model: torch.nn.Module
-    view: TrainableView
+    model: torch.nn.Module | None  # None on a client that builds its own model (Method.client_builds_model)
+    view: TrainableView | None
     parts: list[np.ndarray]
     stats: dict
     step_progress: Callable[[int, int], None] | None = field(default=None)
@@ -52,6 +52,15 @@ def build_task(cfg) -> Task:
             raise ConfigError("eval.ceval needs a causal-LM task")
         items = load_ceval(cfg.data_root(), "val", cfg.eval.ceval_max_per_subject)
         task.extra_evals.append(lambda model: evaluate_ceval(model, tokenizer, items, cfg.eval.batch_size))
+    if cfg.eval.exact_match_examples:
+        if task.kind != "causal_lm":
+            from fedzip.errors import ConfigError
+
+            raise ConfigError("eval.exact_match_examples needs a causal-LM task")
+        from fedzip.data.generation import exact_match_evaluator
+
+        task.extra_evals.append(exact_match_evaluator(task, cfg.eval.exact_match_examples, cfg.eval.max_new_tokens,
+                                                      cfg.eval.batch_size, cfg.seed))
     return task
 
 
@@ -65,7 +74,8 @@ def build_model(cfg, method_cls, task: Task):
     return model
 
 
-def build_runtime(cfg, method_cls) -> Runtime:
+def build_runtime(cfg, method_cls, with_model: bool = True) -> Runtime:
+    """``with_model=False``: a client of a method that builds its own model (no full model loaded)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     task = build_task(cfg)
@@ -79,5 +89,6 @@ def build_runtime(cfg, method_cls) -> Runtime:
                       labels=labels, alpha=cfg.partition.alpha, shards_per_client=cfg.partition.shards_per_client,
                       field_values=field_values, min_examples=cfg.partition.min_examples)
     stats = partition_stats(parts, labels, task.train_data.label_names)
-    model = build_model(cfg, method_cls, task)
-    return Runtime(cfg=cfg, task=task, model=model, view=TrainableView(model), parts=parts, stats=stats)
+    model = build_model(cfg, method_cls, task) if with_model else None
+    return Runtime(cfg=cfg, task=task, model=model, view=TrainableView(model) if model is not None else None,
+                   parts=parts, stats=stats)

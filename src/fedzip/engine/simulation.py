@@ -192,10 +192,11 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     ups, failures = exchange(rnd, downs, timing)
     replies, losses, rejected = {}, [], []
     for cid in cids:
+        kind = messages[cid].meta.get("ledger_kind", "update")  # e.g. a one-time model inside the message
         if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
-            ledger.record(rnd, cid, "down", len(downs[cid]), status=failures[cid])
+            ledger.record(rnd, cid, "down", len(downs[cid]), kind, status=failures[cid])
             continue
-        ledger.record(rnd, cid, "down", len(downs[cid]))
+        ledger.record(rnd, cid, "down", len(downs[cid]), kind)
         up = ups[cid]
         ledger.record(rnd, cid, "up", len(up))
         t0 = time.time()

@@ -39,6 +39,9 @@ class Method:
     name: ClassVar[str] = ""
     uses_lora: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel] | None] = None  # schema of cfg.method_options (None: must be empty)
+    # True: the client side builds its own (smaller) model from bytes it receives, so a deployed client
+    # never loads the full model (FedBiOT); False: clients start from the same base model as the server.
+    client_builds_model: ClassVar[bool] = False
 
     def __init__(self, cfg, runtime):
         self.cfg = cfg

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 SMOLLM_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
-TINY = {"tiny-bert", "tiny-llama"}
+TINY = {"tiny-bert", "tiny-llama", "tiny-llama-8"}
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -91,7 +91,8 @@ def tiny_model(key: str, cache_dir: str | None = None) -> Path:
                              intermediate_size=64, max_position_embeddings=512)
             model = BertModel(cfg)
         else:
-            cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+            layers = 8 if key == "tiny-llama-8" else 4  # 8: deep enough for emulator/adapter splits
+            cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
                               pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
             model = LlamaForCausalLM(cfg)

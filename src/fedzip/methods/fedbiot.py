@@ -1,0 +1,377 @@
+"""FedBiOT: clients tune an adapter on a compressed emulator of the LLM; the server aligns the emulator.
+
+Also its baselines, as variants of the same split: offsite-tuning (one client) and FedOT (FedAvg over
+clients), both with adapter = the first 2 + last 2 layers and a fixed emulator of the middle.
+
+Server (holds the full model, LoRA on every layer):
+    emulator = copies of a uniform layer-drop of the teacher layers (models/emulator.py)
+    pre-align the emulator's LoRA for ``prealign_steps`` on public data, then every round:
+        ``align_steps`` alignment steps: L = |T(h) - E(h)|^2 / |T(h)|^2 + lambda * KL(full || emulator)
+        send the adapter's LoRA (+ the emulator's LoRA, which alignment changed) to the sampled clients;
+        a client's first message also carries the compressed model (counted once, in that message)
+        FedAvg (sample-weighted) the clients' adapter LoRA
+Client (holds only the compressed model: embeddings, emulator, adapter, norm, head):
+    train the adapter's LoRA on CE + eps * sum |merge(adapter) - merge(adapter at round start)|^2
+Evaluation: AdapFu (the engine's metrics: adapter in the full model) and AdapEmu (``emu_*`` metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedzip.errors import ConfigError, PayloadError
+from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, train_locally
+from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
+from fedzip.models.lora import canonical
+from fedzip.wire import Message
+
+BASE = "base::"  # prefix of the compressed model's frozen weights in the one-time message
+MODEL_FILE = "fedbiot_compressed_model.safetensors"  # where a client node keeps them between rounds
+
+
+class FedBiOTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter_layers: int | None = Field(None, ge=1, description="default: 2 (FedBiOT, last 2), 4 (FedOT/offsite, 2+2)")
+    drop: float = Field(0.5, ge=0, lt=1, description="emulator layer-drop ratio beta")
+    align_lambda: float = Field(0.9, ge=0, description="weight of the KL term in the server's alignment loss")
+    prox_eps: float = Field(0.1, ge=0, description="weight of the clients' proximal term on merged adapter weights")
+    prealign_steps: int = Field(50, ge=0)
+    align_steps: int = Field(5, ge=0, description="server alignment steps each round")
+    align_lr: float = Field(1e-4, gt=0)
+    align_batch: int = Field(4, ge=1)
+    public_data: str | None = Field(None, description="Alpaca-format JSON for alignment; default "
+                                    "<data root>/instruct/alpaca_en_demo.json")
+    public_max_examples: int | None = Field(512, ge=1)
+
+
+class FedBiOT(Method):
+    name = "fedbiot"
+    Options = FedBiOTOptions
+    client_builds_model = True  # a client never loads the full model: it builds the compressed one
+    layout: Literal["top", "sandwich"] = "top"
+    aligns = True
+
+    def __init__(self, cfg, runtime):
+        super().__init__(cfg, runtime)
+        from transformers import AutoConfig
+
+        from fedzip.models.load import resolve
+
+        self.hf_config = AutoConfig.from_pretrained(resolve(cfg.model.name, cfg.model.cache_dir))
+        n = int(self.hf_config.num_hidden_layers)
+        a = self.opts.adapter_layers or (2 if self.layout == "top" else 4)
+        try:
+            self.split = make_split(n, a, self.opts.drop, self.layout)
+        except Exception as exc:
+            raise ConfigError(f"method_options: {exc}") from None
+        self._client = None  # the compressed model, built on the client side on first use
+        self._client_loaded = False
+
+    @classmethod
+    def adjust_config(cls, cfg):
+        if cfg.model.task == "classification":
+            raise ConfigError(f"{cls.name} needs a causal LM (decoder-only) task")
+        return cfg
+
+    # -- names -------------------------------------------------------------------------------------
+    def _lora_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {canonical(n): p for n, p in model.named_parameters() if "lora_" in n}
+
+    def _position(self, name: str) -> int | None:
+        """Position in the compressed model's layer list of the layer holding parameter ``name``."""
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit() and i > 0 and parts[i - 1] == self._layer_attr:
+                return int(part)
+        return None
+
+    def _roles(self, names) -> tuple[list[str], list[str]]:
+        adapter, emulator = [], []
+        for n in names:
+            pos = self._position(n)
+            (emulator if pos is not None and self.split.role(pos) == "emulator" else adapter).append(n)
+        return adapter, emulator
+
+    def describe(self) -> dict:
+        s = self.split
+        return {"layers": s.n_layers, "adapter_bottom": list(s.bottom), "adapter_top": list(s.top),
+                "emulator_from_teacher_layers": list(s.emulated), "client_layers": len(s.client_layers),
+                "variant": self.name}
+
+    # -- server ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def client_view(self):
+        """The full model running as the compressed model (emulator + adapter); names come out as a client's."""
+        with swapped_layers(self.rt.model, self.client_stack) as m:
+            yield m
+
+    def init_global(self) -> None:
+        model = self.rt.model
+        _, self._layer_attr, layers = find_decoder_layers(model)
+        self.emulator = nn.ModuleList(copy.deepcopy(layers[i]) for i in self.split.emulated)
+        for n, p in self.emulator.named_parameters():
+            p.requires_grad_("lora_" in n)
+        s = self.split
+        self.client_stack = [layers[i] for i in s.bottom] + list(self.emulator) + [layers[i] for i in s.top]
+        with self.client_view() as m:
+            self.params = self._lora_params(m)
+            seen, self.base = set(), {}
+            for n, t in m.state_dict(keep_vars=False).items():
+                if "lora_" in n or t.data_ptr() in seen:  # LoRA travels each round; tied weights once
+                    continue
+                seen.add(t.data_ptr())
+                self.base[BASE + canonical(n)] = t.detach()
+        self.adapter_names, self.emulator_names = self._roles(self.params)
+        self.sent_model: set[int] = set()
+        self.align_calls = 0
+        emu = [self.params[n] for n in self.emulator_names]
+        self.align_opt = torch.optim.AdamW(emu, lr=self.opts.align_lr) if emu else None
+        if self.aligns and self.opts.prealign_steps:
+            self.last_align_loss = self.align(self.opts.prealign_steps)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        state = {f"p::{n}": p.detach().clone() for n, p in self.params.items()}
+        state["sent_model"] = torch.tensor(sorted(self.sent_model), dtype=torch.float64)
+        state["align_calls"] = torch.tensor([self.align_calls], dtype=torch.float64)
+        if self.align_opt is not None:
+            state |= {f"opt::{k}": v for k, v in optimizer_state_to_tensors(self.align_opt, self.emulator_names).items()}
+        return state
+
+    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[f"p::{n}"])
+        self.sent_model = {int(c) for c in state["sent_model"].tolist()}
+        self.align_calls = int(state["align_calls"].item())
+        if self.align_opt is not None:
+            opt = {k[5:]: v for k, v in state.items() if k.startswith("opt::")}
+            load_optimizer_state(self.align_opt, self.emulator_names, opt)
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return self.rt.view.get()  # the full model's LoRA: the adapter's trained, the teacher's untouched
+
+    def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
+        self._round = rnd
+        if self.aligns and self.opts.align_steps:
+            self.last_align_loss = self.align(self.opts.align_steps)
+        per_round = self.adapter_names + (self.emulator_names if self.aligns else [])
+        lora = {n: self.params[n].detach().clone() for n in per_round}
+        plain = Message(lora, {"round": rnd})
+        first = None
+        out = {}
+        for cid in cids:
+            if cid in self.sent_model:
+                out[cid] = plain
+            else:  # the compressed model, once per client, counted in this message's bytes
+                first = first or Message(lora | {n: self.params[n].detach() for n in self.emulator_names} | self.base,
+                                         plain.meta | {"ledger_kind": "update+compressed_model"})
+                out[cid] = first
+                self.sent_model.add(cid)
+        return out
+
+    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(self.params[n].shape) for n in self.adapter_names}
+
+    def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        avg = weighted_average(replies, self.adapter_names)
+        with torch.no_grad():
+            for n, t in avg.items():
+                self.params[n].copy_(t)
+        metrics = {"align_loss": self.last_align_loss} if self.aligns and hasattr(self, "last_align_loss") else {}
+        ev = self.cfg.eval
+        if rnd % ev.every == 0 or rnd == self.cfg.rounds:  # AdapEmu beside the engine's AdapFu
+            with self.client_view() as m:
+                emu = self.rt.task.evaluate(m, ev.batch_size, None if rnd == self.cfg.rounds else ev.max_examples,
+                                            seed=self.cfg.seed)
+            metrics |= {f"emu_{k}": v for k, v in emu.items() if k != "eval_examples"}
+        return metrics
+
+    def _public(self):
+        if not hasattr(self, "_public_task"):
+            from fedzip.config import DataConfig
+            from fedzip.data import Task, load_source
+
+            data_cfg = DataConfig(source="alpaca", path=self.opts.public_data, test_fraction=0.05,
+                                  max_length=self.cfg.data.max_length, max_train_examples=self.opts.public_max_examples)
+            train, test = load_source(data_cfg, self.cfg.seed, self.cfg.data_root())
+            self._public_task = Task(train, test, self.rt.task.tokenizer, self.cfg.data.max_length)
+        return self._public_task
+
+    def align(self, steps: int) -> float:
+        """Server steps on the emulator's LoRA: hidden-state match to the teacher + KL to the full model."""
+        public, model, s = self._public(), self.rt.model, self.split
+        frozen = [p for n, p in self.rt.view.params.items()]  # the adapter stays put while the server aligns
+        for p in frozen:
+            p.requires_grad_(False)
+        # T(h) and E(h) are both the input of the first upper adapter layer (shared by both stacks):
+        # a pre-hook records it (transformers' own hidden-state capture is not reliable across layer swaps)
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(module, args, kwargs):
+            seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+        hook = self.client_stack[len(s.bottom) + len(s.emulated)].register_forward_pre_hook(record, with_kwargs=True)
+        rng = np.random.default_rng([self.cfg.seed, 0xA1, self.align_calls])
+        self.align_calls += 1
+        was_training = model.training
+        model.eval()
+        losses = []
+        try:
+            for _ in range(steps):
+                idx = rng.choice(len(public.train.input_ids), size=min(self.opts.align_batch, len(public.train.input_ids)),
+                                 replace=False)
+                batch = public.collate(public.train, np.sort(idx))
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+                with torch.no_grad():
+                    full = model(**inputs)
+                    teacher = seen["h"]
+                with self.client_view() as m:
+                    emu = m(**inputs)
+                    student = seen["h"]
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                l2 = (((teacher - student) ** 2) * mask).sum() / ((teacher ** 2) * mask).sum().clamp_min(1e-12)
+                kl = torch.nn.functional.kl_div(torch.log_softmax(emu.logits.float(), -1),
+                                                torch.log_softmax(full.logits.float(), -1),
+                                                log_target=True, reduction="none").sum(-1)
+                kl = (kl * mask[..., 0]).sum() / mask.sum()
+                loss = l2 + self.opts.align_lambda * kl
+                self.align_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.align_opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            hook.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+            model.train(was_training)
+        return float(np.mean(losses)) if losses else float("nan")
+
+    # -- client ------------------------------------------------------------------------------------
+    def compressed_model(self) -> nn.Module:
+        """The client's model, built from the architecture config alone: its weights arrive over the wire."""
+        if self._client is None:
+            from transformers import AutoModelForCausalLM
+
+            from fedzip.models.lora import inject_lora
+
+            cfg = copy.deepcopy(self.hf_config)
+            order = self.split.client_layers
+            cfg.num_hidden_layers = len(order)
+            if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer attention kinds follow the layers
+                cfg.layer_types = [cfg.layer_types[i] for i in order]
+            torch.manual_seed(self.cfg.seed)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+                eos = model.config.eos_token_id
+                model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+            lc = self.cfg.lora
+            model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, False, self.cfg.seed)
+            _, self._layer_attr, _ = find_decoder_layers(model)
+            self._client = model
+            self._client_params = self._lora_params(model)
+            self._client_adapter, self._client_emulator = self._roles(self._client_params)
+            for n, p in self._client_params.items():
+                p.requires_grad_(n in self._client_adapter)
+            self._client_base = {BASE + canonical(n): t for n, t in _untied_state(model).items() if "lora_" not in n}
+        return self._client
+
+    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        self.compressed_model()
+        return {n: tuple(p.shape) for n, p in self._client_params.items()} | \
+            {n: tuple(t.shape) for n, t in self._client_base.items()}
+
+    def down_optional(self, cid: int) -> set[str]:
+        self.compressed_model()
+        return set(self._client_emulator) | set(self._client_base)
+
+    def _load_compressed(self, tensors: dict[str, torch.Tensor], store_root: Path) -> None:
+        base = {n: t for n, t in tensors.items() if n.startswith(BASE)}
+        emu = {n: t for n, t in tensors.items() if n in self._client_emulator}
+        path = store_root / MODEL_FILE
+        if base:  # first time: keep the compressed model on this node for later rounds
+            missing = sorted(set(self._client_base) - set(base))
+            if missing or len(emu) != len(self._client_emulator):
+                raise PayloadError(f"the compressed model arrived incomplete (missing {missing[:3]})")
+            if not path.exists():
+                store_root.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in (base | emu).items()}, str(tmp))
+                tmp.replace(path)
+        elif not self._client_loaded:
+            if not path.exists():
+                raise PayloadError("no compressed model on this client: the server never sent it")
+            saved = load_file(str(path))
+            base = {n: t for n, t in saved.items() if n.startswith(BASE)}
+            emu = {n: t for n, t in saved.items() if n in self._client_emulator} | emu
+        if base:
+            own = _untied_state(self._client)
+            with torch.no_grad():
+                for n, t in base.items():
+                    own[n[len(BASE):]].copy_(t)
+            self._client_loaded = True
+        with torch.no_grad():
+            for n, t in emu.items():
+                self._client_params[n].copy_(t)
+
+    def fit(self, client: ClientContext, message: Message) -> Message:
+        model = self.compressed_model()
+        self._load_compressed(message.tensors, client.store.root)
+        with torch.no_grad():
+            for n in self._client_adapter:
+                self._client_params[n].copy_(message.tensors[n])
+        params = {n: self._client_params[n] for n in self._client_adapter}
+        scale = self.cfg.lora.alpha / self.cfg.lora.rank
+        pairs = [(params[n], params[n.replace("lora_A", "lora_B")]) for n in params if ".lora_A." in n]
+        start = [(scale * b @ a).detach() for a, b in pairs]
+        eps = self.opts.prox_eps
+
+        def proximal() -> torch.Tensor:  # on the merged adapter weights, against the round's start
+            return eps * sum(((scale * b @ a) - w0).pow(2).sum() for (a, b), w0 in zip(pairs, start))
+
+        steps, loss, _ = train_locally(model, params, self.rt.task, client.indices, self.cfg.train, client.seed,
+                                       extra_loss=proximal if eps > 0 else None, progress=self.rt.step_progress)
+        return Message({n: p.detach().clone() for n, p in params.items()},
+                       {"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+
+
+class FedOT(FedBiOT):
+    """FedOT baseline: adapter = first 2 + last 2 layers, a fixed emulator of the middle, FedAvg over clients."""
+
+    name = "fedot"
+    layout = "sandwich"
+    aligns = False
+
+
+class OffsiteTuning(FedOT):
+    """Offsite-tuning baseline: FedOT's split with a single client holding all the data."""
+
+    name = "offsite_tuning"
+
+    @classmethod
+    def adjust_config(cls, cfg):
+        cfg = super().adjust_config(cfg).model_copy(deep=True)
+        cfg.clients_per_round = 1
+        cfg.num_clients = 1
+        cfg.partition.scheme = "iid"
+        return cfg
+
+
+def _untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name -> tensor, each storage once (tied input/output embeddings travel once)."""
+    seen, out = set(), {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[canonical(n)] = t
+    return out

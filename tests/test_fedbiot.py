@@ -1,0 +1,148 @@
+"""FedBiOT, FedOT and offsite-tuning on an 8-layer tiny Llama with Alpaca-format data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_resume_is_exact
+
+from fedzip.config import load_config
+from fedzip.engine import run_experiment
+from fedzip.engine.runtime import build_runtime
+from fedzip.engine.state import ClientStateStore
+from fedzip.errors import ConfigError
+from fedzip.methods import METHODS, ClientContext
+from fedzip.models.emulator import emulator_indices, find_decoder_layers, make_split
+from fedzip.wire import decode, encode
+
+
+@pytest.fixture
+def biot_cfg(cache_dir):
+    return ["method=fedbiot", "model.name=tiny-llama-8", f"model.cache_dir={cache_dir}", "data.source=alpaca",
+            "data.max_length=48", "data.max_test_examples=16", "num_clients=3", "clients_per_round=2", "rounds=2",
+            "partition.scheme=iid", "lora.rank=4", "lora.alpha=8", "train.max_steps=2", "train.batch_size=4",
+            "train.lr=0.01", "train.threads=1", "eval.batch_size=16",
+            "method_options={prealign_steps: 2, align_steps: 2, align_batch: 2, public_max_examples: 32, prox_eps: 0.5}"]
+
+
+@pytest.mark.parametrize("n,a,drop", [(30, 2, 0.5), (30, 4, 0.2), (8, 2, 0.5), (12, 1, 0.5), (24, 2, 0.0)])
+def test_emulator_keeps_first_and_last_teacher_layers_and_the_requested_count(n, a, drop):
+    s = make_split(n, a, drop)
+    teacher = list(range(n - a))
+    assert s.top == tuple(range(n - a, n)) and s.teacher == tuple(teacher)
+    assert s.emulated[0] == teacher[0] and s.emulated[-1] == teacher[-1]
+    assert len(s.emulated) == round((n - a) * (1 - drop)) and list(s.emulated) == sorted(set(s.emulated))
+    assert s.client_layers == s.emulated + s.top
+    sandwich = make_split(n, 4, drop, "sandwich")
+    assert sandwich.bottom == (0, 1) and sandwich.top == (n - 2, n - 1)
+    assert sandwich.emulated[0] == 2 and sandwich.emulated[-1] == n - 3
+    assert emulator_indices(28, 0.5) == [int(i * 27 / 13) for i in range(14)]
+
+
+def _server(biot_cfg, extra=()):
+    cfg = load_config(None, biot_cfg + list(extra))
+    cls = METHODS[cfg.method]
+    cfg = cls.adjust_config(cfg)
+    server = cls(cfg, build_runtime(cfg, cls))
+    server.init_global()
+    client = cls(cfg, build_runtime(cfg, cls, with_model=False))  # a client never loads the full model
+    return cfg, server, client
+
+
+def _send(server, client, cid, rnd, tmp_path):
+    msg = server.configure(rnd, [cid])[cid]
+    received = decode(encode(msg, "fp32"), client.down_spec(cid), require_all=False)
+    ctx = ClientContext(cid=cid, round=rnd, indices=client.rt.parts[cid], store=ClientStateStore(tmp_path / "store"),
+                        seed=7)
+    return received, ctx
+
+
+def test_the_compressed_model_is_the_full_models_layers_and_clients_never_load_the_full_model(biot_cfg, tmp_path):
+    cfg, server, client = _server(biot_cfg)
+    assert client.rt.model is None
+    received, ctx = _send(server, client, 0, 1, tmp_path)
+    client.fit(ctx, received)
+    _, _, full_layers = find_decoder_layers(server.rt.model)
+    _, _, client_layers = find_decoder_layers(client.compressed_model())
+    assert len(client_layers) == len(server.split.client_layers) < len(full_layers)
+    for pos, i in enumerate(server.split.client_layers):  # frozen weights: exactly the teacher's/adapter's
+        ours = {k: v for k, v in client_layers[pos].state_dict().items() if "lora_" not in k}
+        theirs = {k: v for k, v in full_layers[i].state_dict().items() if "lora_" not in k}
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_client_training_changes_only_the_adapters_lora(biot_cfg, tmp_path):
+    cfg, server, client = _server(biot_cfg)
+    received, ctx = _send(server, client, 1, 1, tmp_path)
+    reply = client.fit(ctx, received)
+    params = client._client_params
+    changed = {n for n in client._client_adapter if not torch.equal(params[n], received.tensors[n])}
+    assert changed and all(".lora_B." in n or ".lora_A." in n for n in changed)
+    assert all(torch.equal(params[n], received.tensors[n]) for n in client._client_emulator)  # emulator LoRA fixed
+    base = {k: v for k, v in received.tensors.items() if k.startswith("base::")}
+    own = client._client_base  # the client model's live frozen tensors, by wire name
+    assert all(torch.equal(own[k], base[k]) for k in base)  # frozen weights untouched
+    assert set(reply.tensors) == set(client._client_adapter)  # only the adapter's LoRA travels up
+
+
+def test_server_alignment_changes_only_the_emulators_lora(biot_cfg):
+    cfg, server, _ = _server(biot_cfg)
+    model = server.rt.model
+    before_full = {k: v.clone() for k, v in model.state_dict().items()}
+    before_emu = {k: v.clone() for k, v in server.emulator.state_dict().items()}
+    loss = server.align(3)
+    assert np.isfinite(loss)
+    after_full, after_emu = model.state_dict(), server.emulator.state_dict()
+    assert all(torch.equal(before_full[k], after_full[k]) for k in before_full)  # teacher and adapter untouched
+    moved = {k for k in before_emu if not torch.equal(before_emu[k], after_emu[k])}
+    assert moved and all("lora_" in k for k in moved)
+
+
+def test_adapfu_plugs_the_clients_adapter_into_the_full_model_unchanged(biot_cfg, tmp_path):
+    cfg, server, client = _server(biot_cfg)
+    received, ctx = _send(server, client, 2, 1, tmp_path)
+    reply = decode(encode(client.fit(ctx, received), "fp32"), server.up_spec(2))
+    server.aggregate(1, {2: reply})  # one client: its adapter is the new global adapter
+    full = server.global_tensors()
+    s = server.split
+    for name, t in reply.tensors.items():
+        pos = server._position(name)
+        full_name = name.replace(f"layers.{pos}.", f"layers.{s.client_layers[pos]}.", 1)
+        assert torch.equal(full[full_name], t), full_name
+    exported = {n: t for n, t in full.items() if server._position(n) not in s.top}
+    assert all(float(t.abs().sum()) == 0 for n, t in exported.items() if ".lora_B." in n)  # teacher LoRA never trained
+
+
+def test_fedbiot_runs_end_to_end_counts_the_compressed_model_once_and_resumes_exactly(biot_cfg, tmp_path):
+    full, _ = assert_resume_is_exact(tmp_path, biot_cfg + ["rounds=3"])
+    run = Path(full["run_dir"])
+    ledger = [json.loads(x) for x in (run / "ledger.jsonl").read_text().splitlines()]
+    downs = [e for e in ledger if e["direction"] == "down"]
+    first = [e for e in downs if e["kind"] == "update+compressed_model"]
+    assert sorted({e["client"] for e in first}) == sorted({e["client"] for e in downs})  # once per client
+    assert len(first) == len({e["client"] for e in first})
+    assert min(e["bytes"] for e in first) > 50 * max(e["bytes"] for e in downs if e["kind"] == "update")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"emu_loss", "loss", "align_loss"} <= set(rows[-1])  # AdapEmu beside AdapFu
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["fedot", "offsite_tuning"])
+def test_baselines_use_the_sandwich_split_and_a_fixed_emulator(biot_cfg, tmp_path, method):
+    overrides = [o for o in biot_cfg if not o.startswith("method")] + [f"method={method}", "rounds=1"]
+    summary = run_experiment(load_config(None, overrides), tmp_path / method, progress=False)
+    desc = json.loads((Path(summary["run_dir"]) / "method.json").read_text())
+    assert desc["adapter_bottom"] == [0, 1] and desc["adapter_top"] == [6, 7]
+    assert summary["num_clients"] == (1 if method == "offsite_tuning" else 3)
+    rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert "align_loss" not in rows[0]
+
+
+def test_fedbiot_rejects_a_classification_task_and_a_split_with_no_teacher(biot_cfg, cache_dir):
+    with pytest.raises(ConfigError):
+        METHODS["fedbiot"].adjust_config(load_config(None, biot_cfg + ["model.task=classification"]))
+    cfg = load_config(None, biot_cfg + ["method_options={adapter_layers: 7}"])
+    with pytest.raises(ConfigError, match="no teacher"):
+        METHODS["fedbiot"](cfg, None)
