@@ -251,9 +251,11 @@ def export_model(model, method_cls, out: Path) -> None:
 def write_summary(cfg, out: Path, wall: float) -> dict:
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy")
+    metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
-    final = {k: evaluated[-1][k] for k in metric_keys if evaluated and k in evaluated[-1]}
+    last = evaluated[-1] if evaluated else {}
+    # plus a method's own evaluations of the same round (e.g. FedBiOT's adapter-on-emulator ``emu_*``)
+    final = {k: v for k, v in last.items() if k in metric_keys or (k.startswith("emu_") and isinstance(v, float))}
     summary = {
         "method": cfg.method, "name": out.name, "rounds_completed": len(rows), "final_metrics": final,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
