@@ -316,9 +316,11 @@ class FedBiOT(Method):
         if base:
             own = _untied_state(self._client)
             with torch.no_grad():
-                for n, t in base.items():
-                    own[n[len(BASE):]].copy_(t)
+                for n, t in base.items():  # adopt the received tensors: no second copy of the model in memory
+                    own[n[len(BASE):]].data = t.to(own[n[len(BASE):]].dtype).contiguous()
             self._client_loaded = True
+            self._client_base = {BASE + canonical(n): t for n, t in _untied_state(self._client).items()
+                                 if "lora_" not in n}
         with torch.no_grad():
             for n, t in emu.items():
                 self._client_params[n].copy_(t)
