@@ -126,7 +126,7 @@ def plot_accuracy(runs: list[dict], path: Path, title: str, axes: tuple[str, ...
 
 def profile_sections(runs: list[dict], columns: list[str]):
     """Yield (profile, its runs, markdown heading + table header) for each profile present, full first."""
-    for profile in ("full", "smoke"):
+    for profile in ("full", "medium", "smoke"):
         sel = [r for r in runs if r["profile"] == profile]
         if sel:
             yield profile, sel, [f"## Profile `{profile}` ({sel[0]['machine']})", "",

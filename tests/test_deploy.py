@@ -139,3 +139,16 @@ def test_tls_with_node_authentication_runs_and_refuses_unregistered_nodes(tmp_pa
             time.sleep(0.5)
         assert intruder.returncode not in (None, 0), "an unregistered SuperNode was let in"
     assert_same_adapter(tmp_path / "run", sim)
+
+
+def test_the_documented_deploy_local_command_runs_a_federation(tmp_path, tiny_cfg, capsys):
+    from fedzip.cli import main
+
+    args = ["deploy", "local", "--nodes", "2", "--out", str(tmp_path / "run")]
+    for o in tiny_cfg + ["rounds=1"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "on Flower (2 SuperNodes): 1 rounds" in out
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert main(["deploy", "app"]) == 0 and (Path(capsys.readouterr().out.strip()) / "pyproject.toml").exists()
