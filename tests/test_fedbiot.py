@@ -146,3 +146,34 @@ def test_fedbiot_rejects_a_classification_task_and_a_split_with_no_teacher(biot_
     cfg = load_config(None, biot_cfg + ["method_options={adapter_layers: 7}"])
     with pytest.raises(ConfigError, match="no teacher"):
         METHODS["fedbiot"](cfg, None)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma", "llama"])
+def test_the_split_finds_the_layers_of_each_decoder_family_and_runs_swapped(family):
+    """No family is hard-coded: tiny random GPT-2, Qwen2, Gemma and Llama models split and run as emulators."""
+    import copy
+
+    import transformers as tf
+
+    from fedzip.models.emulator import swapped_layers
+
+    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=8, num_attention_heads=2, intermediate_size=32)
+    config = {"gpt2": lambda: tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=8, n_head=2),
+              "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **common),
+              "gemma": lambda: tf.GemmaConfig(num_key_value_heads=2, head_dim=8, **common),
+              "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, **common)}[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    _, _, layers = find_decoder_layers(model)
+    assert len(layers) == 8
+    s = make_split(8, 2, 0.5)
+    emu = [copy.deepcopy(layers[i]) for i in s.emulated]
+    x = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        with swapped_layers(model, emu + [layers[i] for i in s.top]) as m:
+            small = m(input_ids=x).logits
+            assert len(find_decoder_layers(m)[2]) == len(s.client_layers)
+            m.generate(input_ids=x[:1], max_new_tokens=2, do_sample=False)  # the KV cache follows the new stack
+        assert torch.equal(model(input_ids=x).logits, full)  # the full model is back as it was
+    assert small.shape == full.shape and not torch.allclose(small, full)
