@@ -44,3 +44,21 @@ def test_reuse_a_trained_autoencoder_and_resume(tmp_path, tiny_cfg):
     opts = cg(tiny_cfg, f"autoencoder_path: {ae}")
     opts = [o.replace("tgap_rounds: 2", "tgap_rounds: 0") for o in opts]
     assert_resume_is_exact(tmp_path, opts, stop_after=2)
+
+
+def test_online_fine_tuning_uploads_true_maps_then_reships_the_encoder(tmp_path, tiny_cfg):
+    overrides = cg(tiny_cfg, "online_every: 2, online_epochs: 2")
+    overrides = [o.replace("rounds=4", "rounds=6") for o in overrides]
+    run_experiment(load_config(None, overrides), tmp_path / "cg", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "cg" / "metrics.jsonl").read_text().splitlines()]
+    desc = json.loads((tmp_path / "cg" / "method.json").read_text())
+    ledger = read_ledger(tmp_path / "cg" / "ledger.jsonl")
+    up = {r: [e["bytes"] for e in ledger if e["direction"] == "up" and e["round"] == r] for r in range(1, 7)}
+    map_bytes = 4 * desc["map_shape"][0] * desc["map_shape"][1]
+    # FAF rounds 3..6; calibration every 2nd: rounds 4 and 6 upload the true map, 3 and 5 the latent
+    assert all(b >= map_bytes for r in (4, 6) for b in up[r]) and all(b < map_bytes / 8 for r in (3, 5) for b in up[r])
+    assert "online_loss_last" in rows[3] and "snr_db" in rows[4] and "snr_db" not in rows[3]
+    enc = 4 * desc["encoder_params"] * 0.9
+    plain = min(e["bytes"] for e in ledger if e["direction"] == "down")
+    round5 = [e["bytes"] for e in ledger if e["direction"] == "down" and e["round"] == 5]
+    assert all(b > plain + enc for b in round5)  # after calibration everyone gets the refreshed encoder

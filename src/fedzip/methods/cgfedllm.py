@@ -7,7 +7,9 @@ ALGORITHMS.md section 5. Each client's data is split into a TGAP share (30% by d
     rounds T+1.. (FAF): FedIT on the rest; each client receives the encoder once (its bytes are in that
         round's download), encodes its normalised factor map (per-round change by default, or its LoRA
         state) and uploads the latent plus one scale; the server decodes, rebuilds each client's LoRA and
-        averages (sample-weighted); the broadcast stays uncompressed. The autoencoder stays frozen.
+        averages (sample-weighted); the broadcast stays uncompressed. The autoencoder stays frozen unless
+        ``online_every`` > 0 (beyond the paper): then calibration rounds upload true maps, the server
+        fine-tunes the autoencoder on them and re-ships the encoder, all counted.
 Trainable tensors outside LoRA (a classification head) travel dense. Reconstruction diagnostics (both SNR
 definitions and cosine) are computed in simulation only, from the true map the client kept aside: they
 cost no protocol bytes and are not available in a real deployment.
@@ -45,6 +47,11 @@ class CgOptions(BaseModel):
     ae_batch: int = Field(8, ge=1)
     representation: Literal["delta", "state"] = "delta"
     autoencoder_path: str | None = None
+    # Beyond the paper's frozen autoencoder: every `online_every` FAF rounds is a calibration round in which
+    # clients upload their true map (dense, counted); the server averages those exactly, fine-tunes the
+    # autoencoder on them for `online_epochs`, and ships the new encoder to each client again (counted).
+    online_every: int = Field(0, ge=0, description="FAF rounds between calibration rounds; 0 = frozen")
+    online_epochs: int = Field(5, ge=1)
 
 
 class CgFedLLM(Method):
@@ -83,6 +90,10 @@ class CgFedLLM(Method):
 
     def phase(self, rnd: int) -> str:
         return "tgap" if rnd <= self.opts.tgap_rounds else "faf"
+
+    def calibrates(self, rnd: int) -> bool:
+        every = self.opts.online_every
+        return bool(every) and self.phase(rnd) == "faf" and (rnd - self.opts.tgap_rounds) % every == 0
 
     def describe(self) -> dict:
         latent = self._latent_numel()
@@ -135,7 +146,7 @@ class CgFedLLM(Method):
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
         self._round = rnd
-        plain = Message(self.global_, {"round": rnd, "phase": self.phase(rnd)})
+        plain = Message(self.global_, {"round": rnd, "phase": self.phase(rnd), "calibrate": self.calibrates(rnd)})
         with_encoder = None
         out = {}
         for cid in cids:
@@ -155,6 +166,8 @@ class CgFedLLM(Method):
         return set(self.encoder_state())  # sent once, with a client's first FAF round
 
     def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+        if self.calibrates(self._round):
+            return {n: tuple(self.global_[n].shape) for n in self.others} | {"map": (self.layout.height, self.layout.width)}
         if self.phase(self._round) == "faf":
             return {n: tuple(self.global_[n].shape) for n in self.others} | {"latent": self._latent_shape()}
         return {n: tuple(t.shape) for n, t in self.global_.items()}
@@ -176,6 +189,8 @@ class CgFedLLM(Method):
                     save_file({k: v.contiguous().float() for k, v in self.ae.state_dict().items()},
                               str(self.rt.run_dir / "autoencoder.safetensors"))
             return metrics
+        if self.calibrates(rnd):
+            return self._calibrate(replies)
         rebuilt, diag = {}, []
         for cid, r in replies.items():
             scale = r.meta.get("scale")
@@ -195,6 +210,21 @@ class CgFedLLM(Method):
             finite = lambda col: float(np.mean(col[np.isfinite(col)])) if np.isfinite(col).any() else float("inf")  # noqa: E731
             metrics |= {"snr_paper": finite(d[:, 0]), "snr_db": finite(d[:, 1]), "cosine": float(d[:, 2].mean())}
         return metrics
+
+    def _calibrate(self, replies: dict[int, Message]) -> dict[str, float]:
+        """A calibration round: exact averaging of the true maps, then the autoencoder learns from them."""
+        maps, rebuilt = [], {}
+        for cid, r in replies.items():
+            x = r.tensors["map"]
+            maps.append(x)
+            rep = from_map(x, self.layout)
+            lora = {n: self.global_[n] + rep[n] for n in self.lora} if self.opts.representation == "delta" else rep
+            rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
+        self.global_ = weighted_average(rebuilt, list(self.global_))
+        losses = train_autoencoder(self.ae, maps, self.opts.online_epochs, self.opts.ae_lr, self.opts.ae_batch,
+                                   self.cfg.seed + self._round)
+        self.has_encoder = set()  # every client gets the refreshed encoder with its next message
+        return {"online_loss_first": losses[0], "online_loss_last": losses[-1]}
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         if self.opts.autoencoder == "conv":
@@ -231,6 +261,8 @@ class CgFedLLM(Method):
         rep = {n: trained[n] - start[n] for n in self.lora} if self.opts.representation == "delta" \
             else {n: trained[n] for n in self.lora}
         x = to_map(rep, self.layout)
+        if message.meta.get("calibrate") is True:  # the server asked for the true map this round
+            return Message({"map": x} | {n: trained[n] for n in self.others}, meta)
         xn, scale = normalise(x)
         with torch.no_grad():
             latent = self.ae.encode(xn)
