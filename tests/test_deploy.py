@@ -63,10 +63,16 @@ def assert_same_adapter(a: Path, b: Path) -> None:
         assert (ta[k] == tb[k]).all(), k
 
 
+FEDBIOT = ["method=fedbiot", "model.name=tiny-llama-8", "data.source=alpaca", "data.path=null", "data.max_length=48",
+           "data.max_test_examples=16", "method_options={prealign_steps: 2, align_steps: 1, align_batch: 2, "
+           "public_max_examples: 32}"]
+
+
 @pytest.mark.parametrize("method", [
     ["method=fedit"],
     ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.125}", "wire.up=int8+zstd"],
-], ids=["fedit", "flasc_int8_zstd"])
+    FEDBIOT,  # clients build the compressed model from a one-time message and never load the full model
+], ids=["fedit", "flasc_int8_zstd", "fedbiot"])
 def test_flower_run_equals_simulation_and_ledger_equals_wire(tmp_path, tiny_cfg, method):
     overrides = tiny_cfg + ["rounds=2", "num_clients=6", "clients_per_round=3"] + method
     sim = simulate(tmp_path, overrides)
