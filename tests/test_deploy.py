@@ -158,3 +158,44 @@ def test_the_documented_deploy_local_command_runs_a_federation(tmp_path, tiny_cf
     assert "on Flower (2 SuperNodes): 1 rounds" in out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert main(["deploy", "app"]) == 0 and (Path(capsys.readouterr().out.strip()) / "pyproject.toml").exists()
+
+
+def test_the_documented_real_machine_commands_work(tmp_path, tiny_cfg):
+    """README "Real machines": credentials, `fedzip deploy superlink/supernode`, register, `flwr run`."""
+    import os
+    import subprocess
+    import sys
+
+    from fedzip.deploy.local import APP_DIR, _kill, flower_env, free_port, toml_value, wait_for_port
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = flower_env(home)
+    fz = [sys.executable, "-m", "fedzip.cli", "deploy"]
+    subprocess.run(fz + ["credentials", "--out", str(tmp_path / "creds"), "--nodes", "2", "--host", "127.0.0.1"],
+                   check=True, env=env, cwd=tmp_path)
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "prod"\n\n[superlink.prod]\naddress = "127.0.0.1:{port}"\n'
+                                      f'root-certificates = "{tmp_path / "creds" / "ca.crt"}"\n')
+    log = open(tmp_path / "flower.log", "a")
+    spawn = lambda cmd: subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,  # noqa: E731
+                                         start_new_session=True)
+    procs = [spawn(fz + ["superlink", "--credentials", "creds", "--host", "127.0.0.1", "--port", str(port)])]
+    try:
+        wait_for_port(port, 60, procs[0], tmp_path / "flower.log")
+        for i in range(2):
+            subprocess.run(["flwr", "supernode", "register", f"creds/node{i}.pub", "prod"], check=True, env=env,
+                           cwd=tmp_path, capture_output=True)
+            procs.append(spawn(fz + ["supernode", "--superlink", f"127.0.0.1:{port}", "--credentials", "creds",
+                                     "--partition-id", str(i), "--num-partitions", "2", "--port", str(free_port()),
+                                     "--state-dir", str(tmp_path / f"state{i}")]))
+        run_cfg = tmp_path / "run.toml"
+        run_cfg.write_text(f'config = "quickstart"\noverrides = {toml_value(";".join(tiny_cfg + ["rounds=1"]))}\n'
+                           f'out = "{tmp_path / "run"}"\n')
+        res = subprocess.run(["flwr", "run", str(APP_DIR), "prod", "--stream", "--run-config", str(run_cfg)],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        assert (tmp_path / "run" / "summary.json").exists(), res.stdout[-2000:] + res.stderr[-2000:]
+    finally:
+        for p in procs:
+            _kill(p)
+    assert os.path.exists(tmp_path / "superlink.db")  # state kept for a restarted SuperLink
