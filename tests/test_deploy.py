@@ -186,7 +186,7 @@ def test_the_documented_real_machine_commands_work(tmp_path, tiny_cfg):
         wait_for_port(port, 60, procs[0], tmp_path / "flower.log")
         for i in range(2):
             subprocess.run(["flwr", "supernode", "register", f"creds/node{i}.pub", "prod"], check=True, env=env,
-                           cwd=tmp_path, capture_output=True)
+                           cwd=tmp_path, capture_output=True, timeout=120)
             procs.append(spawn(fz + ["supernode", "--superlink", f"127.0.0.1:{port}", "--credentials", "creds",
                                      "--partition-id", str(i), "--num-partitions", "2", "--port", str(free_port()),
                                      "--state-dir", str(tmp_path / f"state{i}")]))

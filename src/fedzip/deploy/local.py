@@ -96,8 +96,11 @@ class LocalFederation:
 
     def register_node(self, public_key: Path) -> None:
         """Allow a SuperNode's key in (SuperNode authentication), as the SuperLink's operator would."""
-        res = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION], env=self.env,
-                             cwd=self.home, capture_output=True, text=True)
+        try:
+            res = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION], env=self.env,
+                                 cwd=self.home, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise FedzipError(f"registering {public_key.name}: the SuperLink did not answer within 120 s") from None
         if res.returncode != 0:
             raise FedzipError(f"registering {public_key.name} failed: {(res.stdout + res.stderr).strip()[-300:]}")
 
