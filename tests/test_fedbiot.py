@@ -126,7 +126,16 @@ def test_fedbiot_runs_end_to_end_counts_the_compressed_model_once_and_resumes_ex
     assert min(e["bytes"] for e in first) > 50 * max(e["bytes"] for e in downs if e["kind"] == "update")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"emu_loss", "loss", "align_loss"} <= set(rows[-1])  # AdapEmu beside AdapFu
-    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    # export: a standard peft adapter for the full model (AdapFu), loadable by a transformers user
+    from peft import PeftModel
+
+    from fedzip.models.load import load_base_model
+
+    cache = next(o.split("=", 1)[1] for o in biot_cfg if o.startswith("model.cache_dir="))
+    loaded = PeftModel.from_pretrained(load_base_model("tiny-llama-8", "causal_lm", cache_dir=cache), str(run / "adapter"))
+    b = {n: p for n, p in loaded.named_parameters() if ".lora_B." in n}
+    assert len(b) == 8 * len({n.split(".layers.")[1].split(".", 1)[1] for n in b})  # LoRA on all 8 layers
+    assert any(float(p.abs().sum()) > 0 for n, p in b.items() if ".layers.7." in n)  # the trained adapter
 
 
 @pytest.mark.parametrize("method", ["fedot", "offsite_tuning"])
