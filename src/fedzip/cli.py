@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -79,7 +80,7 @@ def cmd_deploy_local(args) -> int:
     out = prepare_run_dir(Path(args.out) if args.out else Path(args.runs_dir) / f"{cfg.run_name()}-flower",
                           args.resume)
     run_dir = deploy_local(args.config, args.set, args.nodes, out, args.resume, args.timeout, credentials=args.tls)
-    summary = __import__("json").loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
     print(f"{summary['method']} on Flower ({args.nodes} SuperNodes): {summary['rounds_completed']} rounds, {shown}")
     print(f"bytes up {summary['bytes_up_total']:,}, down {summary['bytes_down_total']:,}; run directory: {run_dir}")

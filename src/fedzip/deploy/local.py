@@ -186,19 +186,18 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
     home = out.parent / f".{out.name}.flower"
     if home.exists() and not resume:
         shutil.rmtree(home)
-    print(f"fedzip: starting a SuperLink and {nodes} SuperNode(s); Flower logs in {home}", flush=True)
     needed = ["ca.crt", "superlink.crt", "superlink.key"] + [f"node{i}.key" for i in range(nodes)]
     if credentials and not all((Path(credentials) / f).exists() for f in needed):
         raise FedzipError(f"--tls {credentials}: needs {', '.join(needed)} (`fedzip deploy credentials --nodes {nodes}`)")
+    print(f"fedzip: starting a SuperLink and {nodes} SuperNode(s); Flower logs in {home}", flush=True)
     with LocalFederation(home, nodes, credentials=credentials) as fed:
-        run = fed.submit(config or "quickstart", overrides, out, resume, stream_to=None)
-        log = home / "flwr-run.log"
-        shown = 0
+        run = fed.submit(config or "quickstart", overrides, out, resume)
+        log, shown, t0 = home / "flwr-run.log", 0, time.time()
         try:
             while run.poll() is None:
                 shown = _echo_new(log, shown)
                 time.sleep(1.0)
-                if timeout_s is not None and time.time() - run_start(run) > timeout_s:
+                if timeout_s is not None and time.time() - t0 > timeout_s:
                     raise FedzipError(f"the run did not finish within {timeout_s:.0f} s; logs in {home}")
         finally:
             _echo_new(log, shown)
@@ -209,17 +208,14 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
     return out
 
 
-def run_start(proc: subprocess.Popen) -> float:
-    if not hasattr(proc, "_fedzip_t0"):
-        proc._fedzip_t0 = time.time()
-    return proc._fedzip_t0
-
-
 def _echo_new(log: Path, shown: int) -> int:
+    """Print what Flower added to ``log`` since byte ``shown``; return the new offset."""
     if not log.exists():
         return shown
-    data = log.read_bytes()
-    if len(data) > shown:
-        sys.stdout.write(data[shown:].decode(errors="replace"))
+    with open(log, "rb") as f:
+        f.seek(shown)
+        data = f.read()
+    if data:
+        sys.stdout.write(data.decode(errors="replace"))
         sys.stdout.flush()
-    return len(data)
+    return shown + len(data)

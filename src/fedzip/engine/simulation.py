@@ -254,8 +254,8 @@ def write_summary(cfg, out: Path, wall: float) -> dict:
     metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
     last = evaluated[-1] if evaluated else {}
-    # plus a method's own evaluations of the same round (e.g. FedBiOT's adapter-on-emulator ``emu_*``)
-    final = {k: v for k, v in last.items() if k in metric_keys or (k.startswith("emu_") and isinstance(v, float))}
+    own = METHODS[cfg.method].eval_prefixes  # plus the method's own evaluations of that round
+    final = {k: v for k, v in last.items() if k in metric_keys or (k.startswith(own) and isinstance(v, float))}
     summary = {
         "method": cfg.method, "name": out.name, "rounds_completed": len(rows), "final_metrics": final,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),

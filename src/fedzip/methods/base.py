@@ -42,6 +42,9 @@ class Method:
     # True: the client side builds its own (smaller) model from bytes it receives, so a deployed client
     # never loads the full model (FedBiOT); False: clients start from the same base model as the server.
     client_builds_model: ClassVar[bool] = False
+    # Prefixes of the method's own evaluation metrics (returned by ``aggregate``) that belong in the run's
+    # final metrics beside the engine's, e.g. FedBiOT's adapter-on-emulator ``emu_loss``.
+    eval_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg, runtime):
         self.cfg = cfg

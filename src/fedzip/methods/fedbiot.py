@@ -58,6 +58,7 @@ class FedBiOT(Method):
     name = "fedbiot"
     Options = FedBiOTOptions
     client_builds_model = True  # a client never loads the full model: it builds the compressed one
+    eval_prefixes = ("emu_",)  # AdapEmu metrics, reported beside the engine's AdapFu ones
     layout: Literal["top", "sandwich"] = "top"
     aligns = True
 
@@ -123,14 +124,10 @@ class FedBiOT(Method):
             p.requires_grad_("lora_" in n)
         s = self.split
         self.client_stack = [layers[i] for i in s.bottom] + list(self.emulator) + [layers[i] for i in s.top]
-        with self.client_view() as m:
+        with self.client_view() as m:  # names as the client's model has them
             self.params = self._lora_params(m)
-            seen, self.base = set(), {}
-            for n, t in m.state_dict(keep_vars=False).items():
-                if "lora_" in n or t.data_ptr() in seen:  # LoRA travels each round; tied weights once
-                    continue
-                seen.add(t.data_ptr())
-                self.base[BASE + canonical(n)] = t.detach()
+            # the compressed model's frozen weights (LoRA travels each round); tied weights once
+            self.base = {BASE + n: t.detach() for n, t in _untied_state(m).items() if "lora_" not in n}
         self.adapter_names, self.emulator_names = self._roles(self.params)
         self.sent_model: set[int] = set()
         self.align_calls = 0
