@@ -26,25 +26,31 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch {torch.__version__}"
 
 
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")  # one write, so lines from parallel runs do not interleave
+    sys.stdout.flush()
+
+
 def run_one(label: str, config: str, overrides: list[str], out: Path, threads: int) -> Path:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("FEDZIP_DATA", str((ROOT.parent.parent / "shared" / "data").resolve()))
     if out.exists() and (out / "summary.json").exists():
-        print(f"[{label}] already done: {out}", flush=True)
+        say(f"[{label}] already done: {out}")
         return out
     cmd = [sys.executable, "-m", "fedzip.cli", "run", config, "--out", str(out), "--quiet",
            "--set", f"train.threads={threads}", *[a for o in overrides for a in ("--set", o)]]
-    if (out / "checkpoints" / "state.json").exists():
+    resume = (out / "checkpoints" / "state.json").exists()
+    if resume:
         cmd.append("--resume")  # an interrupted benchmark continues where it stopped
     t0 = time.time()
-    print(f"[{label}] start: {' '.join(cmd[3:])}", flush=True)
+    say(f"[{label}] start: {' '.join(cmd[3:])}")
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
+    with open(log, "a" if resume else "w") as fh:  # a resumed run keeps the log of its first part
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT.parent)
     if rc != 0:
         raise RuntimeError(f"[{label}] failed with exit {rc}; see {log}")
-    print(f"[{label}] done in {time.time() - t0:.0f}s", flush=True)
+    say(f"[{label}] done in {time.time() - t0:.0f}s")
     return out
 
 
