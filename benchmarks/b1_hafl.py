@@ -50,12 +50,31 @@ def tier_bytes(run_dir: Path) -> dict[str, dict[str, int]]:
     return out
 
 
+def update_norm(run_dir: Path) -> float | None:
+    """Mean Frobenius norm of the global LoRA update scale * B @ A per module, from the exported adapter.
+
+    A size diagnostic: aggregation rules differ mostly in how far they move the global model a round."""
+    from safetensors.torch import load_file
+
+    path = run_dir / "adapter" / "adapter_model.safetensors"
+    if not path.exists():
+        return None
+    cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    w = load_file(str(path))
+    norms = [float((scale * w[a.replace("lora_A", "lora_B")] @ w[a]).norm()) for a in w if "lora_A" in a]
+    return sum(norms) / len(norms) if norms else None
+
+
 def main() -> None:
     profile, runs, dirs = run_profile("b1_hafl", "b1_fedit", PROFILES, lambda _: RUNS)
     results = []
     for label, *_ in runs:
         r = collect(dirs[label], profile, label)
         r["tier_bytes"] = tier_bytes(dirs[label])
+        r["mean_update_norm"] = update_norm(dirs[label])
+        method = dirs[label] / "method.json"
+        r["tier_train_state_bytes"] = json.loads(method.read_text()).get("tier_train_state_bytes") if method.exists() else None
         rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]
         r["tier_accuracy"] = [{k: v for k, v in row.items() if k.startswith("tier") or k == "round"}
                               for row in rows if any(k.startswith("tier") for k in row)]
@@ -67,7 +86,7 @@ def main() -> None:
 def write_outputs(data: dict) -> None:
     lines = ["# B1 heterogeneous ranks: HAFL vs HetLoRA, FlexLoRA, FedIT (tiers 4/8/16 of rank 16)", ""]
     columns = ["run", "accuracy", "MB up", "MB down", "mean up KB / message by tier (4 / 8 / 16)",
-               "last tier accuracy (4 / 8 / 16)"]
+               "last tier accuracy (4 / 8 / 16)", "mean norm of dW a module"]
     for profile, runs, header in profile_sections(data["runs"], columns):
         lines += header
         for r in runs:
@@ -77,11 +96,19 @@ def write_outputs(data: dict) -> None:
             last = r["tier_accuracy"][-1] if r.get("tier_accuracy") else {}
             acc = " / ".join(f"{last[f'tier{t}_accuracy']:.3f}" if f"tier{t}_accuracy" in last else "-"
                              for t in ("4", "8", "16"))
+            norm = f"{r['mean_update_norm']:.2f}" if r.get("mean_update_norm") is not None else "-"
             lines.append(f"| {r['label']} | {r['final_metrics'].get('accuracy', float('nan')):.4f} | "
-                         f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {per} | {acc} |")
+                         f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {per} | {acc} | {norm} |")
+        mem = next((r["tier_train_state_bytes"] for r in runs if r.get("tier_train_state_bytes")), None)
+        if mem:
+            lines += ["", "Client training state (LoRA + head weights, grads and AdamW moments) by tier: " +
+                      ", ".join(f"rank {t}: {b / 1e6:.2f} MB" for t, b in mem.items()) + "."]
         lines.append("")
-        plot_accuracy(runs, RESULTS / f"b1_hafl_{profile}.png", f"B1 heterogeneous ranks, {profile}", axes=("round",))
+        plot_accuracy(runs, RESULTS / f"b1_hafl_{profile}.png", f"B1 heterogeneous ranks, {profile}")
         lines += [f"![accuracy](b1_hafl_{profile}.png)", ""]
+    lines += ["Tier accuracy: the global model as each tier receives it (truncated to its rank, before local",
+              "training), on 2,000 test posts; in `freeze` mode every tier receives the whole model.",
+              "mean norm of dW: the size of the final global LoRA update (scale * B @ A), averaged over modules.", ""]
     (RESULTS / "b1_hafl.md").write_text("\n".join(lines))
 
 
