@@ -28,6 +28,29 @@ def test_factor_map_round_trips_exactly_without_the_autoencoder():
     assert x[48:].abs().sum() == 0 and x[:, 24:].abs().sum() == 0  # padding stays zero
 
 
+def test_packed_layout_round_trips_exactly_without_overlap_and_with_less_padding():
+    g = torch.Generator().manual_seed(1)
+    t = {}
+    for m in range(6):  # grouped-query attention: K/V project to a quarter of the width of Q/O
+        for proj, d_out in (("q", 64), ("k", 16), ("v", 16)):
+            t[f"layer{m}.{proj}.lora_A.weight"] = torch.randn(4, 64, generator=g)
+            t[f"layer{m}.{proj}.lora_B.weight"] = torch.randn(d_out, 4, generator=g)
+    shapes = {n: tuple(v.shape) for n, v in t.items()}
+    paper, packed = make_layout(shapes, stride=8), make_layout(shapes, stride=8, packing="packed")
+    for layout in (paper, packed):
+        x = to_map(t, layout)
+        back = from_map(x, layout)
+        assert all(torch.equal(back[n], t[n]) for n in t)
+        cover = torch.zeros(layout.height, layout.width)  # every value has a cell of its own
+        for b in layout.blocks:
+            cover[b.row:b.row + b.rows, b.col:b.col + layout.rank] += 1
+        assert cover.max() == 1 and int(cover.sum()) == sum(v.numel() for v in t.values())
+    assert packed.height == paper.height == 64
+    assert packed.width < paper.width and packed.padding < 0.1 < paper.padding
+    with pytest.raises(ValueError, match="packing"):
+        make_layout(shapes, packing="tight")
+
+
 def test_snr_definitions_match_hand_computed_values():
     g = torch.tensor([3.0, 4.0])  # ||G||^2 = 25
     g_hat = torch.tensor([3.0, 3.0])  # ||G - G~||^2 = 1, n = 2

@@ -2,7 +2,7 @@
 
 ALGORITHMS.md section 5. The factor map stacks every module's ``A^T (d_in x r)`` and ``B (d_out x r)``
 side by side into one 2-D map ``X (d x 2*M*L*r)``; rows are zero-padded to the largest ``d`` and both
-sides to the autoencoder's stride. The paper's autoencoder is convolutional with a latent of exactly
+sides to the autoencoder's stride (a ``packed`` layout, beyond the paper, stacks narrow blocks instead). The paper's autoencoder is convolutional with a latent of exactly
 1/64 of its input; a cheaper per-block linear autoencoder with a configurable ratio is also provided.
 """
 
@@ -17,44 +17,74 @@ from torch import nn
 
 # --- the factor map ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Block:
+    name: str  # the LoRA tensor
+    transpose: bool  # A is stored as A^T, so that every block is (rows x r)
+    row: int
+    col: int
+    rows: int
+
+
+@dataclass(frozen=True)
 class MapLayout:
-    modules: tuple[str, ...]
-    dims: tuple[tuple[int, int], ...]  # (d_in, d_out) per module
+    blocks: tuple[Block, ...]
     rank: int
     height: int  # padded rows
     width: int  # padded columns
 
     @property
     def used_width(self) -> int:
-        return 2 * len(self.modules) * self.rank
+        return max(b.col for b in self.blocks) + self.rank
+
+    @property
+    def padding(self) -> float:
+        """Share of the map that is padding (carries no LoRA value)."""
+        return 1 - sum(b.rows for b in self.blocks) * self.rank / (self.height * self.width)
 
 
-def make_layout(shapes: dict[str, tuple[int, ...]], stride: int = 1) -> MapLayout:
-    modules = tuple(n[: -len(".lora_A.weight")] for n in shapes if n.endswith(".lora_A.weight"))
+def make_layout(shapes: dict[str, tuple[int, ...]], stride: int = 1, packing: str = "paper") -> MapLayout:
+    """Where each factor goes. ``paper``: every module's A^T and B side by side from row 0 (the spec's map);
+    ``packed``: blocks stacked down strips of width r, tallest first, each into the first strip with room
+    (first-fit decreasing), which removes most padding when modules differ in size (e.g. grouped-query K/V)."""
+    modules = [n[: -len(".lora_A.weight")] for n in shapes if n.endswith(".lora_A.weight")]
     if not modules:
         raise ValueError("the factor map needs LoRA modules")
     rank = shapes[f"{modules[0]}.lora_A.weight"][0]
-    dims = tuple((shapes[f"{m}.lora_A.weight"][1], shapes[f"{m}.lora_B.weight"][0]) for m in modules)
-    height = max(max(d) for d in dims)
-    width = 2 * len(modules) * rank
+    parts = [(n, t, rows) for m in modules
+             for n, t, rows in ((f"{m}.lora_A.weight", True, shapes[f"{m}.lora_A.weight"][1]),
+                                (f"{m}.lora_B.weight", False, shapes[f"{m}.lora_B.weight"][0]))]
     up = lambda v: math.ceil(v / stride) * stride  # noqa: E731
-    return MapLayout(modules, dims, rank, up(height), up(width))
+    height = up(max(rows for _, _, rows in parts))
+    if packing == "paper":
+        blocks = [Block(n, t, 0, i * rank, rows) for i, (n, t, rows) in enumerate(parts)]
+    elif packing == "packed":
+        filled: list[int] = []  # rows used in each strip
+        blocks = []
+        for n, t, rows in sorted(parts, key=lambda p: -p[2]):
+            strip = next((k for k, used in enumerate(filled) if used + rows <= height), None)
+            if strip is None:
+                strip = len(filled)
+                filled.append(0)
+            blocks.append(Block(n, t, filled[strip], strip * rank, rows))
+            filled[strip] += rows
+    else:
+        raise ValueError(f"unknown factor map packing {packing!r} (paper or packed)")
+    return MapLayout(tuple(blocks), rank, height, up(max(b.col for b in blocks) + rank))
 
 
 def to_map(tensors: dict[str, torch.Tensor], layout: MapLayout) -> torch.Tensor:
     x = torch.zeros(layout.height, layout.width)
-    r = layout.rank
-    for j, (m, (d_in, d_out)) in enumerate(zip(layout.modules, layout.dims)):
-        x[:d_in, 2 * j * r:(2 * j + 1) * r] = tensors[f"{m}.lora_A.weight"].T
-        x[:d_out, (2 * j + 1) * r:(2 * j + 2) * r] = tensors[f"{m}.lora_B.weight"]
+    for b in layout.blocks:
+        t = tensors[b.name]
+        x[b.row:b.row + b.rows, b.col:b.col + layout.rank] = t.T if b.transpose else t
     return x
 
 
 def from_map(x: torch.Tensor, layout: MapLayout) -> dict[str, torch.Tensor]:
-    r, out = layout.rank, {}
-    for j, (m, (d_in, d_out)) in enumerate(zip(layout.modules, layout.dims)):
-        out[f"{m}.lora_A.weight"] = x[:d_in, 2 * j * r:(2 * j + 1) * r].T.contiguous()
-        out[f"{m}.lora_B.weight"] = x[:d_out, (2 * j + 1) * r:(2 * j + 2) * r].contiguous()
+    out = {}
+    for b in layout.blocks:
+        t = x[b.row:b.row + b.rows, b.col:b.col + layout.rank]
+        out[b.name] = (t.T if b.transpose else t).contiguous()
     return out
 
 

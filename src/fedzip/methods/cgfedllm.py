@@ -46,6 +46,7 @@ class CgOptions(BaseModel):
     ae_lr: float = Field(2e-4, gt=0)
     ae_batch: int = Field(8, ge=1)
     representation: Literal["delta", "state"] = "delta"
+    map_layout: Literal["paper", "packed"] = Field("paper", description="factor map: side by side, or packed")
     autoencoder_path: str | None = None
     # Beyond the paper's frozen autoencoder: every `online_every` FAF rounds is a calibration round in which
     # clients upload their true map (dense, counted); the server averages those exactly, fine-tunes the
@@ -68,7 +69,8 @@ class CgFedLLM(Method):
         self.lora = [n for n in shapes if ".lora_A." in n or ".lora_B." in n]
         self.others = [n for n in shapes if n not in self.lora]
         self.ae = self._new_autoencoder()
-        self.layout = make_layout({n: shapes[n] for n in self.lora}, stride=self.ae.stride)
+        self.layout = make_layout({n: shapes[n] for n in self.lora}, stride=self.ae.stride,
+                                  packing=self.opts.map_layout)
         self._round = 0
         # Simulation-only diagnostics, never sent: the client side leaves each true map here for the server.
         self._true_maps: dict[int, torch.Tensor] = runtime.sim_only.setdefault("cgfedllm_true_maps", {})
@@ -97,7 +99,8 @@ class CgFedLLM(Method):
 
     def describe(self) -> dict:
         latent = self._latent_numel()
-        return {"map_shape": [self.layout.height, self.layout.width], "latent_values": latent,
+        return {"map_shape": [self.layout.height, self.layout.width], "map_padding": round(self.layout.padding, 4),
+                "latent_values": latent,
                 "encoder_params": sum(v.numel() for v in self.encoder_state().values()),
                 "lora_values": sum(math.prod(self.rt.view.shapes()[n]) for n in self.lora)}
 
