@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402  (the same sizes and FedIT reference)
 from b1_flasc import RUNS as FLASC_RUNS, flasc  # noqa: E402
-from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
+from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 # TGAP takes about a fifth of the rounds, as in the paper's schedule; the autoencoder trains on every map.
 TGAP = {"smoke": "tgap_rounds: 1, ae_epochs: 3", "medium": "tgap_rounds: 3, ae_epochs: 30",
@@ -91,8 +91,7 @@ def write_outputs(data: dict) -> None:
                          f"{r['bytes_down_total'] / 1e6:.2f} | {'-' if ratio is None else f'1/{1 / ratio:.1f}'} | "
                          f"{mean('snr_db')} | {mean('cosine')} |")
         lines.append("")
-        plot_accuracy(runs, RESULTS / f"b1_cgfedllm_{profile}.png", f"B1 CG-FedLLM vs FedIT and top-k, {profile}")
-        lines += [f"![accuracy](b1_cgfedllm_{profile}.png)", ""]
+        lines += accuracy_figure(runs, f"b1_cgfedllm_{profile}", f"B1 CG-FedLLM vs FedIT and top-k, {profile}")
     lines += ["FedIT's accuracy with the same total bytes (up + down) is read off its accuracy-vs-bytes curve: linear",
               "between evaluated rounds, its final accuracy past its last round, '-' before its first evaluation.",
               "CG-FedLLM's broadcast is dense and each client receives the encoder once, so downloads dominate its",

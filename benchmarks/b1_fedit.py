@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
+from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 PROFILES = {
     # Same code path, smaller: fewer clients, rounds and test examples.
@@ -51,8 +51,7 @@ def write_outputs(data: dict) -> None:
                          f"{r['bytes_down_total'] / 1e6:.2f} | {r['bytes_up_total'] / ref['bytes_up_total']:.3f} | "
                          f"{r['wall_seconds']:.0f} |")
         lines.append("")
-        plot_accuracy(runs, RESULTS / f"b1_fedit_{profile}.png", f"B1 FedIT baselines, profile {profile}")
-        lines += [f"![accuracy](b1_fedit_{profile}.png)", ""]
+        lines += accuracy_figure(runs, f"b1_fedit_{profile}", f"B1 FedIT baselines, profile {profile}")
     lines += ["Intermediate points of the full profile are evaluated on a fixed 2,000-post subset of the test",
               "split; the final round on the full test split (7,532 posts). The smoke profile only checks the",
               "pipeline (3 rounds, 20 clients, 1,500 posts): its accuracy is near chance (5%) by design.", ""]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402  (the same sizes and FedIT reference)
-from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
+from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 SERVER = "server_optimizer: sgd, server_lr: 1.0, weighting: samples"
 
@@ -73,8 +73,8 @@ def write_outputs(data: dict) -> None:
             lines.append(f"| {r['label']} | {r['final_metrics'].get('accuracy', float('nan')):.4f} | "
                          f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {btt} | {ratio} |")
         lines.append("")
-        plot_accuracy(runs, RESULTS / f"b1_flasc_{profile}.png", f"B1 FLASC vs FedIT, {profile}", axes=("mb",))
-        lines += [f"![accuracy vs MB](b1_flasc_{profile}.png)", ""]
+        lines += accuracy_figure(runs, f"b1_flasc_{profile}", f"B1 FLASC vs FedIT, {profile}", axes=("mb",),
+                                 alt="accuracy vs MB")
     (RESULTS / "b1_flasc.md").write_text("\n".join(lines))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402
-from common import RESULTS, collect, merge_results, plot_accuracy, profile_sections, run_profile  # noqa: E402
+from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"
 
@@ -36,11 +36,10 @@ RUNS = [
 ]
 
 
-def tier_bytes(run_dir: Path) -> dict[str, dict[str, int]]:
-    method = run_dir / "method.json"
-    if not method.exists() or "client_ranks" not in json.loads(method.read_text()):
+def tier_bytes(run_dir: Path, method: dict) -> dict[str, dict[str, int]]:
+    if "client_ranks" not in method:
         return {}
-    ranks = json.loads(method.read_text())["client_ranks"]
+    ranks = method["client_ranks"]
     out: dict[str, dict[str, int]] = {}
     for line in (run_dir / "ledger.jsonl").read_text().splitlines():
         e = json.loads(line)
@@ -71,10 +70,11 @@ def main() -> None:
     results = []
     for label, *_ in runs:
         r = collect(dirs[label], profile, label)
-        r["tier_bytes"] = tier_bytes(dirs[label])
+        path = dirs[label] / "method.json"
+        method = json.loads(path.read_text()) if path.exists() else {}
+        r["tier_bytes"] = tier_bytes(dirs[label], method)
         r["mean_update_norm"] = update_norm(dirs[label])
-        method = dirs[label] / "method.json"
-        r["tier_train_state_bytes"] = json.loads(method.read_text()).get("tier_train_state_bytes") if method.exists() else None
+        r["tier_train_state_bytes"] = method.get("tier_train_state_bytes")
         rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]
         r["tier_accuracy"] = [{k: v for k, v in row.items() if k.startswith("tier") or k == "round"}
                               for row in rows if any(k.startswith("tier") for k in row)]
@@ -104,8 +104,7 @@ def write_outputs(data: dict) -> None:
             lines += ["", "Client training state (LoRA + head weights, grads and AdamW moments) by tier: " +
                       ", ".join(f"rank {t}: {b / 1e6:.2f} MB" for t, b in mem.items()) + "."]
         lines.append("")
-        plot_accuracy(runs, RESULTS / f"b1_hafl_{profile}.png", f"B1 heterogeneous ranks, {profile}")
-        lines += [f"![accuracy](b1_hafl_{profile}.png)", ""]
+        lines += accuracy_figure(runs, f"b1_hafl_{profile}", f"B1 heterogeneous ranks, {profile}")
     lines += ["Tier accuracy: the global model as each tier receives it (truncated to its rank, before local",
               "training), on 2,000 test posts; in `freeze` mode every tier receives the whole model.",
               "mean norm of dW: the size of the final global LoRA update (scale * B @ A), averaged over modules.", ""]

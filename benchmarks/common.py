@@ -130,6 +130,13 @@ def plot_accuracy(runs: list[dict], path: Path, title: str, axes: tuple[str, ...
     plt.close(fig)
 
 
+def accuracy_figure(runs: list[dict], name: str, title: str, axes: tuple[str, ...] = ("round", "mb"),
+                    alt: str = "accuracy") -> list[str]:
+    """Plot ``results/<name>.png`` and return the markdown lines that show it (path and link agree)."""
+    plot_accuracy(runs, RESULTS / f"{name}.png", title, axes)
+    return [f"![{alt}]({name}.png)", ""]
+
+
 def profile_sections(runs: list[dict], columns: list[str]):
     """Yield (profile, its runs, markdown heading + table header) for each profile present, full first."""
     for profile in ("full", "medium", "smoke"):

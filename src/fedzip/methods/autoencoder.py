@@ -2,8 +2,9 @@
 
 ALGORITHMS.md section 5. The factor map stacks every module's ``A^T (d_in x r)`` and ``B (d_out x r)``
 side by side into one 2-D map ``X (d x 2*M*L*r)``; rows are zero-padded to the largest ``d`` and both
-sides to the autoencoder's stride (a ``packed`` layout, beyond the paper, stacks narrow blocks instead). The paper's autoencoder is convolutional with a latent of exactly
-1/64 of its input; a cheaper per-block linear autoencoder with a configurable ratio is also provided.
+sides to the autoencoder's stride (a ``packed`` layout, beyond the paper, stacks narrow blocks instead).
+The paper's autoencoder is convolutional with a latent of exactly 1/64 of its input; a cheaper
+per-block linear autoencoder with a configurable ratio is also provided.
 """
 
 from __future__ import annotations
