@@ -5,7 +5,7 @@ FedAvg-equivalent (SGD, lr 1) so that density 1 reproduces FedIT exactly and eve
 sparsity. Writes ``results/b1_flasc.json`` (the ``b1_fedit.json`` schema plus ``bytes_to_target`` and
 ``ratio_vs_fedit``), ``results/b1_flasc.md`` and ``results/b1_flasc_<profile>.png``.
 
-    python benchmarks/b1_flasc.py --profile smoke|full
+    python benchmarks/b1_flasc.py --profile smoke|medium|full   (medium: the full set-up cut to 10 rounds)
 """
 
 from __future__ import annotations

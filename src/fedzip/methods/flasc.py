@@ -10,6 +10,11 @@ ALGORITHMS.md section 2. Per round t, with P trainable entries (LoRA A, B and th
 Baselines from the same paper are switches: ``client_freeze`` (sparse fine-tuning), ``server_freeze``
 (mask fixed after round 1), ``freeze_a``; lower-rank LoRA is just ``lora.rank``.
 
+Sparse fine-tuning inherits a property of the paper's own code: LoRA B starts at zero, so it never enters
+the magnitude mask while the density is below the share of nonzero entries (A and the head), and stays
+zero; the baseline then trains only A and the head. The client reads the mask from the nonzero entries it
+received, which is the server's mask whenever the kept entries are all nonzero.
+
 The mask is global, so messages carry all trainable tensors flattened into one vector (in the trainable
 view's order): one position stream over all P entries, and a header of a few dozen bytes instead of one
 entry per tensor.
