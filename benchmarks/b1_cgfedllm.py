@@ -41,10 +41,10 @@ def total_bytes(point: dict) -> int:
     return point["cum_bytes_up"] + point["cum_bytes_down"]
 
 
-def accuracy_at_bytes(run: dict, budget: int) -> float | None:
-    """The run's accuracy with ``budget`` total bytes: linear between its evaluated rounds, its final accuracy
+def accuracy_at_bytes(run: dict, budget: int, metric: str = "accuracy") -> float | None:
+    """The run's ``metric`` with ``budget`` total bytes: linear between its evaluated rounds, its final value
     past its last one (it got there with fewer bytes), None before its first evaluated round."""
-    pts = [(total_bytes(p), p["accuracy"]) for p in run["curve"] if "accuracy" in p]
+    pts = [(total_bytes(p), p[metric]) for p in run["curve"] if metric in p]
     if pts and budget >= pts[-1][0]:
         return pts[-1][1]
     for (b0, a0), (b1, a1) in zip(pts, pts[1:]):

@@ -1,8 +1,9 @@
 """B3: CG-FedLLM vs FedIT on instruction tuning (SmolLM2-135M-Instruct + LoRA, Alpaca-format, 10 clients).
 
-Reports held-out loss, uplink bytes, reconstruction SNR per round (both definitions), one-time encoder
-bytes and C-Eval (val) accuracy. Writes ``results/b3_cgfedllm.json`` (the ``b1_fedit.json`` schema plus
-``uplink_ratio_vs_fedit`` and ``snr_db``) and ``results/b3_cgfedllm.md``.
+Reports held-out loss (and FedIT's at the same total bytes), uplink bytes, reconstruction SNR per round
+(both definitions), one-time encoder size and C-Eval (val) accuracy. Writes ``results/b3_cgfedllm.json``
+(the ``b1_fedit.json`` schema plus ``uplink_ratio_vs_fedit``, ``snr_db`` and ``fedit_loss_at_equal_bytes``),
+``results/b3_cgfedllm.md`` and ``results/b3_cgfedllm_<profile>.png``.
 
     python benchmarks/b3_cgfedllm.py --profile smoke|medium|full
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from b1_cgfedllm import accuracy_at_bytes  # noqa: E402
 from common import RESULTS, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 PROFILES = {
@@ -47,8 +49,8 @@ def main() -> None:
     profile, runs, dirs = run_profile("b3_cgfedllm", "b3_cgfedllm", PROFILES, runs_for)
     results = [collect(dirs[label], profile, label) for label, *_ in runs]
     ref = next(r for r in results if r["label"] == "fedit")
-    for r, (label, _, _) in zip(results, runs):
-        rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines()]
+    for r, (label, *_) in zip(results, runs):
+        rows = [json.loads(x) for x in (dirs[label] / "metrics.jsonl").read_text().splitlines() if x.strip()]
         faf = [row for row in rows if "snr_db" in row]
         r["snr_db"] = [{"round": row["round"], "snr_db": row["snr_db"], "snr_paper": row["snr_paper"],
                         "cosine": row["cosine"]} for row in faf]
@@ -56,22 +58,68 @@ def main() -> None:
         up = [p["bytes_up"] for p in r["curve"] if p["round"] in faf_rounds]
         ref_up = [p["bytes_up"] for p in ref["curve"] if p["round"] in faf_rounds]
         r["uplink_ratio_vs_fedit"] = (sum(up) / sum(ref_up)) if up and ref_up else None
+        r["fedit_loss_at_equal_bytes"] = accuracy_at_bytes(ref, r["bytes_up_total"] + r["bytes_down_total"], "loss")
         method = json.loads((dirs[label] / "method.json").read_text())
-        r["encoder_params"] = method.get("encoder_params")
+        for key in ("encoder_params", "map_shape", "map_padding", "latent_values", "lora_values"):
+            r[key] = method.get(key)
     data = merge_results(RESULTS / "b3_cgfedllm.json", results)
+    write_outputs(data)
+
+
+def write_outputs(data: dict) -> None:
     lines = ["# B3: CG-FedLLM vs FedIT (SmolLM2-135M-Instruct + LoRA r=8, Alpaca-format, 10 clients)", ""]
-    columns = ["run", "held-out loss", "C-Eval val", "MB up", "uplink vs FedIT (FAF rounds)", "mean SNR dB",
-               "mean cosine"]
+    columns = ["run", "held-out loss", "FedIT loss with the same total bytes", "C-Eval val", "MB up", "MB down",
+               "uplink vs FedIT (FAF rounds)", "LoRA values / latent", "encoder (sent once a client)",
+               "mean SNR dB", "mean paper SNR", "mean cosine"]
     for profile, sel, header in profile_sections(data["runs"], columns):
         lines += header
         for r in sel:
             fm, snr = r["final_metrics"], r.get("snr_db") or []
-            mean = lambda k: sum(s[k] for s in snr) / len(snr) if snr else float("nan")  # noqa: E731
-            ratio = f"{r['uplink_ratio_vs_fedit']:.4f}" if r.get("uplink_ratio_vs_fedit") else "-"
-            lines.append(f"| {r['label']} | {fm.get('loss', float('nan')):.4f} | {fm.get('ceval_accuracy', float('nan')):.3f} | "
-                         f"{r['bytes_up_total'] / 1e6:.2f} | {ratio} | {mean('snr_db'):.2f} | {mean('cosine'):.3f} |")
-        lines.append("")
+            mean = lambda k, f=".3f": f"{sum(s[k] for s in snr) / len(snr):{f}}" if snr else "-"  # noqa: E731
+            ratio = r.get("uplink_ratio_vs_fedit")
+            eq = r.get("fedit_loss_at_equal_bytes")
+            latent = f"{r['lora_values'] / r['latent_values']:.1f}" if r.get("latent_values") else "-"
+            enc = f"{r['encoder_params']:,} values" if r.get("encoder_params") else "-"
+            lines.append(f"| {r['label']} | {fm.get('loss', float('nan')):.4f} | {'-' if eq is None else f'{eq:.4f}'} | "
+                         f"{fm.get('ceval_accuracy', float('nan')):.3f} | {r['bytes_up_total'] / 1e6:.2f} | "
+                         f"{r['bytes_down_total'] / 1e6:.2f} | {'-' if not ratio else f'1/{1 / ratio:.1f}'} | "
+                         f"{latent} | {enc} | {mean('snr_db')} | {mean('snr_paper', '.3g')} | {mean('cosine')} |")
+        lines += ["", *figure(sel, profile)]
+    lines += ["FedIT's loss with the same total bytes (up + down) is read off its loss-vs-bytes curve (linear between",
+              "evaluated rounds, its final loss past its last one, '-' before its first evaluation). The uplink ratio",
+              "is over the FAF rounds, whole messages (headers and the normalisation scale included). SNR in dB is",
+              "10 log10(||G||^2 / ||G - G~||^2) (0 dB: the error is as large as the update); the paper's SNR is",
+              "||G||^2 / (||G - G~||^2 / n), which grows with the n entries of the map.", ""]
     (RESULTS / "b3_cgfedllm.md").write_text("\n".join(lines))
+
+
+def figure(runs: list[dict], profile: str) -> list[str]:
+    """Held-out loss against cumulative uplink MB, and reconstruction SNR (dB) per FAF round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_snr) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for i, r in enumerate(runs):  # one colour per run in both panels
+        pts = [p for p in r["curve"] if "loss" in p]
+        ax_loss.plot([p["cum_bytes_up"] / 1e6 for p in pts], [p["loss"] for p in pts], marker="o", ms=3,
+                     color=f"C{i}", label=r["label"])
+        if r.get("snr_db"):
+            ax_snr.plot([s["round"] for s in r["snr_db"]], [s["snr_db"] for s in r["snr_db"]], marker="o", ms=3,
+                        color=f"C{i}", label=r["label"])
+    ax_loss.set(xlabel="cumulative uplink MB", ylabel="held-out loss", xscale="log")
+    ax_snr.set(xlabel="round (FAF)", ylabel="reconstruction SNR (dB)")
+    ax_snr.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (ax_loss, ax_snr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"B3 CG-FedLLM vs FedIT, {profile} ({runs[0]['machine']})", fontsize=9)
+    fig.tight_layout()
+    name = f"b3_cgfedllm_{profile}.png"
+    fig.savefig(RESULTS / name)
+    plt.close(fig)
+    return [f"![held-out loss vs uplink MB, and SNR per round]({name})", ""]
 
 
 if __name__ == "__main__":
