@@ -10,6 +10,7 @@ sparsity. Writes ``results/b1_flasc.json`` (the ``b1_fedit.json`` schema plus ``
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def bytes_to_target(run: dict, target: float) -> int | None:
     return None
 
 
+def codec_time_share(run_dir: Path) -> float:
+    """Encode + decode seconds (server and clients, both directions) over the clients' training seconds."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return sum(r["encode_s"] + r["decode_s"] for r in rows) / sum(r["compute_s"] for r in rows)
+
+
 def main() -> None:
     profile, runs, dirs = run_profile("b1_flasc", "b1_fedit", PROFILES, lambda _: RUNS)
     results = [collect(dirs[label], profile, label) for label, *_ in runs]
@@ -57,21 +64,28 @@ def main() -> None:
         r["target_accuracy"] = target
         r["bytes_to_target"] = bytes_to_target(r, target)
         r["ratio_vs_fedit"] = (ref_bytes / r["bytes_to_target"]) if r["bytes_to_target"] and ref_bytes else None
+        r["codec_time_share"] = codec_time_share(dirs[r["label"]])
     data = merge_results(RESULTS / "b1_flasc.json", results)
     write_outputs(data)
 
 
 def write_outputs(data: dict) -> None:
     lines = ["# B1: FLASC / CELLM vs FedIT (20 Newsgroups, MiniLM + LoRA r=16, 100 clients, Dirichlet 0.1)", ""]
-    columns = ["run", "accuracy", "MB up", "MB down", "bytes to target", "FedIT bytes / run bytes (to target)"]
+    columns = ["run", "accuracy", "MB up", "MB down", "bytes to target", "FedIT bytes / run bytes (to target)",
+               "FedIT bytes / run bytes (whole run)", "codec time / training time"]
     for profile, runs, header in profile_sections(data["runs"], columns):
         lines += header[:2] + [f"Target accuracy: FedIT's final minus 1 point = {runs[0]['target_accuracy']:.4f}.",
                                ""] + header[2:]
+        ref = next((r for r in runs if r["label"] == "fedit_fp32"), None)
+        ref_total = ref["bytes_up_total"] + ref["bytes_down_total"] if ref else None
         for r in runs:
             btt = f"{r['bytes_to_target'] / 1e6:.2f} MB" if r["bytes_to_target"] else "not reached"
             ratio = f"{r['ratio_vs_fedit']:.1f}x" if r["ratio_vs_fedit"] else "-"
+            whole = (ref_total / (r["bytes_up_total"] + r["bytes_down_total"])) if ref_total else None
+            share = f"{100 * r['codec_time_share']:.2f}%" if r.get("codec_time_share") is not None else "-"
             lines.append(f"| {r['label']} | {r['final_metrics'].get('accuracy', float('nan')):.4f} | "
-                         f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {btt} | {ratio} |")
+                         f"{r['bytes_up_total'] / 1e6:.2f} | {r['bytes_down_total'] / 1e6:.2f} | {btt} | {ratio} | "
+                         f"{'-' if whole is None else f'{whole:.1f}x'} | {share} |")
         lines.append("")
         lines += accuracy_figure(runs, f"b1_flasc_{profile}", f"B1 FLASC vs FedIT, {profile}", axes=("mb",),
                                  alt="accuracy vs MB")
