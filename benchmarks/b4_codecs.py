@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,12 @@ from common import RESULTS, ROOT, machine  # noqa: E402
 SPECS = ["fp32", "fp16", "bf16", "int8", "int4", "fp32+zstd", "int8+zstd",
          "topk(0.25)", "topk(0.0625)", "topk(0.015625)", "topk(0.0625)+fp16", "topk(0.0625)+int8+zstd",
          "topk(0.0625)+int4+zstd", "topk(0.015625)+int8+zstd"]
+# FLASC's own messages: one global top-k mask over all tensors, flattened into a single vector and sent
+# with ``nonzero+`` (one position stream over all P entries). (label, density, chain)
+GLOBAL = [("FLASC global top-k(1/4)", 0.25, "nonzero+fp32"), ("FLASC global top-k(1/16)", 0.0625, "nonzero+fp32"),
+          ("FLASC global top-k(1/64)", 0.015625, "nonzero+fp32"),
+          ("FLASC global top-k(1/16)+int8+zstd", 0.0625, "nonzero+int8+zstd"),
+          ("FLASC global top-k(1/16)+int4+zstd", 0.0625, "nonzero+int4+zstd")]
 
 
 def main() -> None:
@@ -38,6 +45,7 @@ def main() -> None:
     from fedzip.engine.runtime import build_runtime
     from fedzip.engine.simulation import client_seed, sample_clients
     from fedzip.methods import METHODS
+    from fedzip.methods.flasc import flatten, global_topk_masks
     from fedzip.methods.training import train_locally
     from fedzip.wire import Message, decode, encode
     from fedzip.wire.payload import PREFIX
@@ -58,16 +66,22 @@ def main() -> None:
         updates.append({n: rt.view.params[n].detach() - state[n] for n in names})
     expect = rt.view.shapes()
     p = sum(t.numel() for t in updates[0].values())
+    def flasc_message(upd: dict, density: float) -> dict:
+        masks = global_topk_masks(upd, max(1, math.ceil(density * p)))  # as FlascMethod.k_for
+        return {"delta": flatten({n: t * masks[n] for n, t in upd.items()})}
+
+    cases = [(spec, spec, lambda u: u, expect) for spec in SPECS]
+    cases += [(label, spec, lambda u, d=d: flasc_message(u, d), {"delta": (p,)}) for label, d, spec in GLOBAL]
     rows = []
-    for spec in SPECS:
+    for label, spec, prepare, shapes in cases:
         size = enc_s = dec_s = pos_bytes = floor_bytes = 0.0
         for upd in updates:
-            msg = Message(upd, {"num_examples": 1})
+            msg = Message(prepare(upd), {"num_examples": 1})
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 data = encode(msg, spec)
                 t1 = time.perf_counter()
-                decode(data, expect)
+                decode(data, shapes)
                 t2 = time.perf_counter()
                 enc_s += (t1 - t0) / args.repeats
                 dec_s += (t2 - t1) / args.repeats
@@ -81,7 +95,7 @@ def main() -> None:
                     pos_bytes += e["params"]["np"]
                     floor_bytes += position_floor_bits(n, e["params"]["k"]) / 8
         c = len(updates)
-        rows.append({"codec": spec, "bytes": size / c, "ratio_to_dense_fp32": (4 * p) / (size / c),
+        rows.append({"codec": label, "bytes": size / c, "ratio_to_dense_fp32": (4 * p) / (size / c),
                      "position_bytes": pos_bytes / c if pos_bytes else None,
                      "position_ratio_to_floor": (pos_bytes / floor_bytes) if floor_bytes else None,
                      "encode_ms": 1000 * enc_s / c, "decode_ms": 1000 * dec_s / c})
