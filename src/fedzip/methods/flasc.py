@@ -12,7 +12,8 @@ Baselines from the same paper are switches: ``client_freeze`` (sparse fine-tunin
 
 Sparse fine-tuning inherits a property of the paper's own code: LoRA B starts at zero, so it never enters
 the magnitude mask while the density is below the share of nonzero entries (A and the head), and stays
-zero; the baseline then trains only A and the head. The client reads the mask from the nonzero entries it
+zero. A's gradient is zero while B is zero, so when the mask holds only A entries (B1 at 1/16: the head's
+small init keeps it out too) nothing trains at all. The client reads the mask from the nonzero entries it
 received, which is the server's mask whenever the kept entries are all nonzero.
 
 The mask is global, so messages carry all trainable tensors flattened into one vector (in the trainable
