@@ -111,21 +111,28 @@ def plot_accuracy(runs: list[dict], path: Path, title: str, axes: tuple[str, ...
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, subplots = plt.subplots(1, len(axes), figsize=(5.5 * len(axes), 4.2), dpi=110, squeeze=False)
+    # One colour per run: tab10 repeats after ten runs, so later runs change line style and marker.
+    colours = plt.get_cmap("tab10").colors
+    styles = [("-", "o"), ("--", "s"), (":", "^")]
+    fig, subplots = plt.subplots(1, len(axes), figsize=(5.5 * len(axes) + 2.0, 4.2), dpi=110, squeeze=False)
     for ax, kind in zip(subplots[0], axes):
-        for r in runs:
+        for i, r in enumerate(runs):
             pts = [p for p in r["curve"] if "accuracy" in p]
             xs = ([p["round"] for p in pts] if kind == "round"
                   else [(p["cum_bytes_up"] + p["cum_bytes_down"]) / 1e6 for p in pts])
-            ax.plot(xs, [p["accuracy"] for p in pts], marker="o", ms=3, label=r["label"])
+            line, marker = styles[(i // len(colours)) % len(styles)]
+            ax.plot(xs, [p["accuracy"] for p in pts], linestyle=line, marker=marker, ms=3,
+                    color=colours[i % len(colours)], label=r["label"])
         ax.set_xlabel("round" if kind == "round" else "cumulative MB (up + down)")
         if kind == "mb":
             ax.set_xscale("log")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    # The legend sits beside the plots so that it never hides a line.
+    handles, labels = subplots[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
     fig.suptitle(f"{title} ({runs[0]['machine']})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.9 / fig.get_figwidth(), 1))
     fig.savefig(path)
     plt.close(fig)
 
