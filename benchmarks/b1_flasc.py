@@ -18,11 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402  (the same sizes and FedIT reference)
 from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
+# FedAvg on the server, so that every difference from FedIT comes from sparsity (density 1 = FedIT).
 SERVER = "server_optimizer: sgd, server_lr: 1.0, weighting: samples"
+# The paper's server step: AdamW at lr 1e-3 on the mean delta (used by the two *_server_adamw runs).
+SERVER_ADAMW = "server_optimizer: adamw, server_lr: 0.001, weighting: samples"
 
 
-def flasc(d_dl: float, d_ul: float, extra: str = "") -> list[str]:
-    return ["method=flasc", f"method_options={{{SERVER}, d_dl: {d_dl}, d_ul: {d_ul}{', ' + extra if extra else ''}}}"]
+def flasc(d_dl: float, d_ul: float, extra: str = "", server: str = SERVER) -> list[str]:
+    return ["method=flasc", f"method_options={{{server}, d_dl: {d_dl}, d_ul: {d_ul}{', ' + extra if extra else ''}}}"]
 
 
 RUNS = [
@@ -38,6 +41,8 @@ RUNS = [
     ("lora_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"], "b1_hafl/fedit_rank4"),
     ("flasc_1_16_int8_zstd", flasc(0.0625, 0.0625) + ["wire.up=int8+zstd", "wire.down=int8+zstd"]),
     ("flasc_1_16_int4_zstd", flasc(0.0625, 0.0625) + ["wire.up=int4+zstd", "wire.down=int4+zstd"]),
+    ("dense_server_adamw", flasc(1.0, 1.0, server=SERVER_ADAMW)),
+    ("flasc_1_16_server_adamw", flasc(0.0625, 0.0625, server=SERVER_ADAMW)),
 ]
 
 
