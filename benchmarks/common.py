@@ -87,7 +87,10 @@ def collect(run_dir: Path, profile: str, label: str) -> dict:
             if k in r:
                 point[k] = r[k]
         curve.append(point)
-    return {"label": label, "method": summary["method"], "profile": profile, "machine": machine(),
+    # Where the run trained (it may have run on another machine, e.g. a GPU, and been collected here).
+    where = summary.get("device", "cpu")
+    ran_on = (f"{summary['cpu_count']} CPU cores, {where}, torch {summary['torch']}" if where != "cpu" else machine())
+    return {"label": label, "method": summary["method"], "profile": profile, "machine": ran_on,
             "final_metrics": summary["final_metrics"], "bytes_up_total": summary["bytes_up_total"],
             "bytes_down_total": summary["bytes_down_total"], "wall_seconds": round(summary["wall_seconds"], 1),
             "time_split_s": {k: round(v, 2) for k, v in summary["time_split_s"].items()},
@@ -145,8 +148,8 @@ def accuracy_figure(runs: list[dict], name: str, title: str, axes: tuple[str, ..
 
 
 def profile_sections(runs: list[dict], columns: list[str]):
-    """Yield (profile, its runs, markdown heading + table header) for each profile present, full first."""
-    for profile in ("full", "medium", "smoke"):
+    """Yield (profile, its runs, markdown heading + table header) for each profile present, longest first."""
+    for profile in ("long", "full", "medium", "smoke"):
         sel = [r for r in runs if r["profile"] == profile]
         if sel:
             yield profile, sel, [f"## Profile `{profile}` ({sel[0]['machine']})", "",

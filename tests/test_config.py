@@ -25,6 +25,8 @@ def test_quickstart_loads_and_overrides():
     ("wire.up=gzip9", "wire.up"),
     ("method=nope", "method"),
     ("data.source=imagenet", "data.source"),
+    ("train.device=gpu", "train.device"),
+    ("train.device=cuda:x", "train.device"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

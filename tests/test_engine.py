@@ -173,3 +173,57 @@ def test_resume_recovers_from_a_crash_during_the_checkpoint_swap(tmp_path, tiny_
     run_experiment(load_config(None, opts), part, resume=True, progress=False)
     a, b = adapter_tensors(fdir), adapter_tensors(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_resolution_is_explicit(tiny_cfg, monkeypatch):
+    from fedzip.engine.runtime import resolve_device
+    from fedzip.errors import ConfigError
+    from fedzip.methods import METHODS
+
+    fedit, hafl = METHODS["fedit"], METHODS["hafl"]
+    cfg = load_config(None, tiny_cfg + ["train.device=auto"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(cfg, fedit) == torch.device("cpu")  # auto falls back to the CPU
+    with pytest.raises(ConfigError, match="sees no CUDA device"):
+        resolve_device(load_config(None, tiny_cfg + ["train.device=cuda"]), fedit)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(cfg, hafl) == torch.device("cpu")  # auto: a CPU-only method stays on the CPU
+    with pytest.raises(ConfigError, match="runs on the CPU only"):
+        resolve_device(load_config(None, tiny_cfg + ["method=hafl", "train.device=cuda"]), hafl)
+    with pytest.raises(ConfigError, match="only 1 CUDA device"):
+        resolve_device(load_config(None, tiny_cfg + ["train.device=cuda:1"]), fedit)
+    assert resolve_device(cfg, fedit) == torch.device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["fedit", "flasc"])
+def test_cuda_run_matches_cpu_run(tmp_path, tiny_cfg, method, monkeypatch):
+    """Same payloads and nearly the same adapter on the GPU as on the CPU: only where it trains differs.
+
+    Dropout draws from a different generator on each device, so it is switched off here; SGD, unlike
+    Adam, does not magnify the float differences of near-zero gradients."""
+    import fedzip.engine.runtime as runtime
+
+    real_load = runtime.load_base_model
+
+    def load_without_dropout(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        return model
+
+    monkeypatch.setattr(runtime, "load_base_model", load_without_dropout)
+    extra = ["train.optimizer=sgd", "train.lr=0.05", f"method={method}"] + (["method_options={d_dl: 0.25, d_ul: 0.25, server_optimizer: sgd, server_lr: 1.0}"]
+                                     if method == "flasc" else [])
+    cpu, cpu_dir = run(tmp_path, tiny_cfg + extra, "cpu")
+    gpu, gpu_dir = run(tmp_path, tiny_cfg + extra + ["train.device=cuda"], "gpu")
+    assert gpu["device"] != "cpu" and cpu["device"] == "cpu"
+    assert gpu["bytes_down_total"] == cpu["bytes_down_total"]
+    # Replies carry the train loss as JSON text: its last digits, and so a few bytes, may differ.
+    assert abs(gpu["bytes_up_total"] - cpu["bytes_up_total"]) <= 8 * 6
+    a, b = adapter_tensors(cpu_dir), adapter_tensors(gpu_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-3), k

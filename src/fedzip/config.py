@@ -70,6 +70,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     persist_optimizer_state: bool = Field(False, description="keep each client's optimizer state on disk")
     threads: int | None = Field(None, ge=1)
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
+                        description="where the model trains and evaluates: cpu, cuda, cuda:N or auto "
+                                    "(cuda when present); payloads and method state stay on the CPU")
 
 
 class WireConfig(Section):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedzip.data.task import model_device
 from fedzip.errors import DataError
 
 LETTERS = ("A", "B", "C", "D")
@@ -55,7 +56,8 @@ def evaluate_ceval(model, tokenizer, items: list[dict], batch_size: int = 8, max
         mask = torch.zeros_like(ids)
         for r, q in enumerate(seqs):
             ids[r, : len(q)], mask[r, : len(q)] = torch.tensor(q), 1
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        device = model_device(model)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()
         last = logits[torch.arange(len(seqs)), mask.sum(1) - 1][:, letter_ids]
         for it, choice in zip(chunk, last.argmax(-1).tolist()):
             correct += LETTERS[choice] == it["answer"]

@@ -12,6 +12,8 @@ import re
 import numpy as np
 import torch
 
+from fedzip.data.task import model_device
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -43,6 +45,7 @@ def exact_match_evaluator(task, max_examples: int, max_new_tokens: int, batch_si
         try:
             for s in range(0, len(prompts), batch_size):
                 enc = tok(prompts[s : s + batch_size], return_tensors="pt", padding=True)
+                enc = {k: v.to(model_device(model)) for k, v in enc.items()}
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=task.pad_id)
                 texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

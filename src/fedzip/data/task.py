@@ -100,7 +100,7 @@ class Task:
         model.eval()
         total_loss, total_count, preds, golds = 0.0, 0, [], []
         for s in range(0, len(idx), batch_size):
-            batch = self.collate(self.test, idx[s : s + batch_size])
+            batch = to_device(self.collate(self.test, idx[s : s + batch_size]), model_device(model))
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = out.logits.float()
             if self.kind == "classification":
@@ -125,6 +125,15 @@ class Task:
         for extra in self.extra_evals:
             out.update(extra(model))
         return out
+
+
+def model_device(model) -> torch.device:
+    first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def accuracy(preds, golds) -> float:

@@ -64,6 +64,23 @@ def build_task(cfg) -> Task:
     return task
 
 
+def resolve_device(cfg, method_cls) -> torch.device:
+    """``train.device`` as a torch device; a clear error where it cannot be honoured."""
+    from fedzip.errors import ConfigError
+
+    wanted = cfg.train.device
+    if wanted == "cpu" or (wanted == "auto" and not (torch.cuda.is_available() and method_cls.runs_on_accelerator)):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {wanted} but this torch ({torch.__version__}) sees no CUDA device")
+    if not method_cls.runs_on_accelerator:
+        raise ConfigError(f"train.device: {wanted}: method {cfg.method} runs on the CPU only in this version")
+    device = torch.device("cuda" if wanted == "auto" else wanted)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {wanted} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
 def build_model(cfg, method_cls, task: Task):
     torch.manual_seed(cfg.seed)  # the classification head's init
     model = load_base_model(cfg.model.name, task.kind, task.num_labels, cfg.model.cache_dir)
@@ -71,7 +88,8 @@ def build_model(cfg, method_cls, task: Task):
         lc = cfg.lora
         model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, lc.train_head, cfg.seed)
     method_cls.prepare_model(model, cfg)
-    return model
+    # Built on the CPU first so that initial weights do not depend on the device.
+    return model.to(resolve_device(cfg, method_cls))
 
 
 def build_runtime(cfg, method_cls, with_model: bool = True) -> Runtime:

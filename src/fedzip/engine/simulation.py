@@ -248,6 +248,12 @@ def export_model(model, method_cls, out: Path) -> None:
         model.save_pretrained(str(out / "model"))
 
 
+def device_name(cfg) -> str:
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
 def write_summary(cfg, out: Path, wall: float) -> dict:
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -264,7 +270,7 @@ def write_summary(cfg, out: Path, wall: float) -> dict:
                          for k in ("compute_s", "encode_s", "decode_s", "aggregate_s", "eval_s")},
         "model": cfg.model.name, "data": cfg.data.source, "seed": cfg.seed,
         "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device_name(cfg), "torch": torch.__version__,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -18,6 +18,7 @@ from fedzip.wire import Message
 
 class FedIT(Method):
     name = "fedit"
+    runs_on_accelerator = True
 
     def init_global(self) -> None:
         self.global_ = self.rt.view.get()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedzip.data.task import model_device, to_device
+
 
 def make_optimizer(params: dict[str, torch.nn.Parameter], train_cfg):
     plist = list(params.values())
@@ -48,13 +50,14 @@ def train_locally(model, params: dict[str, torch.nn.Parameter], task, indices: n
     if opt_state:
         load_optimizer_state(opt, names, opt_state)
     model.train()
+    device = model_device(model)
     steps, loss_sum = 0, 0.0
     total = task.steps_per_epoch(len(indices), train_cfg.batch_size) * train_cfg.local_epochs
     if train_cfg.max_steps:
         total = min(total, train_cfg.max_steps)
     for _ in range(train_cfg.local_epochs):
         for batch in task.train_batches(indices, train_cfg.batch_size, rng):
-            out = model(**batch)
+            out = model(**to_device(batch, device))
             loss = out.loss
             if extra_loss is not None:
                 loss = loss + extra_loss()

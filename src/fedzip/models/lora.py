@@ -61,7 +61,8 @@ class TrainableView:
         return {n: tuple(self.params[n].shape) for n in (names or self.params)}
 
     def get(self, names=None) -> dict[str, torch.Tensor]:
-        return {n: self.params[n].detach().clone() for n in (names or self.params)}
+        """Copies on the CPU, wherever the model lives: methods and payloads work on CPU tensors."""
+        return {n: self.params[n].detach().to("cpu", copy=True) for n in (names or self.params)}
 
     def set(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
