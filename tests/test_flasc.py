@@ -128,3 +128,20 @@ def test_bad_options_name_the_key():
         load_config(None, ["method=flasc", "method_options={bogus: 1}"])
     with pytest.raises(ConfigError, match="takes no options"):
         load_config(None, ["method=fedit", "method_options={d_ul: 0.5}"])
+
+
+def test_evaluated_model_is_the_one_clients_receive(tmp_path, tiny_cfg, spy):
+    """eval_masked (the paper's evaluation): the exported adapter is theta_s masked at d_dl, exactly what
+    the next round's clients would be sent; eval_masked false exports the dense server model."""
+    opts = "method_options={d_dl: 0.25, d_ul: 0.25, server_optimizer: sgd, server_lr: 1.0}"
+    _, masked = run(tmp_path, tiny_cfg + ["rounds=2", "method=flasc", opts], "masked")
+    p = sum(t.numel() for t in spy[0][0].tensors.values())
+    _, dense = run(tmp_path, tiny_cfg + ["rounds=2", "method=flasc", opts[:-1] + ", eval_masked: false}"], "dense")
+    tm = load_file(str(masked / "adapter/adapter_model.safetensors"))
+    td = load_file(str(dense / "adapter/adapter_model.safetensors"))
+    nonzero_m = sum(int((t != 0).sum()) for t in tm.values())
+    nonzero_d = sum(int((t != 0).sum()) for t in td.values())
+    assert nonzero_m == math.ceil(0.25 * p) < nonzero_d  # k entries kept, the rest of the dense model dropped
+    flat_d = torch.cat([t.flatten() for t in td.values()])
+    keep = global_topk_masks({"all": flat_d}, math.ceil(0.25 * p))["all"]
+    assert torch.equal(torch.cat([t.flatten() for t in tm.values()]), flat_d * keep)  # the dense run's top-k

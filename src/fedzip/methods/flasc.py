@@ -10,6 +10,10 @@ ALGORITHMS.md section 2. Per round t, with P trainable entries (LoRA A, B and th
 Baselines from the same paper are switches: ``client_freeze`` (sparse fine-tuning), ``server_freeze``
 (mask fixed after round 1), ``freeze_a``; lower-rank LoRA is just ``lora.rank``.
 
+Evaluated and exported (``eval_masked``, as in the paper's code): theta_s * M, the model clients receive.
+The dense theta_s is never trained as a whole (clients start from its top-k entries), and in B1 it drifts
+away from the sparse model over 200 rounds.
+
 Sparse fine-tuning inherits a property of the paper's own code: LoRA B starts at zero, so it never enters
 the magnitude mask while the density is below the share of nonzero entries (A and the head), and stays
 zero. A's gradient is zero while B is zero, so when the mask holds only A entries (B1 at 1/16: the head's
@@ -48,6 +52,8 @@ class FlascOptions(BaseModel):
     server_freeze: bool = False
     freeze_a: bool = False
     error_feedback: bool = False
+    eval_masked: bool = Field(True, description="evaluate and export the model the clients receive (theta_s "
+                              "masked at the download density), as the paper's code does; false: dense theta_s")
 
 
 def global_topk_masks(tensors: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -78,6 +84,7 @@ def unflatten(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[st
 
 class Flasc(Method):
     name = "cellm"
+    runs_on_accelerator = True
     Options = FlascOptions
 
     def __init__(self, cfg, runtime):
@@ -114,9 +121,11 @@ class Flasc(Method):
         else:
             self.opt = torch.optim.SGD(params, lr=self.opts.server_lr, weight_decay=self.opts.server_weight_decay)
         self.fixed_mask: dict[str, torch.Tensor] | None = None
+        self.next_round = 1
 
     def server_state(self) -> dict[str, torch.Tensor]:
         state = {f"theta::{n}": p.detach().clone() for n, p in self.theta.items()}
+        state["meta::next_round"] = torch.tensor([self.next_round])
         state.update({f"opt::{k}": v for k, v in optimizer_state_to_tensors(self.opt, list(self.theta)).items()})
         if self.fixed_mask is not None:
             state.update({f"mask::{n}": m.to(torch.uint8) for n, m in self.fixed_mask.items()})
@@ -129,9 +138,24 @@ class Flasc(Method):
         load_optimizer_state(self.opt, list(self.theta), {k[5:]: v for k, v in state.items() if k.startswith("opt::")})
         masks = {k[6:]: v.bool() for k, v in state.items() if k.startswith("mask::")}
         self.fixed_mask = masks or None
+        if "meta::next_round" in state:
+            self.next_round = int(state["meta::next_round"][0])
+
+    def dense_theta(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.theta.items()}
+
+    def download_mask(self, theta: dict[str, torch.Tensor], rnd: int) -> dict[str, torch.Tensor]:
+        if self.opts.server_freeze and self.fixed_mask is not None:
+            return self.fixed_mask
+        return global_topk_masks(theta, self.k_for(self.opts.d_dl, rnd))
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.theta.items()}
+        """What is evaluated and exported: by default the sparse model the next round's clients receive."""
+        theta = self.dense_theta()
+        if self.opts.d_dl >= 1 or not self.opts.eval_masked:
+            return theta
+        mask = self.download_mask(theta, self.next_round)
+        return {n: t * mask[n] for n, t in theta.items()}
 
     def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
         return {"theta": (self.num_params,)}
@@ -140,14 +164,11 @@ class Flasc(Method):
         return {"delta": (self.num_params,)}
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
-        theta = self.global_tensors()
+        theta = self.dense_theta()
         if self.opts.d_dl < 1:
-            if self.opts.server_freeze and self.fixed_mask is not None:
-                mask = self.fixed_mask
-            else:
-                mask = global_topk_masks(theta, self.k_for(self.opts.d_dl, rnd))
-                if self.opts.server_freeze:
-                    self.fixed_mask = mask
+            mask = self.download_mask(theta, rnd)
+            if self.opts.server_freeze:
+                self.fixed_mask = mask
             theta = {n: t * mask[n] for n, t in theta.items()}
         msg = Message(tensors={"theta": flatten(theta)}, meta={"round": rnd})
         return {cid: msg for cid in cids}
@@ -164,6 +185,7 @@ class Flasc(Method):
         for n, p in self.theta.items():
             p.grad = -mean_delta[n]
         self.opt.step()
+        self.next_round = rnd + 1
         return {"density_dl": self.density(self.opts.d_dl, rnd), "density_ul": self.density(self.opts.d_ul, rnd)}
 
     # -- client ------------------------------------------------------------------------------------
@@ -174,18 +196,20 @@ class Flasc(Method):
         grad_hook = None
         if opts.client_freeze and opts.d_dl < 1:
             support = {n: (t != 0).float() for n, t in start.items()}  # the server's mask, as received
+            support_on_model = {n: m.to(view.params[n].device) for n, m in support.items()}
 
             def grad_hook():
                 for n, p in view.params.items():
                     if p.grad is not None:
-                        p.grad.mul_(support[n])
+                        p.grad.mul_(support_on_model[n])
 
         stored = client.store.load(client.cid) if (opts.error_feedback or self.cfg.train.persist_optimizer_state) else {}
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, self.cfg.train, client.seed,
             opt_state={k[5:]: v for k, v in stored.items() if k.startswith("opt::")},
             grad_hook=grad_hook, progress=self.rt.step_progress)
-        delta = {n: view.params[n].detach() - start[n] for n in start}
+        trained = view.get()
+        delta = {n: trained[n] - start[n] for n in start}
         if opts.client_freeze and opts.d_dl < 1:  # weight decay or momentum must not leak outside the mask
             delta = {n: d * support[n] for n, d in delta.items()}
         if opts.error_feedback:
