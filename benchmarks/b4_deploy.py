@@ -60,8 +60,7 @@ def main() -> None:
         out = base / f"{label}-flower"
         t0 = time.time()
         with LocalFederation(base / f"{label}-flower-home", args.nodes) as fed:
-            proc = fed.submit("b1_fedit", ov, out)
-            proc.wait()
+            fed.wait_for_run(fed.submit("b1_fedit", ov, out), out)
         if not (out / "summary.json").exists():
             raise SystemExit(f"[{label}] the Flower run failed; see {base / f'{label}-flower-home'}")
         a = load_file(str(sim / "adapter" / "adapter_model.safetensors"))

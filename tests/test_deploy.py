@@ -29,13 +29,14 @@ def flower_run(fed: LocalFederation, overrides, out: Path, resume=False, timeout
     """Submit a run and wait for it to end (or for ``until()`` to hold, then return)."""
     proc = fed.submit("quickstart", overrides, out, resume)
     end = time.time() + timeout
-    while proc.poll() is None:
-        if until is not None and until():
-            return
-        assert time.time() < end, f"Flower run timed out; logs in {fed.home}"
-        time.sleep(0.5)
-    if until is None:
-        assert (out / "summary.json").exists(), (fed.home / "flwr-run.log").read_text()[-3000:]
+    if until is not None:
+        while proc.poll() is None:
+            if until():
+                return
+            assert time.time() < end, f"Flower run timed out; logs in {fed.home}"
+            time.sleep(0.5)
+        return
+    assert fed.wait_for_run(proc, out, end), (fed.home / "flwr-run.log").read_text()[-3000:]
 
 
 def node_wire(fed: LocalFederation) -> dict[tuple[int, int], tuple[int, int]]:

@@ -134,11 +134,38 @@ class LocalFederation:
 
     def kill_serverapps(self) -> int:
         """Kill the ServerApp processes (as a crash of the server would); returns how many."""
-        out = subprocess.run(["pgrep", "-f", "flwr-serverapp"], capture_output=True, text=True).stdout.split()
-        mine = [int(p) for p in out if _env_home(int(p)) == str(self.home)]
+        mine = self.serverapp_pids()
         for pid in mine:
             os.kill(pid, signal.SIGKILL)
         return len(mine)
+
+    def serverapp_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", "flwr-serverapp"], capture_output=True, text=True).stdout.split()
+        return [int(p) for p in out if _env_home(int(p)) == str(self.home)]
+
+    def wait_for_run(self, run: subprocess.Popen, out: Path, deadline: float | None = None, tick=None,
+                     grace_s: float = 20.0) -> bool:
+        """Wait until a submitted run ends; True when it wrote its summary.
+
+        ``flwr run --stream`` can lose its log stream and exit while the run goes on in the SuperLink (seen
+        on a loaded machine), so after the CLI exits without a summary we wait for the ServerApp: up to
+        ``grace_s`` for it to start, then for as long as it runs."""
+        def check_deadline():
+            if deadline is not None and time.time() > deadline:
+                raise FedzipError(f"the run did not finish in time; logs in {self.home}")
+
+        while run.poll() is None:
+            if tick is not None:
+                tick()
+            check_deadline()
+            time.sleep(0.5)
+        started_waiting = time.time()
+        while not (out / "summary.json").exists():
+            if not self.serverapp_pids() and time.time() - started_waiting > grace_s:
+                return False
+            check_deadline()
+            time.sleep(0.5)
+        return True
 
     def stop(self) -> None:
         for i in list(self.supernodes):
@@ -192,15 +219,12 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
     print(f"fedzip: starting a SuperLink and {nodes} SuperNode(s); Flower logs in {home}", flush=True)
     with LocalFederation(home, nodes, credentials=credentials) as fed:
         run = fed.submit(config or "quickstart", overrides, out, resume)
-        log, shown, t0 = home / "flwr-run.log", 0, time.time()
+        log, shown = home / "flwr-run.log", [0]
+        deadline = None if timeout_s is None else time.time() + timeout_s
         try:
-            while run.poll() is None:
-                shown = _echo_new(log, shown)
-                time.sleep(1.0)
-                if timeout_s is not None and time.time() - t0 > timeout_s:
-                    raise FedzipError(f"the run did not finish within {timeout_s:.0f} s; logs in {home}")
+            fed.wait_for_run(run, out, deadline, tick=lambda: shown.__setitem__(0, _echo_new(log, shown[0])))
         finally:
-            _echo_new(log, shown)
+            _echo_new(log, shown[0])
             _kill(run)
     if not (out / "summary.json").exists():
         raise FedzipError(f"the Flower run ended without a summary in {out}; see {home}/flwr-run.log "
