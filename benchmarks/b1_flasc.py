@@ -30,6 +30,8 @@ def flasc(d_dl: float, d_ul: float, extra: str = "", server: str = SERVER, eval_
     extra = ", ".join(x for x in (extra, f"eval_masked: {str(eval_masked).lower()}") if x)
     return ["method=flasc", f"method_options={{{server}, d_dl: {d_dl}, d_ul: {d_ul}, {extra}}}"]
 
+INT8 = ["wire.up=int8+zstd", "wire.down=int8+zstd"]
+LORA_RANK4 = ["method=fedit", "lora.rank=4", "lora.alpha=4"]
 
 RUNS = [
     # B1 FedIT's own run (identical config), trained once and reused here.
@@ -41,8 +43,8 @@ RUNS = [
     ("sparse_ft_1_16", flasc(0.0625, 0.0625, "client_freeze: true")),
     ("mask_fixed_1_16", flasc(0.0625, 0.0625, "server_freeze: true")),
     ("freeze_a", flasc(1.0, 1.0, "freeze_a: true")),
-    ("lora_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"], "b1_hafl/fedit_rank4"),
-    ("flasc_1_16_int8_zstd", flasc(0.0625, 0.0625) + ["wire.up=int8+zstd", "wire.down=int8+zstd"]),
+    ("lora_rank4", LORA_RANK4, "b1_hafl/fedit_rank4"),
+    ("flasc_1_16_int8_zstd", flasc(0.0625, 0.0625) + INT8),
     ("flasc_1_16_int4_zstd", flasc(0.0625, 0.0625) + ["wire.up=int4+zstd", "wire.down=int4+zstd"]),
     ("dense_server_adamw", flasc(1.0, 1.0, server=SERVER_ADAMW)),
     ("flasc_1_16_server_adamw", flasc(0.0625, 0.0625, server=SERVER_ADAMW)),
@@ -51,7 +53,6 @@ RUNS = [
 
 # The paper's horizon needs a GPU: the B1 set-up over 200 rounds, model on the GPU where one is present.
 PROFILES = {**PROFILES, "long": ["rounds=200", "train.device=auto", "eval.every=10"]}
-INT8 = ["wire.up=int8+zstd", "wire.down=int8+zstd"]
 LONG_RUNS = [
     RUNS[0],
     ("flasc_1_4", flasc(0.25, 0.25, eval_masked=True)),
@@ -59,7 +60,7 @@ LONG_RUNS = [
     ("flasc_1_16_int8_zstd", flasc(0.0625, 0.0625, eval_masked=True) + INT8),
     ("flasc_1_16_dense_eval", flasc(0.0625, 0.0625)),  # the same training, the dense server model evaluated
     ("flasc_1_16_int8_zstd_dense_eval", flasc(0.0625, 0.0625) + INT8),
-    ("lora_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"]),
+    ("lora_rank4", LORA_RANK4),
 ]
 
 

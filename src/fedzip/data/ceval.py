@@ -47,6 +47,7 @@ def evaluate_ceval(model, tokenizer, items: list[dict], batch_size: int = 8, max
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
+    device = model_device(model)
     correct = 0
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
@@ -56,7 +57,6 @@ def evaluate_ceval(model, tokenizer, items: list[dict], batch_size: int = 8, max
         mask = torch.zeros_like(ids)
         for r, q in enumerate(seqs):
             ids[r, : len(q)], mask[r, : len(q)] = torch.tensor(q), 1
-        device = model_device(model)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.cpu()
         last = logits[torch.arange(len(seqs)), mask.sum(1) - 1][:, letter_ids]
         for it, choice in zip(chunk, last.argmax(-1).tolist()):

@@ -41,11 +41,12 @@ def exact_match_evaluator(task, max_examples: int, max_new_tokens: int, batch_si
         model.eval()
         side = tok.padding_side
         tok.padding_side = "left"  # generation continues from the right edge
+        device = model_device(model)
         correct = 0
         try:
             for s in range(0, len(prompts), batch_size):
                 enc = tok(prompts[s : s + batch_size], return_tensors="pt", padding=True)
-                enc = {k: v.to(model_device(model)) for k, v in enc.items()}
+                enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=task.pad_id)
                 texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

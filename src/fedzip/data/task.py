@@ -99,8 +99,9 @@ class Task:
         was_training = model.training
         model.eval()
         total_loss, total_count, preds, golds = 0.0, 0, [], []
+        device = model_device(model)
         for s in range(0, len(idx), batch_size):
-            batch = to_device(self.collate(self.test, idx[s : s + batch_size]), model_device(model))
+            batch = to_device(self.collate(self.test, idx[s : s + batch_size]), device)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = out.logits.float()
             if self.kind == "classification":

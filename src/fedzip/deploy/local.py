@@ -219,12 +219,17 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
     print(f"fedzip: starting a SuperLink and {nodes} SuperNode(s); Flower logs in {home}", flush=True)
     with LocalFederation(home, nodes, credentials=credentials) as fed:
         run = fed.submit(config or "quickstart", overrides, out, resume)
-        log, shown = home / "flwr-run.log", [0]
+        log, shown = home / "flwr-run.log", 0
+
+        def echo() -> None:
+            nonlocal shown
+            shown = _echo_new(log, shown)
+
         deadline = None if timeout_s is None else time.time() + timeout_s
         try:
-            fed.wait_for_run(run, out, deadline, tick=lambda: shown.__setitem__(0, _echo_new(log, shown[0])))
+            fed.wait_for_run(run, out, deadline, tick=echo)
         finally:
-            _echo_new(log, shown[0])
+            echo()
             _kill(run)
     if not (out / "summary.json").exists():
         raise FedzipError(f"the Flower run ended without a summary in {out}; see {home}/flwr-run.log "

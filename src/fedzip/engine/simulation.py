@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedzip.config import ExperimentConfig, dump_config
+from fedzip.data.task import model_device
 from fedzip.engine.ledger import Ledger
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
@@ -169,7 +170,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
 
     rt.view.set(method.global_tensors())
     export_model(rt.model, method_cls, out)
-    summary = write_summary(cfg, out, elapsed_before + time.time() - t_start)
+    summary = write_summary(cfg, out, elapsed_before + time.time() - t_start, device_name(rt.model))
     return {**summary, "run_dir": str(out)}
 
 
@@ -248,13 +249,13 @@ def export_model(model, method_cls, out: Path) -> None:
         model.save_pretrained(str(out / "model"))
 
 
-def device_name(cfg) -> str:
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return "cpu"
+def device_name(model) -> str:
+    """Where the model actually trained (``auto`` keeps a CPU-only method on the CPU)."""
+    device = model_device(model) if model is not None else torch.device("cpu")
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def write_summary(cfg, out: Path, wall: float) -> dict:
+def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match")
@@ -270,7 +271,8 @@ def write_summary(cfg, out: Path, wall: float) -> dict:
                          for k in ("compute_s", "encode_s", "decode_s", "aggregate_s", "eval_s")},
         "model": cfg.model.name, "data": cfg.data.source, "seed": cfg.seed,
         "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device_name(cfg), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device,
+        "torch": torch.__version__,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
