@@ -99,3 +99,62 @@ def test_bring_your_own_csv_and_jsonl(tmp_path, toy_jsonl):
         load_source(load_config(None, ["data.source=jsonl", f"data.path={bad}"]).data, 0, tmp_path)
     with pytest.raises(DataError, match="not found"):
         load_source(load_config(None, ["data.source=jsonl", f"data.path={tmp_path / 'no.jsonl'}"]).data, 0, tmp_path)
+
+
+AG_NEWS_STYLE = ('"3","Wall St. Bears Claw Back","Short-sellers are seeing green again."\n'
+                 '"4","New chip doubles speed","Faster computers for less power."\n'
+                 '"1","Peace talks resume","Leaders meet in Geneva."\n'
+                 '"3","Oil prices fall","Crude drops on supply news."\n')
+
+
+def test_headerless_csv_by_column_position(tmp_path):
+    """AG News ships without a header: class index, title, description. Positions name the columns."""
+    path = tmp_path / "ag.csv"
+    path.write_text(AG_NEWS_STYLE)
+    cfg = load_config(None, ["data.source=csv", f"data.path={path}", "data.header=false", "data.label_column=0",
+                             "data.text_column=[1, 2]", "data.test_fraction=0.25"]).data
+    train, test = load_source(cfg, 0, tmp_path)
+    assert train.label_names == ["1", "3", "4"] and len(train) + len(test) == 4
+    every = train.texts + test.texts
+    assert "Wall St. Bears Claw Back\nShort-sellers are seeing green again." in every
+    # without the option, the error says what it found and how to read a header-less file
+    with pytest.raises(DataError, match="data.header=false"):
+        load_source(load_config(None, ["data.source=csv", f"data.path={path}"]).data, 0, tmp_path)
+    with pytest.raises(DataError, match="data.label_column=7 but the file has 3 columns"):
+        load_source(load_config(None, ["data.source=csv", f"data.path={path}", "data.header=false",
+                                       "data.label_column=7", "data.text_column=1"]).data, 0, tmp_path)
+
+
+def test_tsv_and_parquet_with_named_columns(tmp_path):
+    tsv = tmp_path / "sst.tsv"
+    tsv.write_text("sentence\tlabel\na gripping film\t1\ndull and slow\t0\nwonderful cast\t1\n")
+    cfg = load_config(None, ["data.source=tsv", f"data.path={tsv}", "data.text_column=sentence",
+                             "data.test_fraction=0.34"]).data
+    train, test = load_source(cfg, 0, tmp_path)
+    assert train.label_names == ["0", "1"] and sorted(train.texts + test.texts)[0] == "a gripping film"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["2+2?", "3+3?", "1+1?"], "answer": ["4", "6", "2"]}),
+                   tmp_path / "qa.parquet")
+    cfg = load_config(None, ["data.source=parquet", f"data.path={tmp_path / 'qa.parquet'}",
+                             "data.prompt_column=question", "data.test_fraction=0.34"]).data
+    train, test = load_source(cfg, 0, tmp_path)
+    assert not train.is_classification and sorted(train.answers + test.answers) == ["2", "4", "6"]
+    with pytest.raises(DataError, match="cannot read as parquet"):
+        (tmp_path / "broken.parquet").write_text("not parquet")
+        load_source(load_config(None, ["data.source=parquet", f"data.path={tmp_path / 'broken.parquet'}"]).data,
+                    0, tmp_path)
+
+
+def test_missing_benchmark_data_names_both_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDZIP_DATA", raising=False)
+    monkeypatch.setenv("FEDZIP_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, ["data.source=gsm8k"])
+    assert cfg.data_root() == tmp_path / "cache" / "data"
+    with pytest.raises(DataError, match=r"GSM8K not found: expected .*gsm8k/train.jsonl; set data.root or "
+                                        r"\$FEDZIP_DATA .*the data root is .*cache/data"):
+        load_source(cfg.data, 0, cfg.data_root())
+    monkeypatch.setenv("FEDZIP_DATA", str(tmp_path / "env"))
+    assert load_config(None).data_root() == tmp_path / "env"
+    assert load_config(None, [f"data.root={tmp_path / 'cfg'}"]).data_root() == tmp_path / "cfg"

@@ -26,8 +26,12 @@ def test_minilm_bbc_news_end_to_end_and_report(tmp_path):
     assert (tmp_path / "rep" / "accuracy_vs_mb.png").stat().st_size > 1000
 
 
-def test_smollm2_gguf_converts_and_trains_causal_lm(tmp_path, cache_dir):
-    cfg = load_config(None, ["model.name=smollm2-135m", f"model.cache_dir={cache_dir}", "data.source=gsm8k",
+def test_gguf_file_as_model_name_converts_once_and_trains(tmp_path, cache_dir):
+    """A .gguf path (here the packaged SmolLM2 file itself) is converted once, keyed by hash, and trains."""
+    from fedzip.models.load import file_sha256, resolve, smollm_gguf
+
+    gguf = smollm_gguf()
+    cfg = load_config(None, [f"model.name={gguf}", f"model.cache_dir={cache_dir}", "data.source=gsm8k",
                              "data.max_train_examples=24", "data.max_test_examples=8", "data.max_length=96",
                              "num_clients=2", "clients_per_round=2", "rounds=1", "partition.scheme=iid",
                              "train.max_steps=1", "train.batch_size=4", "lora.rank=4", "lora.train_head=false"])
@@ -36,9 +40,10 @@ def test_smollm2_gguf_converts_and_trains_causal_lm(tmp_path, cache_dir):
     assert 0.0 < fm["loss"] < 10.0 and fm["perplexity"] > 1.0
     adapter = json.loads((tmp_path / "lm" / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    # the converted folder is cached: a second load does not need the GGUF step
-    from fedzip.models.load import smollm_converted
-    assert (smollm_converted(cache_dir) / "model.safetensors").exists()
+    # the converted folder is cached under the file's hash, and the packaged name resolves to the same one
+    folder = resolve(str(gguf), cache_dir)
+    assert folder.endswith(file_sha256(gguf)[:24]) and (tmp_path / "lm").exists()
+    assert resolve("smollm2-135m", cache_dir) == folder
 
 
 def test_cli_report_command(tmp_path, tiny_cfg):
@@ -59,6 +64,8 @@ def test_main_job_quickstart_beats_chance(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "run directory:" in r.stdout and "report:" in r.stdout and "bytes up" in r.stdout
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
-    assert summary["final_metrics"]["accuracy"] > 0.6  # 5 balanced-ish classes: chance is about 0.2
+    assert summary["final_metrics"]["accuracy"] >= 0.85  # 5 balanced-ish classes: chance is about 0.2
+    last = json.loads((tmp_path / "runs" / "quickstart" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_examples"] == 445  # rounds use a fixed subset; the last round the whole test split
     assert summary["bytes_up_total"] > 0 and summary["bytes_down_total"] > 0
     assert (tmp_path / "runs" / "quickstart" / "report.html").exists()

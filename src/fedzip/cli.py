@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         print("fedzip: error: --resume needs --out RUN_DIR", file=sys.stderr)
         return 2
     try:
+        if args.command == "deploy" and args.target != "app":
+            from fedzip.errors import require
+
+            require(("flwr", "cryptography"), "flower", "deploying on Flower")
         return args.func(args)
     except FedzipError as exc:
         print(f"fedzip: error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedzip.errors import ConfigError, FedzipError
+from fedzip.paths import default_data_root
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -23,14 +24,16 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["bbc_news", "20newsgroups", "gsm8k", "alpaca", "jsonl", "csv"] = "bbc_news"
-    root: str | None = Field(None, description="data root; default $FEDZIP_DATA, then ../shared/data")
-    path: str | None = Field(None, description="file or folder for jsonl/csv/alpaca sources")
+    source: Literal["bbc_news", "20newsgroups", "gsm8k", "alpaca", "jsonl", "csv", "tsv", "parquet"] = "bbc_news"
+    root: str | None = Field(None, description="data root; default $FEDZIP_DATA, then <fedzip cache>/data")
+    path: str | None = Field(None, description="file for jsonl/csv/tsv/parquet/alpaca sources")
     test_path: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    answer_column: str = "answer"
+    header: bool = Field(True, description="csv/tsv: the first row names the columns; false: columns by position")
+    # A column by name or by 0-based position; text may join several columns (e.g. title + body).
+    text_column: str | int | list[str | int] = "text"
+    label_column: str | int = "label"
+    prompt_column: str | int = "prompt"
+    answer_column: str | int = "answer"
     remove: list[Literal["headers", "footers", "quotes"]] = Field(default_factory=list)
     max_length: int = Field(128, ge=8, le=8192)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -156,8 +159,9 @@ class ExperimentConfig(Section):
         return self
 
     def data_root(self) -> Path:
-        root = self.data.root or os.environ.get("FEDZIP_DATA") or "../shared/data"
-        return Path(root).expanduser()
+        """``data.root``, else ``$FEDZIP_DATA``, else a ``data`` folder in the user's fedzip cache."""
+        root = self.data.root or os.environ.get("FEDZIP_DATA")
+        return Path(root).expanduser() if root else default_data_root()
 
     def run_name(self) -> str:
         return self.name or f"{self.method}-{self.data.source}-s{self.seed}"

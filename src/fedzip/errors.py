@@ -35,3 +35,18 @@ class RunDirError(FedzipError):
     """A run directory is missing, incomplete or does not match the config being resumed."""
 
     exit_code = 2
+
+
+class MissingExtra(FedzipError):
+    """An optional part of fedzip is used without the packages of its extra (``pip install 'fedzip[x]'``)."""
+
+    exit_code = 2
+
+
+def require(modules: tuple[str, ...], extra: str, what: str) -> None:
+    """Raise one clear :class:`MissingExtra` line when any of ``modules`` is not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"{what} needs {', '.join(missing)}: pip install 'fedzip[{extra}]'")

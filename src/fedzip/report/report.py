@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,10 @@ def plot_runs(runs: list[Run], out_dir: Path, metric: str | None = None, title: 
 def write_report(dirs: list[Path], out_dir: Path) -> Path:
     runs = [load_run(d) for d in dirs]
     out_dir.mkdir(parents=True, exist_ok=True)
-    pngs = plot_runs(runs, out_dir)
+    if importlib.util.find_spec("matplotlib") is not None:
+        pngs, note = plot_runs(runs, out_dir), ""
+    else:  # plots are an optional extra; the table alone is still a report
+        pngs, note = [], "<p>Plots need matplotlib: pip install 'fedzip[report]'.</p>"
     rows = table_rows(runs)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
@@ -132,7 +136,7 @@ def write_report(dirs: list[Path], out_dir: Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedzip report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
 padding:4px 8px;text-align:right}}img{{max-width:48%;margin:1%}}</style></head><body>
-<h1>fedzip report</h1><table><tr>{head}</tr>{body}</table>{imgs}</body></html>"""
+<h1>fedzip report</h1><table><tr>{head}</tr>{body}</table>{imgs}{note}</body></html>"""
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -1,0 +1,37 @@
+"""Model names: GGUF files are read by their header before any conversion, with one clear error."""
+
+import numpy as np
+import pytest
+
+from fedzip.errors import ModelError
+from fedzip.models.load import gguf_architecture, resolve
+
+
+def write_gguf(path, arch: str):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_architecture_is_read_from_the_header(tmp_path):
+    write_gguf(tmp_path / "m.gguf", "llama")
+    assert gguf_architecture(tmp_path / "m.gguf") == "llama"
+
+
+def test_gguf_of_an_architecture_transformers_cannot_read_is_one_clear_error(tmp_path, cache_dir):
+    write_gguf(tmp_path / "exotic.gguf", "rwkv9")
+    with pytest.raises(ModelError, match=r"cannot read the 'rwkv9' architecture from GGUF \(it reads: .*llama"):
+        resolve(str(tmp_path / "exotic.gguf"), cache_dir)
+
+
+def test_gguf_path_that_is_missing_or_not_gguf(tmp_path, cache_dir):
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve(str(tmp_path / "absent.gguf"), cache_dir)
+    (tmp_path / "fake.gguf").write_text('{"not": "gguf"}')
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        resolve(str(tmp_path / "fake.gguf"), cache_dir)
