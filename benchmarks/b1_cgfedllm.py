@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402  (the same sizes and FedIT reference)
-from b1_flasc import RUNS as FLASC_RUNS, flasc  # noqa: E402
+from b1_fedit import PROFILES  # noqa: E402  (the same sizes and FedIT reference)
+from b1_fedit import RUNS as FEDIT_RUNS
+from b1_flasc import RUNS as FLASC_RUNS  # noqa: E402
+from b1_flasc import flasc
 from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 # TGAP takes about a fifth of the rounds, as in the paper's schedule; the autoencoder trains on every map.

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402  (the same sizes and FedIT reference)
+from b1_fedit import PROFILES  # noqa: E402  (the same sizes and FedIT reference)
+from b1_fedit import RUNS as FEDIT_RUNS
 from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 # FedAvg on the server, so that every difference from FedIT comes from sparsity (density 1 = FedIT).

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from b1_fedit import PROFILES, RUNS as FEDIT_RUNS  # noqa: E402
+from b1_fedit import PROFILES  # noqa: E402
+from b1_fedit import RUNS as FEDIT_RUNS
 from common import RESULTS, accuracy_figure, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, collect, machine, merge_results, profile_sections, run_profile  # noqa: E402
+from common import RESULTS, ROOT, collect, merge_results, profile_sections, run_profile  # noqa: E402
 
 PROFILES = {
     "smoke": ["rounds=2", "train.max_steps=2", "data.max_test_examples=16", "eval.max_examples=8",
@@ -117,7 +117,7 @@ def write_outputs(data: dict) -> None:
              "emulator (`emu_*`). Client RSS and step time come from one client run alone in a fresh process.", ""]
     columns = ["run", "AdapFu loss", "AdapEmu loss", "AdapFu EM", "AdapEmu EM", "client peak RSS MB",
                "client s/step", "MB up", "MB down (per round)", "MB one-time"]
-    for profile, runs, header in profile_sections(data["runs"], columns):
+    for _profile, runs, header in profile_sections(data["runs"], columns):
         lines += header
         fedit = next((r for r in runs if r["label"] == "fedit_full_model"), None)
         for r in runs:
@@ -133,7 +133,8 @@ def write_outputs(data: dict) -> None:
             lines.append("")
             for r in runs:
                 if r is not fedit:
-                    lines.append(f"- {r['label']}: client RSS {r['client_peak_rss_bytes'] / fedit['client_peak_rss_bytes']:.2f}x "
+                    rss = r["client_peak_rss_bytes"] / fedit["client_peak_rss_bytes"]
+                    lines.append(f"- {r['label']}: client RSS {rss:.2f}x "
                                  f"and step time {r['client_step_seconds'] / fedit['client_step_seconds']:.2f}x FedIT's "
                                  "full-model client.")
         lines.append("")

@@ -61,7 +61,7 @@ def main() -> None:
     lines = ["# B4: engine overhead and memory (B1 setting, 10 clients a round, 2 local steps each)", ""]
     columns = ["registered clients", "s / round", "client compute s", "encode+decode s", "aggregate s",
                "engine overhead", "process peak RSS MiB", "server state MiB", "MB up / round"]
-    for profile, sel, header in profile_sections(data["runs"], columns):
+    for _profile, sel, header in profile_sections(data["runs"], columns):
         lines += header
         for r in sel:
             lines.append(f"| {r['registered_clients']} | {r['seconds_per_round']:.2f} | {r['client_compute_s']:.2f} | "

@@ -83,7 +83,8 @@ def collect(run_dir: Path, profile: str, label: str) -> dict:
         point = {"round": r["round"], "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
                  "cum_bytes_up": cum_up, "cum_bytes_down": cum_down, "round_s": round(r["round_s"], 3),
                  "compute_s": round(r["compute_s"], 3), "train_loss": r.get("train_loss")}
-        for k in ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match", "emu_loss", "emu_exact_match", "eval_examples"):
+        for k in ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match", "emu_loss",
+                  "emu_exact_match", "eval_examples"):
             if k in r:
                 point[k] = r[k]
         curve.append(point)

@@ -5,8 +5,18 @@ import math
 import pytest
 import torch
 
-from fedzip.methods.autoencoder import (BlockLinearAutoencoder, ConvAutoencoder, cosine, from_map, make_layout,
-                                        normalise, snr_db, snr_paper, to_map, train_autoencoder)
+from fedzip.methods.autoencoder import (
+    BlockLinearAutoencoder,
+    ConvAutoencoder,
+    cosine,
+    from_map,
+    make_layout,
+    normalise,
+    snr_db,
+    snr_paper,
+    to_map,
+    train_autoencoder,
+)
 
 
 def lora_tensors(seed=0, d_in=48, d_out=40, r=4, modules=3):

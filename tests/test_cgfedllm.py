@@ -3,10 +3,11 @@
 import json
 import math
 
+from helpers import assert_resume_is_exact
+
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
-from helpers import assert_resume_is_exact
 
 
 def cg(tiny_cfg, extra=""):

@@ -72,7 +72,6 @@ def test_blockwise_quantisation_error_bound(bits, block):
     assert len(buf) == 4 * nb + (1000 if bits == 8 else 500)
     out = c.decode(buf, (1000,), params)
     levels = 127 if bits == 8 else 7
-    scale = t.reshape(-1)[: nb * block] if 1000 % block == 0 else None
     padded = torch.zeros(nb * block)
     padded[:1000] = t
     s = padded.view(nb, block).abs().amax(1) / levels
@@ -138,7 +137,7 @@ def test_fuzz_every_decoder_with_mutated_and_random_payloads():
              "fp16+zstd", "nonzero+int4"]
     seeds = [encode(Message(t, {"round": 1}), s) for s in specs]
     checked = 0
-    for i in range(4000):
+    for _i in range(4000):
         data = bytearray(rng.choice(seeds))
         op = rng.randrange(5)
         if op == 0:

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import adapter_tensors
 
 from fedzip.config import load_config
 from fedzip.deploy.credentials import make_credentials
 from fedzip.deploy.local import LocalFederation
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
-from helpers import adapter_tensors
 
 pytestmark = pytest.mark.deploy
 

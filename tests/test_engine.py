@@ -46,7 +46,8 @@ def test_ledger_equals_encoded_payload_lengths(tmp_path, tiny_cfg, monkeypatch):
         expected += [down, ups[0], down, ups[1]]
     assert [e["bytes"] for e in ledger] == expected
     assert [e["direction"] for e in ledger] == ["down", "up"] * 6
-    assert sum(r["bytes_up"] for r in rows) == summary["bytes_up_total"] == sum(e["bytes"] for e in ledger if e["direction"] == "up")
+    up_in_ledger = sum(e["bytes"] for e in ledger if e["direction"] == "up")
+    assert sum(r["bytes_up"] for r in rows) == summary["bytes_up_total"] == up_in_ledger
     assert summary["bytes_down_total"] == sum(e["bytes"] for e in ledger if e["direction"] == "down")
     assert summary["rounds_completed"] == 3 and "accuracy" in summary["final_metrics"]
     assert (out / "partition.json").exists() and (out / "config.yaml").exists()
@@ -215,8 +216,8 @@ def test_cuda_run_matches_cpu_run(tmp_path, tiny_cfg, method, monkeypatch):
         return model
 
     monkeypatch.setattr(runtime, "load_base_model", load_without_dropout)
-    extra = ["train.optimizer=sgd", "train.lr=0.05", f"method={method}"] + (["method_options={d_dl: 0.25, d_ul: 0.25, server_optimizer: sgd, server_lr: 1.0}"]
-                                     if method == "flasc" else [])
+    flasc = "method_options={d_dl: 0.25, d_ul: 0.25, server_optimizer: sgd, server_lr: 1.0}"
+    extra = ["train.optimizer=sgd", "train.lr=0.05", f"method={method}"] + ([flasc] if method == "flasc" else [])
     cpu, cpu_dir = run(tmp_path, tiny_cfg + extra, "cpu")
     gpu, gpu_dir = run(tmp_path, tiny_cfg + extra + ["train.device=cuda"], "gpu")
     assert gpu["device"] != "cpu" and cpu["device"] == "cpu"

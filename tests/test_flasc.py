@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_resume_is_exact
 from safetensors.torch import load_file
 
 import fedzip.engine.client as client_mod
@@ -14,7 +15,6 @@ from fedzip.engine.ledger import read_ledger
 from fedzip.errors import ConfigError
 from fedzip.methods.flasc import global_topk_masks
 from fedzip.wire.payload import PREFIX
-from helpers import assert_resume_is_exact
 
 
 def run(tmp_path, overrides, name):

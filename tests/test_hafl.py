@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_resume_is_exact
 
 from fedzip.config import load_config
 from fedzip.engine.ledger import read_ledger
@@ -13,7 +14,6 @@ from fedzip.errors import ConfigError
 from fedzip.methods import METHODS, ClientContext
 from fedzip.methods.hafl import _mask, assign_ranks, best_rank_r, top_components
 from fedzip.wire import Message
-from helpers import assert_resume_is_exact
 
 
 def opts(mode="freeze", agg="adaptive", extra=""):

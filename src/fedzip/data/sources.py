@@ -72,16 +72,16 @@ def strip_footer(text: str) -> str:
 
 def _read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
+    rows, n = [], 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+            for n, line in enumerate(f, 1):  # noqa: B007 (n names the failing line below)
                 if line.strip():
                     rows.append(json.loads(line))
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: cannot read line {n if 'n' in locals() else '?'}: {exc}") from None
+        raise DataError(f"{path}: cannot read line {n}: {exc}") from None
     return rows
 
 

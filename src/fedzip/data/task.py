@@ -75,8 +75,8 @@ class Task:
             batch["labels"] = torch.tensor([enc.labels[i] for i in idx], dtype=torch.long)
         else:
             lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-            for r, l in enumerate(enc.labels[i] for i in idx):
-                lab[r, : len(l)] = torch.tensor(l)
+            for r, row in enumerate(enc.labels[i] for i in idx):
+                lab[r, : len(row)] = torch.tensor(row)
             batch["labels"] = lab
         return batch
 

@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from fedzip.config import ExperimentConfig, dump_config
 from fedzip.data.task import model_device
+from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
 from fedzip.engine.ledger import Ledger
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError, RunDirError
-from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
 from fedzip.methods import METHODS
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress

@@ -1,11 +1,11 @@
 """Federated methods. Each registers under its name; configs choose one with ``method:``."""
 
 from fedzip.methods.base import ClientContext, Method
+from fedzip.methods.cgfedllm import CgFedLLM
+from fedzip.methods.fedbiot import FedBiOT, FedOT, OffsiteTuning
 from fedzip.methods.fedit import Centralised, FedIT, FFALoRA, FullFedAvg
 from fedzip.methods.flasc import Flasc
 from fedzip.methods.hafl import Hafl
-from fedzip.methods.cgfedllm import CgFedLLM
-from fedzip.methods.fedbiot import FedBiOT, FedOT, OffsiteTuning
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FullFedAvg, Centralised, Flasc)}
 METHODS["centralized"] = Centralised

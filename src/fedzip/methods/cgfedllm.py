@@ -26,9 +26,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from fedzip.errors import ConfigError, PayloadError
-from fedzip.methods.autoencoder import (BlockLinearAutoencoder, ConvAutoencoder, cosine, from_map, make_layout,
-                                        normalise, snr_db, snr_paper, to_map, train_autoencoder)
-from fedzip.methods.base import ClientContext, Method, reply_weight, weighted_average
+from fedzip.methods.autoencoder import (
+    BlockLinearAutoencoder,
+    ConvAutoencoder,
+    cosine,
+    from_map,
+    make_layout,
+    normalise,
+    snr_db,
+    snr_paper,
+    to_map,
+    train_autoencoder,
+)
+from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import train_locally
 from fedzip.wire import Message
 

@@ -23,7 +23,8 @@ def optimizer_state_to_tensors(opt, names: list[str]) -> dict[str, torch.Tensor]
     out = {}
     for i, st in opt.state_dict()["state"].items():
         for key, value in st.items():
-            out[f"{names[i]}::{key}"] = torch.as_tensor(value).detach().clone().float() if key == "step" else value.detach().clone()
+            as_tensor = torch.as_tensor(value).detach().clone()
+            out[f"{names[i]}::{key}"] = as_tensor.float() if key == "step" else as_tensor
     return out
 
 

@@ -21,7 +21,7 @@ from fedzip.errors import ModelError
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """(parent module, attribute name, the layer list) of the model's decoder blocks."""
     best = None
-    for parent_name, parent in model.named_modules():
+    for _parent_name, parent in model.named_modules():
         for attr, child in parent.named_children():
             if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(m) for m in child}) == 1:
                 if best is None or len(child) > len(best[2]):

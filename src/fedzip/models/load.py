@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import sys
 import os
+import sys
 from pathlib import Path
 
 import torch
