@@ -1,0 +1,99 @@
+"""Every `fedzip run` and `fedzip report` command in the README, run as a user types it.
+
+Each command gets a size suffix (one round, a few steps, small data) so that the whole README costs a few
+minutes; the command itself, the config it names, its data options and its model are exactly the README's.
+`fedzip deploy` commands are run by tests/test_deploy.py, `./setup.sh` and `pip` by CI itself.
+"""
+
+import re
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+
+from fedzip.cli import main
+from fedzip.config import load_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["rounds=1", "num_clients=4", "clients_per_round=2", "train.max_steps=1", "data.max_train_examples=96",
+         "data.max_test_examples=24", "eval.max_examples=24", "eval.exact_match_examples=0",
+         "eval.ceval_max_per_subject=1"]
+
+
+def readme_commands() -> list[list[str]]:
+    """Commands that start with fedzip: lines of the README's bash blocks (continuations joined) and the
+    inline ones of its tables (the methods table), each once, in README order."""
+    text = (REPO / "README.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    lines += re.findall(r"^\|.*?`((?:\.venv/bin/)?fedzip [^`]+)`", text, flags=re.M)
+    commands = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if words and words[0] in ("fedzip", ".venv/bin/fedzip") and (words[1:] or ["run"]) not in commands:
+            commands.append(words[1:] or ["run"])
+    return commands
+
+
+# The methods' own long phases, shortened the same way (the server's emulator alignment, the autoencoder).
+SMALL_METHOD = {"fedbiot": ["method_options.prealign_steps=1", "method_options.align_steps=1",
+                            "method_options.public_max_examples=8"],
+                "cgfedllm": ["rounds=2", "method_options.tgap_rounds=1", "method_options.ae_epochs=1"]}
+
+
+def small(args: list[str]) -> list[str]:
+    """``args`` with the size suffix; the method is read from the config the command names."""
+    config = args[1] if len(args) > 1 and not args[1].startswith("-") else None
+    sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
+    method = load_config(config, [s for s in sets if s.startswith("method=")]).method
+    extra = SMALL + SMALL_METHOD.get(method, [])
+    return args + [w for kv in extra for w in ("--set", kv)]
+
+
+def user_files(cwd: Path) -> None:
+    """The files the README's own-data examples name, in the shapes it describes."""
+    from fedzip.models.load import smollm_gguf
+
+    topics = {1: "leaders meet for peace talks", 3: "shares fall as oil prices rise", 4: "new chip doubles speed"}
+    rows = [f'"{c}","{t} {i}","{t}, more on this story {i}."' for i in range(16) for c, t in topics.items()]
+    (cwd / "train.csv").write_text("\n".join(rows[:36]) + "\n")
+    (cwd / "test.csv").write_text("\n".join(rows[36:]) + "\n")
+    (cwd / "sst2.tsv").write_text("sentence\tlabel\n" + "".join(
+        f"{'a gripping, warm film' if i % 2 else 'dull and far too slow'} {i}\t{i % 2}\n" for i in range(40)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": [f"What is {i} plus {i}?" for i in range(40)],
+                             "answer": [f"{2 * i}" for i in range(40)]}), cwd / "qa.parquet")
+    (cwd / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(smollm_gguf())
+    (cwd / "configs").symlink_to(REPO / "configs")  # a clone's configs/ folder, as the README uses it
+
+
+def test_readme_commands_run_as_written(tmp_path, cache_dir, monkeypatch, capsys):
+    commands = readme_commands()
+    runs = [c for c in commands if c[0] == "run"]
+    reports = [c for c in commands if c[0] == "report"]
+    assert len(runs) >= 10 and reports, "the README lost its commands"
+    user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)  # in-process (one torch import for all), from the folder a user would be in
+    monkeypatch.setenv("FEDZIP_CACHE", cache_dir)
+
+    def fedzip(args):
+        quiet = ["--quiet"] if args[0] == "run" else []
+        start = time.time()
+        code = main([*args, *quiet])
+        out, err = capsys.readouterr()
+        with capsys.disabled():
+            print(f"{time.time() - start:5.1f} s  fedzip {shlex.join(args)}")
+        assert code == 0, f"fedzip {shlex.join(args)}\n{err[-3000:]}"
+        return out
+
+    for args in runs:
+        if "--resume" in args:  # resuming needs a run to resume: make it first, as a user would have
+            fedzip(small([a for a in args if a != "--resume"]))
+        out = fedzip(small(args))
+        assert "run directory:" in out and "bytes up" in out, out
+    for args in reports:  # after the runs, whose directories they compare
+        assert "report:" in fedzip(args)
