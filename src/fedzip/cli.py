@@ -62,11 +62,23 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from fedzip.report import print_table, write_report
+    from fedzip.report.links import LINKS
+    from fedzip.report.report import Comparison, load_run
 
     dirs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else (dirs[0] if len(dirs) == 1 else Path("report"))
-    print_table(dirs)
-    path = write_report(dirs, out)
+    names = [n for n in (args.links or "").split(",") if n]
+    unknown = sorted(set(names) - set(LINKS))
+    if unknown:
+        from fedzip.errors import ConfigError
+
+        raise ConfigError(f"--links: unknown link {unknown[0]!r}; known: {', '.join(LINKS)}")
+    comparison = None
+    if args.reference or names:
+        comparison = Comparison(load_run(Path(args.reference)) if args.reference else None,
+                                [LINKS[n] for n in names], window=args.window)
+    print_table(dirs, comparison)
+    path = write_report(dirs, out, comparison)
     print(f"report: {path}")
     return 0
 
@@ -172,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="compare run directories: table, plots, report.html")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", help="folder for plots and report.html")
+    rep.add_argument("--reference", metavar="RUN_DIR", help="judge every run against this run's smoothed final "
+                     "value minus 1 point: round, MB and link time to reach it")
+    rep.add_argument("--links", metavar="LINKS", help="comma-separated link profiles for time columns: "
+                     "3g, 4g, home, datacenter")
+    rep.add_argument("--window", type=int, default=3, help="evaluations in the moving average (default 3)")
     rep.set_defaults(func=cmd_report)
     dep = sub.add_parser("deploy", help="run on Flower (SuperLink + SuperNodes)")
     dsub = dep.add_subparsers(dest="target", required=True)

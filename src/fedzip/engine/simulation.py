@@ -50,11 +50,14 @@ class InProcessExchange:
     def __init__(self, client_method, store: ClientStateStore, bar: RunProgress):
         self.method, self.store, self.bar = client_method, store, bar
 
-    def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict[str, float]):
+    def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict):
         replies = {}
+        timing["client_compute_s"] = {}  # each client's own compute: what a link model needs per client
         for cid, down in downs.items():
             self.bar.client_start(cid)
+            before = timing["compute_s"]
             replies[cid] = run_client(self.method, self.store, rnd, cid, down, timing)
+            timing["client_compute_s"][str(cid)] = timing["compute_s"] - before
             self.bar.client_done()
         return replies, {}  # (replies, failures: cid -> reason)
 

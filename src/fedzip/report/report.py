@@ -9,7 +9,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedzip.engine.ledger import read_ledger
 from fedzip.errors import RunDirError
+from fedzip.report.links import Link, cumulative_seconds
+from fedzip.report.targets import cumulative_bytes, first_reaching, fixed_subset_curve, reference_target
 
 
 @dataclass
@@ -49,17 +52,57 @@ def primary_metric(runs: list[Run]) -> str:
     return "loss"
 
 
-def table_rows(runs: list[Run]) -> list[dict]:
+def table_rows(runs: list[Run], comparison: "Comparison | None" = None) -> list[dict]:
     out = []
     for run in runs:
         fm = run.summary.get("final_metrics", {})
         up = sum(r["bytes_up"] for r in run.rows)
         down = sum(r["bytes_down"] for r in run.rows)
-        out.append({"run": run.label, "method": run.summary.get("method", "?"), "rounds": len(run.rows),
-                    "accuracy": fm.get("accuracy"), "macro_f1": fm.get("macro_f1"), "loss": fm.get("loss"),
-                    "MB up": up / 1e6, "MB down": down / 1e6,
-                    "wall s": run.summary.get("wall_seconds")})
+        row = {"run": run.label, "method": run.summary.get("method", "?"), "rounds": len(run.rows),
+               "accuracy": fm.get("accuracy"), "macro_f1": fm.get("macro_f1"), "loss": fm.get("loss"),
+               "MB up": up / 1e6, "MB down": down / 1e6, "wall s": run.summary.get("wall_seconds")}
+        out.append(row | (comparison.columns(run) if comparison else {}))
     return out
+
+
+@dataclass
+class Comparison:
+    """Columns that judge each run against a reference run's smoothed target, in bytes and in link time.
+
+    Without a reference, the link columns give each run's whole time over each link instead."""
+
+    reference: Run | None
+    links: list[Link]
+    window: int = 3
+    drop: float = 0.01
+
+    def __post_init__(self):
+        self.metric = primary_metric([self.reference]) if self.reference else None
+        self.higher = self.metric == "accuracy"
+        self.target = None
+        if self.reference:
+            curve = fixed_subset_curve(self.reference.rows, self.metric)
+            if not curve:
+                raise RunDirError(f"{self.reference.path}: no {self.metric} evaluations to take a target from")
+            self.target = reference_target(curve, self.window, self.drop, self.higher)
+
+    def describe(self) -> str:
+        if self.target is None:
+            return ""
+        return (f"target: {self.metric} {self.target:.4f} ({self.reference.label} smoothed over {self.window} "
+                f"evaluations, {self.drop:g} {'below' if self.higher else 'above'})")
+
+    def columns(self, run: Run) -> dict:
+        ledger_path = run.path / "ledger.jsonl"
+        ledger = read_ledger(ledger_path) if ledger_path.exists() and self.links else []
+        times = {link.name: cumulative_seconds(run.rows, ledger, link) for link in self.links}
+        if self.target is None:
+            return {f"h ({name})": (t[max(t)] / 3600 if t else None) for name, t in times.items()}
+        reached = first_reaching(fixed_subset_curve(run.rows, self.metric), self.target, self.window, self.higher)
+        cols = {"round to target": reached,
+                "MB to target": sum(cumulative_bytes(run.rows, reached)) / 1e6 if reached else None}
+        cols |= {f"h to target ({name})": (t[reached] / 3600 if reached else None) for name, t in times.items()}
+        return cols
 
 
 def _fmt(v) -> str:
@@ -68,11 +111,12 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else (f"{v:,.1f}" if isinstance(v, float) else str(v))
 
 
-def print_table(dirs: list[Path]) -> None:
+def print_table(dirs: list[Path], comparison: Comparison | None = None) -> None:
+    """The comparison table on the terminal (with the target line when there is a reference)."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = table_rows([load_run(d) for d in dirs])
+    rows = table_rows([load_run(d) for d in dirs], comparison)
     t = Table(title="fedzip runs")
     for col in rows[0]:
         t.add_column(col, justify="left" if col in ("run", "method") else "right")
@@ -80,8 +124,10 @@ def print_table(dirs: list[Path]) -> None:
         t.add_row(*(_fmt(v) for v in r.values()))
     console = Console()
     if not console.is_terminal:
-        console = Console(width=160)  # piped output: do not squeeze columns to 80
+        console = Console(width=200)  # piped output: do not squeeze columns to 80
     console.print(t)
+    if comparison and comparison.describe():
+        console.print(comparison.describe())
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -121,14 +167,16 @@ def plot_runs(runs: list[Run], out_dir: Path, metric: str | None = None, title: 
     return paths
 
 
-def write_report(dirs: list[Path], out_dir: Path) -> Path:
+def write_report(dirs: list[Path], out_dir: Path, comparison: Comparison | None = None) -> Path:
     runs = [load_run(d) for d in dirs]
     out_dir.mkdir(parents=True, exist_ok=True)
     if importlib.util.find_spec("matplotlib") is not None:
         pngs, note = plot_runs(runs, out_dir), ""
     else:  # plots are an optional extra; the table alone is still a report
         pngs, note = [], "<p>Plots need matplotlib: pip install 'fedzip[report]'.</p>"
-    rows = table_rows(runs)
+    rows = table_rows(runs, comparison)
+    if comparison and comparison.describe():
+        note = f"<p>{html.escape(comparison.describe())}</p>" + note
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
     imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
