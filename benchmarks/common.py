@@ -157,7 +157,8 @@ def profile_sections(runs: list[dict], columns: list[str]):
                                  "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
-def run_profile(bench: str, config: str, profiles: dict[str, list[str]], runs_for) -> tuple[str, list, dict]:
+def run_profile(bench: str, config: str, profiles: dict[str, list[str]], runs_for,
+                default: str = "smoke") -> tuple[str, list, dict]:
     """Parse ``--profile``/``--jobs``/``--only``, run ``runs_for(profile)`` (label, overrides[, home]) on ``config``.
 
     Returns the profile, the (label, config, overrides[, home]) runs that have finished (the ones asked
@@ -165,7 +166,7 @@ def run_profile(bench: str, config: str, profiles: dict[str, list[str]], runs_fo
     import argparse
 
     ap = argparse.ArgumentParser(description=f"benchmark {bench}")
-    ap.add_argument("--profile", choices=sorted(profiles), default="smoke")
+    ap.add_argument("--profile", choices=sorted(profiles), default=default)
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split between them)")
     ap.add_argument("--only", default="", help="comma-separated labels to run (default: all); "
                     "the tables then show these plus any runs already finished")
