@@ -66,3 +66,17 @@ def test_cli_subprocess_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
+
+
+def test_a_missing_extra_is_one_error_line_that_names_it(monkeypatch, capsys, tmp_path, tiny_cfg):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("flwr", "matplotlib") else real(name, *a))
+    assert main(["deploy", "local", "--nodes", "1"]) == 2
+    assert "pip install 'fedzip[flower]'" in capsys.readouterr().err
+    # without matplotlib a run still ends with a report: the table alone, and a line saying how to get plots
+    assert main(["run", "--out", str(tmp_path / "r"), "--quiet", *[w for kv in tiny_cfg for w in ("--set", kv)]]) == 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "fedzip[report]" in html and "data:image/png" not in html
