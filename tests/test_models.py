@@ -35,3 +35,17 @@ def test_gguf_path_that_is_missing_or_not_gguf(tmp_path, cache_dir):
     (tmp_path / "fake.gguf").write_text('{"not": "gguf"}')
     with pytest.raises(ModelError, match="not a readable GGUF file"):
         resolve(str(tmp_path / "fake.gguf"), cache_dir)
+
+
+def test_gguf_hash_is_computed_once_per_file_version(tmp_path, cache_dir, monkeypatch):
+    import fedzip.models.load as load
+
+    write_gguf(tmp_path / "m.gguf", "llama")
+    calls = []
+    real = load.file_sha256
+    monkeypatch.setattr(load, "file_sha256", lambda p: calls.append(p) or real(p))
+    first = load.gguf_digest(tmp_path / "m.gguf", cache_dir)
+    assert load.gguf_digest(tmp_path / "m.gguf", cache_dir) == first == real(tmp_path / "m.gguf")
+    assert len(calls) == 1
+    write_gguf(tmp_path / "m.gguf", "qwen2")  # a changed file is hashed again
+    assert load.gguf_digest(tmp_path / "m.gguf", cache_dir) != first and len(calls) == 2

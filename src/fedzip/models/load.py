@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -71,7 +72,7 @@ def smollm_gguf() -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # streamed: GGUF files run to many GB
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -85,7 +86,7 @@ def gguf_converted(path: Path, cache_dir: str | None = None) -> Path:
     """
     if not path.is_file():
         raise ModelError(f"GGUF file not found: {path}")
-    target = cache_root(cache_dir) / "models" / f"gguf-{file_sha256(path)[:24]}"
+    target = cache_root(cache_dir) / "models" / f"gguf-{gguf_digest(path, cache_dir)[:24]}"
     if (target / "model.safetensors").exists() or (target / "model.safetensors.index.json").exists():
         return target
     architecture = gguf_architecture(path)
@@ -114,6 +115,25 @@ def gguf_converted(path: Path, cache_dir: str | None = None) -> Path:
     except OSError:  # another process converted the same file first
         pass
     return target
+
+
+def gguf_digest(path: Path, cache_dir: str | None = None) -> str:
+    """The file's SHA-256, hashed once: every later load (each run, each Flower client process) finds it
+    in a small index keyed by the file's absolute path, size and modification time."""
+    index_path = cache_root(cache_dir) / "models" / "gguf-index.json"
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        index[key] = file_sha256(path)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(index_path)  # atomic: a concurrent reader sees the old index or the new one
+    return index[key]
 
 
 def gguf_architecture(path: Path) -> str:
