@@ -1,8 +1,11 @@
 """Targets, smoothing and the link model that turn a run's curve and ledger into verdicts."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
@@ -69,6 +72,10 @@ def test_runs_record_each_clients_compute_and_time_follows_the_ledger(tmp_path, 
     for row in rows:
         assert sorted(int(c) for c in row["client_compute_s"]) == row["clients"]
         assert sum(row["client_compute_s"].values()) == pytest.approx(row["compute_s"])
+        assert row["client_steps"] == 3 * len(row["clients"])  # train.max_steps=3 each
+        if Path("/proc/self/status").exists():  # Linux: each client's peak resident set while it trained
+            peaks = [m["peak_rss_bytes"] for m in row["client_memory"].values()]
+            assert len(peaks) == len(row["clients"]) and min(peaks) > 50e6
     ledger = read_ledger(tmp_path / "r" / "ledger.jsonl")
     slow, fast = cumulative_seconds(rows, ledger, LINKS["3g"]), cumulative_seconds(rows, ledger, LINKS["datacenter"])
     assert list(slow) == [1, 2, 3] and slow[3] > fast[3] > 0
@@ -97,3 +104,19 @@ def test_report_judges_runs_against_a_reference_in_bytes_and_link_time(tmp_path,
     assert cols["h to target (3g)"] > cols["h to target (datacenter)"] > 0
     assert main(["report", str(tmp_path / "ref"), "--links", "5g"]) == 2
     assert "unknown link '5g'" in capsys.readouterr().err
+
+
+def test_cosine_schedule_decays_the_client_learning_rate_over_rounds(tiny_cfg):
+    from fedzip.methods.training import make_optimizer, round_train_config
+
+    cfg = load_config(None, [*tiny_cfg, "rounds=10", "train.lr=0.4", "train.lr_schedule=cosine",
+                             "train.lr_final_ratio=0.1", "train.optimizer=sgd", "train.nesterov=true"])
+    lrs = [round_train_config(cfg, r).lr for r in range(1, 11)]
+    assert lrs[0] == pytest.approx(0.4) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    # halfway through the rounds, halfway between lr and its floor; the last round keeps more than the floor
+    assert lrs[5] == pytest.approx(0.04 + 0.36 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert 0.04 < lrs[-1] < 0.05 and cfg.train.lr == 0.4  # the config itself is not changed
+    constant = load_config(None, [*tiny_cfg, "rounds=10", "train.lr=0.4"])
+    assert round_train_config(constant, 7).lr == 0.4
+    opt = make_optimizer({"w": torch.nn.Parameter(torch.zeros(2))}, round_train_config(cfg, 6))
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["lr"] == pytest.approx(lrs[5])

@@ -69,7 +69,12 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="client learning rate over rounds: constant, or cosine from lr (round 1) "
+                                "towards lr * lr_final_ratio (last round)")
+    lr_final_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: the fraction of lr left at the end")
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = Field(False, description="SGD: Nesterov momentum")
     weight_decay: float = Field(0.0, ge=0)
     persist_optimizer_state: bool = Field(False, description="keep each client's optimizer state on disk")
     threads: int | None = Field(None, ge=1)

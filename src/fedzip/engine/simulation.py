@@ -25,6 +25,7 @@ from fedzip.config import ExperimentConfig, dump_config
 from fedzip.data.task import model_device
 from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
 from fedzip.engine.ledger import Ledger
+from fedzip.engine.memory import PeakMemory
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError, RunDirError
@@ -49,14 +50,18 @@ class InProcessExchange:
 
     def __init__(self, client_method, store: ClientStateStore, bar: RunProgress):
         self.method, self.store, self.bar = client_method, store, bar
+        self.memory = PeakMemory(model_device(client_method.rt.model) if client_method.rt.model is not None else None)
 
     def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict):
         replies = {}
         timing["client_compute_s"] = {}  # each client's own compute: what a link model needs per client
+        timing["client_memory"] = {}  # each client's peak memory while it decoded, trained and encoded
         for cid, down in downs.items():
             self.bar.client_start(cid)
             before = timing["compute_s"]
+            self.memory.start()
             replies[cid] = run_client(self.method, self.store, rnd, cid, down, timing)
+            timing["client_memory"][str(cid)] = self.memory.stop()
             timing["client_compute_s"][str(cid)] = timing["compute_s"] - before
             self.bar.client_done()
         return replies, {}  # (replies, failures: cid -> reason)
@@ -194,7 +199,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     timing["encode_s"] += time.time() - t0
 
     ups, failures = exchange(rnd, downs, timing)
-    replies, losses, rejected = {}, [], []
+    replies, losses, rejected, client_steps = {}, [], [], 0
     for cid in cids:
         kind = messages[cid].meta.get("ledger_kind", "update")  # e.g. a one-time model inside the message
         if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
@@ -214,6 +219,9 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
             timing["decode_s"] += time.time() - t0
         if isinstance(replies[cid].meta.get("train_loss"), (int, float)):
             losses.append(float(replies[cid].meta["train_loss"]))
+        steps = replies[cid].meta.get("steps")
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+            client_steps += steps
 
     t0 = time.time()
     extra = method.aggregate(rnd, replies) if replies else {}
@@ -222,6 +230,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     row = {"round": rnd, "clients": cids, "bytes_up": up_b, "bytes_down": down_b,
            "bytes_up_per_client": up_b / len(cids), "bytes_down_per_client": down_b / len(cids),
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected,
+           "client_steps": client_steps,  # local steps the replies report: compute_s / client_steps = step time
            **({"failed": sorted(failures)} if failures else {}), **timing, **extra}
     row["round_s"] = time.time() - t_round
     return row

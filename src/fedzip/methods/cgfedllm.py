@@ -39,7 +39,7 @@ from fedzip.methods.autoencoder import (
     train_autoencoder,
 )
 from fedzip.methods.base import ClientContext, Method, weighted_average
-from fedzip.methods.training import train_locally
+from fedzip.methods.training import round_train_config, train_locally
 from fedzip.wire import Message
 
 ENC = "enc::"
@@ -257,8 +257,9 @@ class CgFedLLM(Method):
         start = {n: message.tensors[n] for n in view.names()}
         view.set(start)
         indices = self.split(client)
-        steps, loss, _ = train_locally(self.rt.model, view.params, self.rt.task, indices, self.cfg.train,
-                                       client.seed, progress=self.rt.step_progress)
+        steps, loss, _ = train_locally(self.rt.model, view.params, self.rt.task, indices,
+                                       round_train_config(self.cfg, client.round), client.seed,
+                                       progress=self.rt.step_progress)
         meta = {"num_examples": int(len(indices)), "steps": steps, "train_loss": loss}
         trained = view.get()
         if self.phase(client.round) == "tgap":

@@ -30,7 +30,7 @@ from torch import nn
 
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, weighted_average
-from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, train_locally
+from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
 from fedzip.models.lora import canonical
 from fedzip.wire import Message
@@ -337,7 +337,8 @@ class FedBiOT(Method):
         def proximal() -> torch.Tensor:  # on the merged adapter weights, against the round's start
             return eps * sum(((scale * b @ a) - w0).pow(2).sum() for (a, b), w0 in zip(pairs, start))
 
-        steps, loss, _ = train_locally(model, params, self.rt.task, client.indices, self.cfg.train, client.seed,
+        train_cfg = round_train_config(self.cfg, client.round)
+        steps, loss, _ = train_locally(model, params, self.rt.task, client.indices, train_cfg, client.seed,
                                        extra_loss=proximal if eps > 0 else None, progress=self.rt.step_progress)
         return Message({n: p.detach().clone() for n, p in params.items()},
                        {"num_examples": client.num_examples, "steps": steps, "train_loss": loss})

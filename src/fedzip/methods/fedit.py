@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fedzip.methods.base import ClientContext, Method, weighted_average
-from fedzip.methods.training import train_locally
+from fedzip.methods.training import round_train_config, train_locally
 from fedzip.wire import Message
 
 
@@ -46,7 +46,7 @@ class FedIT(Method):
         view = self.rt.view
         view.set(message.tensors)
         steps, loss, opt_state = train_locally(
-            self.rt.model, view.params, self.rt.task, client.indices, self.cfg.train, client.seed,
+            self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state=client.store.load(client.cid) if self.cfg.train.persist_optimizer_state else None,
             progress=self.rt.step_progress)
         if self.cfg.train.persist_optimizer_state:

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip.methods.base import ClientContext, Method, reply_weight
-from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, train_locally
+from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.wire import Message
 
 
@@ -205,7 +205,7 @@ class Flasc(Method):
 
         stored = client.store.load(client.cid) if (opts.error_feedback or self.cfg.train.persist_optimizer_state) else {}
         steps, loss, opt_state = train_locally(
-            self.rt.model, view.params, self.rt.task, client.indices, self.cfg.train, client.seed,
+            self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state={k[5:]: v for k, v in stored.items() if k.startswith("opt::")},
             grad_hook=grad_hook, progress=self.rt.step_progress)
         trained = view.get()

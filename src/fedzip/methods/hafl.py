@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, reply_weight
-from fedzip.methods.training import train_locally
+from fedzip.methods.training import round_train_config, train_locally
 from fedzip.wire import Message
 
 
@@ -329,7 +329,8 @@ class Hafl(Method):
                     view.params[n].grad.mul_(mk)
 
         before = {n: p.detach().clone() for n, p in lora.items()}
-        steps, loss, _ = train_locally(self.rt.model, view.params, self.rt.task, client.indices, self.cfg.train,
+        train_cfg = round_train_config(self.cfg, client.round)
+        steps, loss, _ = train_locally(self.rt.model, view.params, self.rt.task, client.indices, train_cfg,
                                        client.seed, grad_hook=grad_hook, progress=self.rt.step_progress)
         with torch.no_grad():  # decoupled weight decay must not move frozen components either
             for n, mk in masks.items():

@@ -6,16 +6,34 @@ engine's on-disk client store (safetensors) can hold it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from fedzip.data.task import model_device, to_device
 
 
+def round_train_config(cfg, rnd: int):
+    """``cfg.train`` with the learning rate of round ``rnd`` (1-based) under ``train.lr_schedule``.
+
+    A client computes it from its own config and the round number it is told, so simulation and
+    deployment agree. Cosine decay over rounds is the usual way to let federated SGD settle: without it a
+    curve keeps swinging with the last rounds' noise and "the round a target is first reached" with it."""
+    train = cfg.train
+    if train.lr_schedule == "constant":
+        return train
+    progress = min(max(rnd - 1, 0) / max(cfg.rounds, 1), 1.0)  # 0 in round 1; the last round keeps a small lr
+    ratio = train.lr_final_ratio
+    lr = train.lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return train.model_copy(update={"lr": lr})
+
+
 def make_optimizer(params: dict[str, torch.nn.Parameter], train_cfg):
     plist = list(params.values())
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(plist, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+        return torch.optim.SGD(plist, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay,
+                               nesterov=train_cfg.nesterov and train_cfg.momentum > 0)
     return torch.optim.AdamW(plist, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 
