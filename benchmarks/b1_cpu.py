@@ -1,0 +1,168 @@
+"""B1 under protocol v2 (cpu profile): every method family against FedIT, three seeds each, one leaderboard.
+
+B1's task and model (20 Newsgroups, MiniLM + LoRA r=16 on q/k/v + head) sized for a 2-core machine:
+20 clients with a Dirichlet(0.5) label split, 5 a round, 4 local steps of 16 posts at 64 tokens, 60
+rounds; clients train with SGD-momentum under a cosine learning-rate decay over rounds, so that
+FedIT's smoothed curve settles (PROTOCOL.md). Every method runs the same profile, the same seeds, the
+same client optimiser; a method differs from FedIT only in what the method itself changes.
+
+Each finished run's compact result goes to ``results/runs/b1_cpu/<label>-s<seed>.json`` (run directories
+stay under ``benchmarks/runs/``, not committed); a run whose compact result exists is skipped, so the
+benchmark accumulates across sessions and machines. The leaderboard (``results/LEADERBOARD.{md,json,png}``)
+is rebuilt from the compact results alone.
+
+    python benchmarks/b1_cpu.py                      # every label x seeds 0,1,2 not done yet, two at a time
+    python benchmarks/b1_cpu.py --only fedit,flasc_1_16 --seeds 0,1,2,3
+    python benchmarks/b1_cpu.py --commit             # git-commit each compact result as its run finishes
+    python benchmarks/b1_cpu.py --board              # only rebuild the leaderboard from results/runs/b1_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, run_one, say  # noqa: E402
+
+from fedzip.report.compact import compact_run, load_compact  # noqa: E402
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_figure, leaderboard_markdown  # noqa: E402
+
+BENCH = "b1_cpu"
+CONFIG = "b1_fedit"
+# The cpu profile. The client learning rate was chosen on FedIT (seed 0) from {0.5, 1.0} and is fixed
+# for every method (results/pilots/b1_cpu_profile_pilot.md).
+PROFILE = ["rounds=60", "num_clients=20", "clients_per_round=5", "partition.alpha=0.5", "data.max_length=64",
+           "eval.every=5", "eval.max_examples=1000", "data.max_test_examples=2000", "train.max_steps=4",
+           "train.optimizer=sgd", "train.momentum=0.9", "train.lr_schedule=cosine", "train.lr=1.0"]
+
+FEDAVG_SERVER = "server_optimizer: sgd, server_lr: 1.0, weighting: samples"  # FLASC's server as plain FedAvg
+HAFL_TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"
+
+# (label, overrides, what the row is). FedIT first: it is every other row's reference.
+RUNS = [
+    ("fedit", [], "FedIT: LoRA FedAvg, r=16, fp32 both ways (reference)"),
+    ("ffa_lora", ["method=ffa_lora"], "FFA-LoRA: A frozen at its random init, only B and the head travel"),
+    ("flasc_1_16", ["method=flasc", f"method_options={{{FEDAVG_SERVER}, d_dl: 0.0625, d_ul: 0.0625}}"],
+     "FLASC: top-k 1/16 of LoRA + head, both directions, server FedAvg"),
+    ("hafl", ["method=hafl", f"method_options={{mode: freeze, aggregation: adaptive, {HAFL_TIERS}}}"],
+     "HAFL: client ranks 4/8/16, importance freezing, adaptive rank-1 aggregation"),
+    ("hetlora", ["method=hafl", f"method_options={{mode: hetlora, aggregation: zero_pad, {HAFL_TIERS}}}"],
+     "HetLoRA: client ranks 4/8/16, zero-padding aggregation"),
+    ("flexlora", ["method=hafl", f"method_options={{mode: flexlora, aggregation: adaptive, {HAFL_TIERS}}}"],
+     "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product"),
+    ("cgfedllm_linear16", ["method=cgfedllm", "method_options={autoencoder: linear, linear_ratio: 16, "
+                           "tgap_rounds: 12, ae_epochs: 200, ae_lr: 0.003}"],
+     "CG-FedLLM: 12 TGAP rounds (dense), then a linear 1/16 autoencoder on the uplink"),
+]
+WHAT = {label: what for label, _, what in RUNS}
+COMPACT = RESULTS / "runs" / BENCH
+GIT = threading.Lock()  # parallel runs finish at any time; one commit at a time
+
+
+def compact_path(label: str, seed: int) -> Path:
+    return COMPACT / f"{label}-s{seed}.json"
+
+
+def run_and_keep(label: str, overrides: list[str], seed: int, threads: int, commit: bool) -> None:
+    """Train one (label, seed), write its compact result, and commit it when asked."""
+    out = ROOT / "runs" / BENCH / "cpu" / f"{label}-s{seed}"
+    run_one(f"{label}-s{seed}", f"configs/{CONFIG}.yaml", [*PROFILE, *overrides, f"seed={seed}"], out, threads)
+    result = compact_run(out, label) | {"what": WHAT[label], "benchmark": BENCH, "profile": "cpu"}
+    path = compact_path(label, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=None, separators=(",", ":")) + "\n")
+    say(f"[{label}-s{seed}] compact result: {path.relative_to(ROOT.parent)}")
+    if commit:
+        with GIT:
+            _commit(path, f"B1-cpu: {label} seed {seed} finished (compact result)")
+
+
+def _commit(path: Path, message: str) -> None:
+    """A failed commit (e.g. someone else holds the index lock) leaves the file for a later commit."""
+    for cmd in (["git", "add", str(path)], ["git", "commit", "-q", "-m", message, "--", str(path)]):
+        if subprocess.run(cmd, cwd=ROOT.parent).returncode != 0:
+            say(f"could not commit {path.name}; it is written, commit it by hand")
+            return
+
+
+def write_board() -> dict | None:
+    records = [load_compact(p) for p in sorted(COMPACT.glob("*.json"))]
+    if not any(r["label"] == "fedit" for r in records):
+        say("no FedIT result yet: no leaderboard")
+        return None
+    board = build_leaderboard(records, reference="fedit")
+    for row in board["rows"]:
+        row["what"] = WHAT.get(row["label"], "")
+    board |= {"benchmark": BENCH, "profile": PROFILE, "config": f"configs/{CONFIG}.yaml"}
+    (RESULTS / "LEADERBOARD.json").write_text(json.dumps(board, indent=1) + "\n")
+    ref = board["rows"][0]
+    gain = ref["plateau_gain_last_20pct"]
+    lines = ["# Leaderboard: B1, cpu profile of protocol v2", "",
+             "Every method and baseline on the same data, model, seeds and client optimiser, judged as "
+             "[benchmarks/PROTOCOL.md](../PROTOCOL.md) says. Rebuilt by `python benchmarks/b1_cpu.py --board` from the "
+             "compact results in [runs/b1_cpu/](runs/b1_cpu/).", "",
+             "Set-up: 20 Newsgroups (headers, footers and quotes removed), MiniLM + LoRA r=16 on q/k/v + head; "
+             "20 clients, Dirichlet(0.5) label split, 5 a round, 60 rounds of 4 local steps of 16 posts at "
+             "64 tokens; client SGD-momentum 0.9, lr 1.0 with cosine decay over rounds; evaluation every 5 rounds "
+             "on a fixed 1,000-post subset of a fixed 2,000-post test set, the last round on all 2,000.", "",
+             f"FedIT's smoothed curve gains {gain['mean'] * 100:+.2f} ± {gain['std'] * 100:.2f} points over the "
+             f"last 20% of rounds ({'plateaued: under 1 point' if abs(gain['mean']) < 0.01 else 'not plateaued'}). "
+             "Target per seed: that seed's FedIT smoothed final accuracy minus 1 point. Mean ± sample std over "
+             "seeds; bytes and hours to target are over the seeds that reached it; `bytes vs fedit` is FedIT's "
+             "bytes to target divided by the run's, seed by seed. Hours to target: the ledger's bytes over each "
+             "link profile plus each client's measured compute on this machine (PROTOCOL.md). Client peak RSS: "
+             "the simulation process while one client trained (it includes the server's share, so it is an upper "
+             "bound on a deployed client).", "",
+             *leaderboard_markdown(board), "", "What each row runs:", ""]
+    lines += [f"- `{r['label']}`: {r['what']}" for r in board["rows"]]
+    lines += ["", f"Machines: {'; '.join(sorted({m for r in board['rows'] for m in r['machines']}))}.", ""]
+    try:
+        leaderboard_figure(board, records, RESULTS / "LEADERBOARD.png",
+                           "B1 cpu profile: smoothed accuracy, mean over seeds, band = 1 std")
+        lines += ["![smoothed accuracy by round and by bytes](LEADERBOARD.png)", ""]
+    except ImportError:
+        say("matplotlib missing: leaderboard without its figure (pip install 'fedzip[report]')")
+    (RESULTS / "LEADERBOARD.md").write_text("\n".join(lines))
+    say("\n".join(leaderboard_markdown(board)))
+    return board
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument("--only", default="", help="comma-separated labels (default: all): " +
+                    ", ".join(label for label, *_ in RUNS))
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each by default")
+    ap.add_argument("--commit", action="store_true", help="git-commit each compact result as its run finishes")
+    ap.add_argument("--board", action="store_true", help="only rebuild the leaderboard")
+    args = ap.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    only = {x for x in args.only.split(",") if x}
+    if only - set(WHAT):
+        ap.error(f"unknown label(s): {', '.join(sorted(only - set(WHAT)))}; known: {', '.join(WHAT)}")
+    if not args.board:
+        # FedIT's seeds first (the others are judged against them), then seed by seed across methods,
+        # so a partial benchmark has every method on its first seeds rather than some on all.
+        todo = [(label, ov, s) for label, ov, _ in RUNS[:1] for s in seeds]
+        todo += [(label, ov, s) for s in seeds for label, ov, _ in RUNS[1:]]
+        todo = [t for t in todo if (not only or t[0] in only) and not compact_path(t[0], t[2]).exists()]
+        threads = int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // args.jobs)
+        say(f"{len(todo)} run(s) to do, {args.jobs} at a time, {threads} thread(s) each")
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for f in [pool.submit(run_and_keep, label, ov, s, threads, args.commit) for label, ov, s in todo]:
+                f.result()
+    write_board()
+
+
+if __name__ == "__main__":
+    main()

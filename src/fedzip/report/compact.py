@@ -1,0 +1,77 @@
+"""A finished run's compact result: everything a verdict needs, in one small JSON file.
+
+A run directory holds checkpoints, client state and the exported adapter; none of that is needed to
+judge the run against others. The compact result keeps the curve (every round's bytes, compute and
+evaluations), the run's time over each link profile, its client memory and step time, and the config
+it ran with, so benchmarks can commit one small file per finished run and build verdicts across days
+and machines without the run directories.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from fedzip.engine.ledger import read_ledger
+from fedzip.errors import RunDirError
+from fedzip.report.links import LINKS, cumulative_seconds
+
+FORMAT = "fedzip-compact-run/1"
+_CURVE_KEYS = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match", "eval_examples",
+               "train_loss", "emu_loss", "emu_exact_match")
+
+
+def seedless_label(name: str) -> str:
+    """A run directory's name without its ``-s<seed>`` suffix: the label its seeds share."""
+    return re.sub(r"-s\d+$", "", name)
+
+
+def compact_run(run_dir: Path, label: str | None = None) -> dict:
+    """The compact result of the finished run in ``run_dir`` (one error line if it has not finished)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").exists():
+        raise RunDirError(f"{run_dir}: not a finished run (no summary.json)")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    ledger = read_ledger(run_dir / "ledger.jsonl")
+
+    curve = []
+    for r in rows:
+        point = {"round": r["round"], "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
+                 "compute_s": round(r.get("compute_s", 0.0), 3), "client_steps": r.get("client_steps")}
+        point |= {k: r[k] for k in _CURVE_KEYS if r.get(k) is not None}
+        curve.append(point)
+    # Wall time over each link profile, cumulative by round (see fedzip.report.links).
+    link_seconds = {name: [round(s, 3) for _, s in sorted(cumulative_seconds(rows, ledger, link).items())]
+                    for name, link in LINKS.items()}
+
+    steps = sum(r.get("client_steps") or 0 for r in rows)
+    compute = sum(r.get("compute_s", 0.0) for r in rows if r.get("client_steps"))
+    memory = [m for r in rows for m in (r.get("client_memory") or {}).values()]
+    peak_rss = max((m["peak_rss_bytes"] for m in memory if "peak_rss_bytes" in m), default=None)
+    peak_cuda = max((m["cuda_peak_bytes"] for m in memory if "cuda_peak_bytes" in m), default=None)
+    where = summary.get("device", "cpu")
+    return {
+        "format": FORMAT, "label": label or seedless_label(run_dir.name), "method": summary["method"],
+        "seed": summary["seed"], "config": config,
+        "machine": f"{summary.get('cpu_count')} CPU cores, {where}, torch {summary.get('torch')}, "
+                   f"{summary.get('torch_threads')} thread(s)",
+        "device": where, "wall_seconds": round(summary["wall_seconds"], 1),
+        "time_split_s": {k: round(v, 2) for k, v in summary["time_split_s"].items()},
+        "final_metrics": summary["final_metrics"], "rounds": summary["rounds_completed"],
+        "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"],
+        "client_step_s": round(compute / steps, 4) if steps else None,
+        "client_peak_rss_bytes": peak_rss, "client_cuda_peak_bytes": peak_cuda,
+        "curve": curve, "link_seconds": link_seconds,
+    }
+
+
+def load_compact(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != FORMAT:
+        raise RunDirError(f"{path}: not a compact run result ({FORMAT})")
+    return data
