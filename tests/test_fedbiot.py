@@ -138,6 +138,21 @@ def test_fedbiot_runs_end_to_end_counts_the_compressed_model_once_and_resumes_ex
     assert any(float(p.abs().sum()) > 0 for n, p in b.items() if ".layers.7." in n)  # the trained adapter
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["fedbiot", "fedot", "offsite_tuning"])
+def test_on_a_gpu_the_emulator_and_the_clients_model_train_there_and_payloads_are_unchanged(biot_cfg, tmp_path, method):
+    overrides = [o for o in biot_cfg if not o.startswith("method=")] + [f"method={method}", "train.optimizer=sgd"]
+    cpu = run_experiment(load_config(None, overrides), tmp_path / "cpu", progress=False)
+    gpu = run_experiment(load_config(None, [*overrides, "train.device=cuda"]), tmp_path / "gpu", progress=False)
+    assert cpu["device"] == "cpu" and gpu["device"] != "cpu"
+    assert gpu["bytes_down_total"] == cpu["bytes_down_total"]  # compressed model + LoRA: same shapes, same codec
+    messages = sum(1 for _ in (tmp_path / "cpu" / "ledger.jsonl").read_text().splitlines()) // 2
+    assert abs(gpu["bytes_up_total"] - cpu["bytes_up_total"]) <= 16 * messages  # JSON train loss digits
+    assert abs(gpu["final_metrics"]["loss"] - cpu["final_metrics"]["loss"]) < 0.05
+    if method == "fedbiot":
+        assert abs(gpu["final_metrics"]["emu_loss"] - cpu["final_metrics"]["emu_loss"]) < 0.05
+
+
 @pytest.mark.parametrize("method", ["fedot", "offsite_tuning"])
 def test_baselines_use_the_sandwich_split_and_a_fixed_emulator(biot_cfg, tmp_path, method):
     overrides = [o for o in biot_cfg if not o.startswith("method")] + [f"method={method}", "rounds=1"]

@@ -182,12 +182,14 @@ def normalise(x: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def train_autoencoder(ae: nn.Module, maps: list[torch.Tensor], epochs: int = 20, lr: float = 2e-4,
-                      batch: int = 8, seed: int = 0) -> list[float]:
+                      batch: int = 8, seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
     """TGAP: fit the autoencoder to the recorded (normalised) factor maps with MSE and Adam.
 
-    Returns the mean loss of each epoch."""
+    Trains on ``device`` (e.g. the model's GPU) and leaves the autoencoder on the CPU, where payloads are
+    encoded and decoded. Returns the mean loss of each epoch."""
     g = torch.Generator().manual_seed(seed)
-    data = torch.stack([normalise(m)[0] for m in maps])[:, None]
+    data = torch.stack([normalise(m)[0] for m in maps])[:, None].to(device)
+    ae.to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     ae.train()
     losses = []
@@ -202,5 +204,5 @@ def train_autoencoder(ae: nn.Module, maps: list[torch.Tensor], epochs: int = 20,
             opt.step()
             total += float(loss.detach()) * len(x)
         losses.append(total / len(data))
-    ae.eval()
+    ae.eval().to("cpu")
     return losses

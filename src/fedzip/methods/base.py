@@ -45,10 +45,10 @@ class Method:
     # Prefixes of the method's own evaluation metrics (returned by ``aggregate``) that belong in the run's
     # final metrics beside the engine's, e.g. FedBiOT's adapter-on-emulator ``emu_loss``.
     eval_prefixes: ClassVar[tuple[str, ...]] = ()
-    # True when the method touches the model only through ``TrainableView`` (whose ``get`` returns CPU
-    # copies) and local training, so the model may live on a GPU (``train.device``) while the method's
-    # own state and every payload stay on the CPU. Methods that keep tensors beside the model's own
-    # (HAFL's masks, FedBiOT's emulator, CG-FedLLM's autoencoder) stay False until they are checked.
+    # True when the model may live on a GPU (``train.device``): the method reads the model through
+    # ``TrainableView`` (whose ``get`` returns CPU copies), keeps any tensor that meets the model's own
+    # (HAFL's gradient masks, FedBiOT's emulator, CG-FedLLM's autoencoder while it trains) on the model's
+    # device, and hands the wire CPU tensors. Every built-in method does; a new one opts in once checked.
     runs_on_accelerator: ClassVar[bool] = False
 
     def __init__(self, cfg, runtime):

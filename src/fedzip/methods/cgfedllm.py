@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from fedzip.data.task import model_device
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.autoencoder import (
     BlockLinearAutoencoder,
@@ -68,6 +69,9 @@ class CgOptions(BaseModel):
 class CgFedLLM(Method):
     name = "cgfedllm"
     Options = CgOptions
+    # The model trains on train.device; the autoencoder trains there too (TGAP) and then encodes and
+    # decodes on the CPU, like every payload; clients read and write the model through TrainableView.
+    runs_on_accelerator = True
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -195,7 +199,7 @@ class CgFedLLM(Method):
             self.global_ = weighted_average(replies, list(self.global_))
             if rnd == self.opts.tgap_rounds and not self.ae_trained:
                 losses = train_autoencoder(self.ae, self.maps, self.opts.ae_epochs, self.opts.ae_lr,
-                                           self.opts.ae_batch, self.cfg.seed)
+                                           self.opts.ae_batch, self.cfg.seed, device=model_device(self.rt.model))
                 self.ae_trained, self.maps = True, []
                 metrics |= {"tgap_loss_first": losses[0], "tgap_loss_last": losses[-1]}
                 if self.rt.run_dir is not None:
@@ -235,7 +239,7 @@ class CgFedLLM(Method):
             rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
         self.global_ = weighted_average(rebuilt, list(self.global_))
         losses = train_autoencoder(self.ae, maps, self.opts.online_epochs, self.opts.ae_lr, self.opts.ae_batch,
-                                   self.cfg.seed + self._round)
+                                   self.cfg.seed + self._round, device=model_device(self.rt.model))
         self.has_encoder = set()  # every client gets the refreshed encoder with its next message
         return {"online_loss_first": losses[0], "online_loss_last": losses[-1]}
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedzip.data.task import model_device, to_device
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
@@ -58,6 +59,9 @@ class FedBiOT(Method):
     name = "fedbiot"
     Options = FedBiOTOptions
     client_builds_model = True  # a client never loads the full model: it builds the compressed one
+    # The emulator is a copy of the model's own layers (it lives where they do); the client's compressed
+    # model is moved to train.device; server state and payloads are CPU tensors.
+    runs_on_accelerator = True
     eval_prefixes = ("emu_",)  # AdapEmu metrics, reported beside the engine's AdapFu ones
     layout: Literal["top", "sandwich"] = "top"
     aligns = True
@@ -127,7 +131,8 @@ class FedBiOT(Method):
         with self.client_view() as m:  # names as the client's model has them
             self.params = self._lora_params(m)
             # the compressed model's frozen weights (LoRA travels each round); tied weights once
-            self.base = {BASE + n: t.detach() for n, t in _untied_state(m).items() if "lora_" not in n}
+            # (on the CPU: a message is made of CPU tensors; no copy when the model is on the CPU already)
+            self.base = {BASE + n: t.detach().cpu() for n, t in _untied_state(m).items() if "lora_" not in n}
         self.adapter_names, self.emulator_names = self._roles(self.params)
         self.sent_model: set[int] = set()
         self.align_calls = 0
@@ -137,11 +142,12 @@ class FedBiOT(Method):
             self.last_align_loss = self.align(self.opts.prealign_steps)
 
     def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"p::{n}": p.detach().clone() for n, p in self.params.items()}
+        state = {f"p::{n}": p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         state["sent_model"] = torch.tensor(sorted(self.sent_model), dtype=torch.float64)
         state["align_calls"] = torch.tensor([self.align_calls], dtype=torch.float64)
         if self.align_opt is not None:
-            state |= {f"opt::{k}": v for k, v in optimizer_state_to_tensors(self.align_opt, self.emulator_names).items()}
+            opt = optimizer_state_to_tensors(self.align_opt, self.emulator_names)
+            state |= {f"opt::{k}": v.cpu() for k, v in opt.items()}
         return state
 
     def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -162,7 +168,7 @@ class FedBiOT(Method):
         if self.aligns and self.opts.align_steps:
             self.last_align_loss = self.align(self.opts.align_steps)
         per_round = self.adapter_names + (self.emulator_names if self.aligns else [])
-        lora = {n: self.params[n].detach().clone() for n in per_round}
+        lora = {n: self.params[n].detach().to("cpu", copy=True) for n in per_round}
         plain = Message(lora, {"round": rnd})
         first = None
         out = {}
@@ -170,8 +176,10 @@ class FedBiOT(Method):
             if cid in self.sent_model:
                 out[cid] = plain
             else:  # the compressed model, once per client, counted in this message's bytes
-                first = first or Message(lora | {n: self.params[n].detach() for n in self.emulator_names} | self.base,
-                                         plain.meta | {"ledger_kind": "update+compressed_model"})
+                if first is None:
+                    emulator = {n: self.params[n].detach().to("cpu", copy=True) for n in self.emulator_names}
+                    first = Message(lora | emulator | self.base,
+                                    plain.meta | {"ledger_kind": "update+compressed_model"})
                 out[cid] = first
                 self.sent_model.add(cid)
         return out
@@ -227,7 +235,7 @@ class FedBiOT(Method):
             for _ in range(steps):
                 idx = rng.choice(len(public.train.input_ids), size=min(self.opts.align_batch, len(public.train.input_ids)),
                                  replace=False)
-                batch = public.collate(public.train, np.sort(idx))
+                batch = to_device(public.collate(public.train, np.sort(idx)), model_device(model))
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
                 with torch.no_grad():
                     full = model(**inputs)
@@ -259,6 +267,7 @@ class FedBiOT(Method):
         if self._client is None:
             from transformers import AutoModelForCausalLM
 
+            from fedzip.engine.runtime import resolve_device
             from fedzip.models.lora import inject_lora
 
             cfg = copy.deepcopy(self.hf_config)
@@ -273,6 +282,8 @@ class FedBiOT(Method):
                 model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
             lc = self.cfg.lora
             model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, False, self.cfg.seed)
+            # built on the CPU (initial weights do not depend on the device), then moved where it trains
+            model = model.to(resolve_device(self.cfg, type(self)))
             _, self._layer_attr, _ = find_decoder_layers(model)
             self._client = model
             self._client_params = self._lora_params(model)
@@ -314,7 +325,8 @@ class FedBiOT(Method):
             own = _untied_state(self._client)
             with torch.no_grad():
                 for n, t in base.items():  # adopt the received tensors: no second copy of the model in memory
-                    own[n[len(BASE):]].data = t.to(own[n[len(BASE):]].dtype).contiguous()
+                    mine = own[n[len(BASE):]]
+                    mine.data = t.to(mine.device, mine.dtype).contiguous()
             self._client_loaded = True
             self._client_base = {BASE + canonical(n): t for n, t in _untied_state(self._client).items()
                                  if "lora_" not in n}
@@ -340,7 +352,7 @@ class FedBiOT(Method):
         train_cfg = round_train_config(self.cfg, client.round)
         steps, loss, _ = train_locally(model, params, self.rt.task, client.indices, train_cfg, client.seed,
                                        extra_loss=proximal if eps > 0 else None, progress=self.rt.step_progress)
-        return Message({n: p.detach().clone() for n, p in params.items()},
+        return Message({n: p.detach().to("cpu", copy=True) for n, p in params.items()},
                        {"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
 
 

@@ -120,6 +120,8 @@ def best_rank_r(dw: torch.Tensor, r: int, scale: float, init_a: torch.Tensor) ->
 class Hafl(Method):
     name = "hafl"
     Options = HaflOptions
+    # Masks and importance live beside the model's parameters; server state and payloads on the CPU.
+    runs_on_accelerator = True
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -317,11 +319,13 @@ class Hafl(Method):
             if held is None:  # freeze: pick the top-r_k components by local score (global score breaks ties)
                 held = []
                 for j, m in enumerate(self.modules):
-                    local = tracker.component_scores(self.a(m), self.b(m))
+                    local = tracker.component_scores(self.a(m), self.b(m)).cpu()
                     held.append(top_components(local if local.any() else global_scores[j], r))
             if not masks:
                 for j, m in enumerate(self.modules):
-                    ma, mb = torch.zeros(self.shapes[self.a(m)]), torch.zeros(self.shapes[self.b(m)])
+                    device = view.params[self.a(m)].device  # masks meet gradients where the model lives
+                    ma = torch.zeros(self.shapes[self.a(m)], device=device)
+                    mb = torch.zeros(self.shapes[self.b(m)], device=device)
                     ma[held[j]], mb[:, held[j]] = 1.0, 1.0
                     masks[self.a(m)], masks[self.b(m)] = ma, mb
             for n, mk in masks.items():
@@ -335,12 +339,12 @@ class Hafl(Method):
         with torch.no_grad():  # decoupled weight decay must not move frozen components either
             for n, mk in masks.items():
                 view.params[n].copy_(view.params[n] * mk + before[n] * (1 - mk))
-        tensors = {n: view.params[n].detach().clone() for n in self.others}
+        tensors = view.get(self.others)  # the reply is built on the CPU, wherever the model trained
         scores = torch.zeros(len(self.modules), self.R)
         for j, m in enumerate(self.modules):
-            tensors[self.a(m)] = view.params[self.a(m)].detach()[held[j]].clone()
-            tensors[self.b(m)] = view.params[self.b(m)].detach()[:, held[j]].clone()
-            scores[j, held[j]] = tracker.component_scores(self.a(m), self.b(m))[held[j]]
+            tensors[self.a(m)] = view.params[self.a(m)].detach()[held[j]].to("cpu", copy=True)
+            tensors[self.b(m)] = view.params[self.b(m)].detach()[:, held[j]].to("cpu", copy=True)
+            scores[j, held[j]] = tracker.component_scores(self.a(m), self.b(m))[held[j]].cpu()
         tensors["scores"] = scores
         return Message(tensors, {"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
                                  "components": [_mask(h) for h in held]})

@@ -41,7 +41,8 @@ def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
     entries, buffers = [], []
     for name, tensor in message.tensors.items():
         c = get_codec(codec if isinstance(codec, str) else codec[name])
-        buf, params = c.encode(tensor)
+        # Bytes are made on the CPU (a no-op for CPU tensors), so a tensor left on a GPU encodes the same.
+        buf, params = c.encode(tensor.detach().cpu())
         entries.append({"name": name, "shape": list(tensor.shape), "codec": c.name, "params": params, "nbytes": len(buf)})
         buffers.append(buf)
     header = json.dumps({"meta": message.meta, "tensors": entries}, separators=(",", ":"), allow_nan=False).encode()
