@@ -27,6 +27,8 @@ def test_quickstart_loads_and_overrides():
     ("data.source=imagenet", "data.source"),
     ("train.device=gpu", "train.device"),
     ("train.device=cuda:x", "train.device"),
+    ("train.precision=bf16", "train.precision"),  # autocast needs a GPU; the quickstart trains on the CPU
+    ("train.lr_schedule=linear", "train.lr_schedule"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

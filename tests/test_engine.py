@@ -247,3 +247,13 @@ def test_cuda_run_matches_cpu_run(tmp_path, tiny_cfg, method, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-3), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_on_a_gpu_trains_like_fp32_with_the_same_payload_sizes(tmp_path, tiny_cfg):
+    extra = ["train.optimizer=sgd", "train.lr=0.05", "train.device=cuda"]
+    fp32, _ = run(tmp_path, tiny_cfg + extra, "fp32")
+    bf16, bf16_dir = run(tmp_path, tiny_cfg + extra + ["train.precision=bf16"], "bf16")
+    assert bf16["bytes_down_total"] == fp32["bytes_down_total"]  # weights and payloads stay fp32
+    assert abs(bf16["final_metrics"]["loss"] - fp32["final_metrics"]["loss"]) < 0.1
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(bf16_dir).values())

@@ -81,6 +81,15 @@ class TrainConfig(Section):
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
                         description="where the model trains and evaluates: cpu, cuda, cuda:N or auto "
                                     "(cuda when present); payloads and method state stay on the CPU")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: local training under bfloat16 autocast on a GPU (weights, payloads and "
+                            "evaluation stay fp32); with device auto and no GPU, training stays fp32")
+
+    @model_validator(mode="after")
+    def _precision_needs_a_gpu(self) -> "TrainConfig":
+        if self.precision == "bf16" and self.device == "cpu":
+            raise ValueError("train.precision: bf16 autocast needs a GPU (train.device: cuda or auto)")
+        return self
 
 
 class WireConfig(Section):

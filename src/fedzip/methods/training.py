@@ -74,12 +74,15 @@ def train_locally(model, params: dict[str, torch.nn.Parameter], task, indices: n
     total = task.steps_per_epoch(len(indices), train_cfg.batch_size) * train_cfg.local_epochs
     if train_cfg.max_steps:
         total = min(total, train_cfg.max_steps)
+    # bf16 autocast (GPU only): matmuls in bfloat16, weights, gradients and optimizer state stay fp32
+    autocast = train_cfg.precision == "bf16" and device.type == "cuda"
     for _ in range(train_cfg.local_epochs):
         for batch in task.train_batches(indices, train_cfg.batch_size, rng):
-            out = model(**to_device(batch, device))
-            loss = out.loss
-            if extra_loss is not None:
-                loss = loss + extra_loss()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = model(**to_device(batch, device))
+                loss = out.loss.float()
+                if extra_loss is not None:
+                    loss = loss + extra_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_hook is not None:
