@@ -110,8 +110,8 @@ def run_command(label: str, overrides: list[str], seed: int, out: Path, threads:
     return cmd + (["--resume"] if resume else [])
 
 
-def run_suite(out: Path, budget_s: float, parallel: int, done: set[str], only: set[str], resume_from: Path | None,
-              quick: bool) -> None:
+def run_suite(out: Path, budget_s: float, parallel: int, done: set[str], only: set[str], seeds: set[int],
+              resume_from: Path | None, quick: bool, work: Path) -> None:
     from b1_cpu import runs_for
 
     from fedzip.report.compact import compact_run
@@ -120,12 +120,12 @@ def run_suite(out: Path, budget_s: float, parallel: int, done: set[str], only: s
     overrides = {label: ov for label, ov, _ in runs_for("gpu")}
     if quick:  # two rounds: CG-FedLLM's TGAP phase shrinks to one
         overrides = {k: [o.replace("tgap_rounds: 40", "tgap_rounds: 1") for o in v] for k, v in overrides.items()}
-    work = REPO / "benchmarks" / "runs" / BENCH / "gpu"
     work.mkdir(parents=True, exist_ok=True)
     if resume_from:
         with tarfile.open(resume_from) as tar:
             tar.extractall(work, filter="data")
-    queue = [(label, s) for label, s in PRIORITY if f"{label}-s{s}" not in done and (not only or label in only)]
+    queue = [(label, s) for label, s in PRIORITY if f"{label}-s{s}" not in done and (not only or label in only)
+             and (not seeds or s in seeds)]
     # unfinished runs from an earlier machine first: they have the least left to do
     queue.sort(key=lambda t: not (work / f"{t[0]}-s{t[1]}" / "checkpoints" / "state.json").exists())
     extra = ["rounds=2", "num_clients=10", "clients_per_round=2", "train.max_steps=2", "eval.every=2",
@@ -230,9 +230,12 @@ def main() -> None:
     r.add_argument("--budget-s", type=float, default=660, help="stop by then (default 660 s: 11 minutes)")
     r.add_argument("--parallel", type=int, default=8, help="runs at once on the GPU (default 8)")
     r.add_argument("--only", default="", help="comma-separated labels")
+    r.add_argument("--seeds", default="", help="comma-separated seeds (default: 0, 1, 2)")
     r.add_argument("--resume-from", type=Path, help="unfinished.tar.gz from an earlier machine")
     r.add_argument("--quick", action="store_true", help="2 tiny rounds per run: check the suite itself, anywhere")
     r.add_argument("--cpu", action="store_true", help="with --quick: on the CPU (tests the suite without a GPU)")
+    r.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / BENCH / "gpu",
+                   help="folder for the run directories (default benchmarks/runs/b1_gpu/gpu)")
     c = sub.add_parser("collect", help="file a GPU machine's results under results/runs/b1_gpu")
     c.add_argument("folder", type=Path)
     args = ap.parse_args()
@@ -252,8 +255,9 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         done = {p.stem for p in (REPO / "benchmarks" / "results" / "runs" / BENCH).glob("*.json")}
-        run_suite(out, args.budget_s, args.parallel, done, {x for x in args.only.split(",") if x}, args.resume_from,
-                  args.quick)
+        seeds = {int(x) for x in args.seeds.split(",") if x.strip().isdigit()}
+        run_suite(out, args.budget_s, args.parallel, done, {x for x in args.only.split(",") if x}, seeds,
+                  args.resume_from, args.quick, args.work)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The benchmark scripts themselves: the GPU suite checked end to end on the CPU with two tiny rounds."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_suite_quick_check_runs_resumes_and_its_results_are_never_filed(tmp_path):
+    suite = [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py")]
+    common = ["run", "--quick", "--cpu", "--only", "fedit", "--seeds", "0", "--parallel", "1", "--work", str(tmp_path / "work")]
+    # a budget too short for the first run: it is stopped and packed with its checkpoint
+    first = subprocess.run([*suite, *common, "--out", str(tmp_path / "a"), "--budget-s", "25"],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    packed = tmp_path / "a" / "unfinished.tar.gz"
+    if packed.exists():  # round 1 was checkpointed in time (machines differ): it resumes on the "next machine"
+        assert "budget spent" in first.stdout
+    second = subprocess.run([*suite, *common, "--out", str(tmp_path / "b"), "--budget-s", "300",
+                             *(["--resume-from", str(packed)] if packed.exists() else [])],
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    results = json.loads((tmp_path / "b" / "gpu_results.json").read_text())
+    assert {(r["label"], r["seed"]) for r in results} == {("fedit", 0)}
+    assert all(r["quick"] and r["format"] == "fedzip-compact-run/1" and r["rounds"] == 2 for r in results)
+    if packed.exists():
+        assert "fedit-s0 resumed" in second.stdout
+    refused = subprocess.run([*suite, "collect", str(tmp_path / "b")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "--quick" in refused.stderr + refused.stdout
