@@ -77,6 +77,16 @@ def test_a_finished_run_becomes_a_compact_result_and_a_board(tmp_path, tiny_cfg)
     assert all(r["seeds"] == [0, 1] for r in board["rows"])
     # FFA-LoRA sends B only: fewer bytes up than FedIT in every seed
     assert board["rows"][1]["mb_up_total"]["mean"] < board["rows"][0]["mb_up_total"]["mean"]
+    # the same board from the run directories, on the command line
+    from fedzip.cli import main
+
+    dirs = [str(tmp_path / f"{m}-s{s}") for m in ("fedit", "ffa_lora") for s in (0, 1)]
+    assert main(["report", *dirs, "--leaderboard", "--reference", dirs[0], "--out", str(tmp_path / "lb")]) == 0
+    cli_board = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())
+    assert cli_board["rows"] == json.loads(json.dumps(board["rows"]))
+    assert "| ffa_lora | 2 |" in (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert main(["report", *dirs[2:], "--leaderboard", "--reference", dirs[0]]) == 2  # reference not among them
+    assert main(["report", *dirs, "--leaderboard"]) == 2
 
 
 def test_compact_result_of_an_unfinished_run_is_one_error(tmp_path):

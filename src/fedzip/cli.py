@@ -73,6 +73,8 @@ def cmd_report(args) -> int:
         from fedzip.errors import ConfigError
 
         raise ConfigError(f"--links: unknown link {unknown[0]!r}; known: {', '.join(LINKS)}")
+    if args.leaderboard:
+        return leaderboard_report(dirs, args, out)
     comparison = None
     if args.reference or names:
         comparison = Comparison(load_run(Path(args.reference)) if args.reference else None,
@@ -80,6 +82,35 @@ def cmd_report(args) -> int:
     print_table(dirs, comparison)
     path = write_report(dirs, out, comparison)
     print(f"report: {path}")
+    return 0
+
+
+def leaderboard_report(dirs: list[Path], args, out: Path) -> int:
+    """Finished runs grouped by label (a run directory's name without ``-s<seed>``), judged seed by seed."""
+    import json
+
+    from fedzip.errors import ConfigError
+    from fedzip.report.compact import compact_run, seedless_label
+    from fedzip.report.leaderboard import build_leaderboard, leaderboard_figure, leaderboard_markdown
+
+    if not args.reference:
+        raise ConfigError("--leaderboard needs --reference RUN_DIR (one seed of the reference, e.g. runs/fedit-s0)")
+    records = [compact_run(d) for d in dirs]
+    reference = seedless_label(Path(args.reference).name)
+    try:
+        board = build_leaderboard(records, reference, window=args.window)
+    except ValueError as exc:
+        raise ConfigError(f"--leaderboard: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.json").write_text(json.dumps(board, indent=1) + "\n")
+    table = leaderboard_markdown(board)
+    (out / "leaderboard.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    try:
+        leaderboard_figure(board, records, out / "leaderboard.png", f"reference: {reference}")
+    except ImportError:
+        print("no figure: matplotlib is missing (pip install 'fedzip[report]')")
+    print(f"leaderboard: {out / 'leaderboard.md'}")
     return 0
 
 
@@ -189,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--links", metavar="LINKS", help="comma-separated link profiles for time columns: "
                      "3g, 4g, home, datacenter")
     rep.add_argument("--window", type=int, default=3, help="evaluations in the moving average (default 3)")
+    rep.add_argument("--leaderboard", action="store_true", help="one row per label (run directory name without "
+                     "-s<seed>), mean +- std over seeds, each seed judged against the reference's run of that seed")
     rep.set_defaults(func=cmd_report)
     dep = sub.add_parser("deploy", help="run on Flower (SuperLink + SuperNodes)")
     dsub = dep.add_subparsers(dest="target", required=True)
