@@ -45,6 +45,9 @@ def test_curves_keep_only_the_fixed_evaluation_subset():
     rows = [{"round": 1, "accuracy": 0.2, "eval_examples": 100}, {"round": 2},
             {"round": 3, "accuracy": 0.4, "eval_examples": 100}, {"round": 4, "accuracy": 0.9, "eval_examples": 445}]
     assert fixed_subset_curve(rows, "accuracy") == [(1, 0.2), (3, 0.4)]
+    # the last round on the whole split, and on the fixed subset beside it: the curve ends at that round
+    rows[-1]["fixed_subset"] = {"accuracy": 0.5, "eval_examples": 100}
+    assert fixed_subset_curve(rows, "accuracy") == [(1, 0.2), (3, 0.4), (4, 0.5)]
     assert cumulative_bytes([{"round": 1, "bytes_up": 5, "bytes_down": 7}, {"round": 2, "bytes_up": 1, "bytes_down": 1}],
                             1) == (5, 7)
 
@@ -73,6 +76,7 @@ def test_runs_record_each_clients_compute_and_time_follows_the_ledger(tmp_path, 
         assert sorted(int(c) for c in row["client_compute_s"]) == row["clients"]
         assert sum(row["client_compute_s"].values()) == pytest.approx(row["compute_s"])
         assert row["client_steps"] == 3 * len(row["clients"])  # train.max_steps=3 each
+        assert "fixed_subset" not in row  # no eval.max_examples: every evaluation is on the whole test split
         if Path("/proc/self/status").exists():  # Linux: each client's peak resident set while it trained
             peaks = [m["peak_rss_bytes"] for m in row["client_memory"].values()]
             assert len(peaks) == len(row["clients"]) and min(peaks) > 50e6
@@ -120,3 +124,12 @@ def test_cosine_schedule_decays_the_client_learning_rate_over_rounds(tiny_cfg):
     assert round_train_config(constant, 7).lr == 0.4
     opt = make_optimizer({"w": torch.nn.Parameter(torch.zeros(2))}, round_train_config(cfg, 6))
     assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["lr"] == pytest.approx(lrs[5])
+
+
+def test_the_last_round_is_also_evaluated_on_the_fixed_subset(tmp_path, tiny_cfg):
+    run_experiment(load_config(None, tiny_cfg + ["eval.max_examples=12"]), tmp_path / "r", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["eval_examples"] > 12 and last["fixed_subset"]["eval_examples"] == 12
+    assert [rnd for rnd, _ in fixed_subset_curve(rows, "accuracy")] == [1, 2, 3]
+    assert fixed_subset_curve(rows, "accuracy")[-1][1] == last["fixed_subset"]["accuracy"]

@@ -161,6 +161,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                 full = rnd == cfg.rounds
                 row.update(rt.task.evaluate(rt.model, cfg.eval.batch_size, None if full else cfg.eval.max_examples,
                                             seed=cfg.seed))
+                if full and cfg.eval.max_examples and cfg.eval.max_examples < row.get("eval_examples", 0):
+                    # the last round on the fixed subset too, so the run's curve ends where the run ends
+                    row["fixed_subset"] = rt.task.evaluate(rt.model, cfg.eval.batch_size, cfg.eval.max_examples,
+                                                           seed=cfg.seed)
                 row["eval_s"] = time.time() - t0
             row["wall_seconds"] = elapsed_before + time.time() - t_start
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:

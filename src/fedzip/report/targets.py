@@ -15,12 +15,24 @@ Curve = list[tuple[int, float]]  # (round, metric value) at evaluated rounds, in
 
 
 def fixed_subset_curve(rows: list[dict], metric: str) -> Curve:
-    """The metric at every evaluation made on the run's usual evaluation set (its most common size)."""
-    evaluated = [r for r in rows if r.get(metric) is not None]
-    if not evaluated:
+    """The metric at every evaluation made on the run's usual evaluation set (its most common size).
+
+    The last round's evaluation on the whole test split is another set; the engine also evaluates that
+    round on the fixed subset (``fixed_subset`` in its row), and the curve takes that one."""
+    points = {}  # round -> (examples, value); an evaluation of the row itself wins over its fixed_subset
+    for r in rows:
+        for ev in (r.get("fixed_subset"), r):
+            if isinstance(ev, dict) and ev.get(metric) is not None:
+                points.setdefault(r["round"], []).append((ev.get("eval_examples"), float(ev[metric])))
+    if not points:
         return []
-    usual = Counter(r.get("eval_examples") for r in evaluated).most_common(1)[0][0]
-    return [(r["round"], float(r[metric])) for r in evaluated if r.get("eval_examples") == usual]
+    usual = Counter(n for evs in points.values() for n, _ in evs).most_common(1)[0][0]
+    curve = []
+    for rnd in sorted(points):
+        same = [v for n, v in points[rnd] if n == usual]
+        if same:
+            curve.append((rnd, same[-1]))
+    return curve
 
 
 def smoothed(curve: Curve, window: int = 3) -> Curve:
