@@ -5,6 +5,10 @@ run fits a 2-core machine; client optimisers compared. Writes ``results/pilots/b
 and ``.md`` with each curve, its plateau gain over the last 20% of rounds, and what a run cost.
 
     python benchmarks/pilot_b1_cpu.py            # four runs, two at a time (about 35 min on a fast 2-core machine)
+    python benchmarks/pilot_b1_cpu.py --profile cosine   # the second pilot: SGD-momentum with a cosine decay
+
+The second pilot (``--profile cosine``) writes ``results/pilots/b1_cpu_cosine_pilot.md`` and one compact
+result per run in ``results/pilots/b1_cpu_cosine/``; it chose the cpu profile of ``benchmarks/b1_cpu.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,27 @@ from common import RESULTS, collect, run_profile  # noqa: E402
 
 from fedzip.report.targets import fixed_subset_curve, smoothed, tail_gain  # noqa: E402
 
-PROFILES = {"pilot": ["rounds=60", "num_clients=20", "clients_per_round=5", "partition.alpha=0.5",
+# The second pilot: client SGD-momentum 0.9 with a cosine decay of its lr over rounds, run sizes varied.
+COSINE = ["num_clients=20", "data.max_test_examples=2000", "train.optimizer=sgd", "train.momentum=0.9",
+          "train.lr_schedule=cosine"]
+COSINE_RUNS = [  # (label, overrides, what it tests)
+    ("r60_lr0.5", ["rounds=60", "clients_per_round=5", "train.max_steps=4", "data.max_length=64", "eval.every=5",
+                   "eval.max_examples=1000", "partition.alpha=0.5", "train.lr=0.5"],
+     "60 rounds, 5 clients x 4 steps, 64 tokens, Dirichlet 0.5, lr 0.5"),
+    ("r100_c4s4", ["rounds=100", "clients_per_round=4", "train.max_steps=4", "data.max_length=48", "eval.every=5",
+                   "eval.max_examples=800", "partition.alpha=0.5", "train.lr=0.5"],
+     "100 rounds, 4 clients x 4 steps, 48 tokens, Dirichlet 0.5, lr 0.5"),
+    ("r120_c4s3", ["rounds=120", "clients_per_round=4", "train.max_steps=3", "data.max_length=48", "eval.every=6",
+                   "eval.max_examples=800", "partition.alpha=0.5", "train.lr=0.5"],
+     "120 rounds, 4 clients x 3 steps, 48 tokens, Dirichlet 0.5, lr 0.5"),
+    ("r150_c4s3", ["rounds=150", "clients_per_round=4", "train.max_steps=3", "data.max_length=48", "eval.every=6",
+                   "eval.max_examples=800", "partition.alpha=0.5", "train.lr=0.5"],
+     "150 rounds, 4 clients x 3 steps, 48 tokens, Dirichlet 0.5, lr 0.5"),
+    ("r120_c4s3_a1", ["rounds=120", "clients_per_round=4", "train.max_steps=3", "data.max_length=48", "eval.every=6",
+                      "eval.max_examples=800", "partition.alpha=1.0", "train.lr=0.5"],
+     "120 rounds, 4 clients x 3 steps, 48 tokens, Dirichlet 1.0, lr 0.5"),
+]
+PROFILES = {"cosine": COSINE, "pilot": ["rounds=60", "num_clients=20", "clients_per_round=5", "partition.alpha=0.5",
                       "data.max_length=64", "eval.every=5", "eval.max_examples=1000", "data.max_test_examples=2000"]}
 RUNS = [  # (label, overrides, what it tests)
     ("adamw_lr5e-3", ["train.max_steps=4"], "AdamW lr 5e-3 (B1's client optimiser), 4 steps of 16"),
@@ -43,7 +67,48 @@ READING = """What it shows:
 """
 
 
+def cosine_pilot(done, dirs) -> None:
+    """The second pilot's page: each run's smoothed final, plateau gain (window 3 and 2), final and cost."""
+    from fedzip.report.compact import compact_run
+
+    what = {label: text for label, _, text in COSINE_RUNS}
+    out = RESULTS / "pilots" / "b1_cpu_cosine"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# B1-cpu profile pilot 2: client SGD-momentum with a cosine learning-rate decay", "",
+             "FedIT, seed 0, 20 Newsgroups, MiniLM + LoRA r=16 on q/k/v + head, 20 clients, client SGD-momentum 0.9",
+             "with a cosine decay of its lr over rounds (to 0 at the end); run sizes varied. Plateau gain: the smoothed",
+             "curve's gain over the last 20% of rounds ([PROTOCOL.md](../../PROTOCOL.md)); under 1 point counts as",
+             "converged. Command: `python benchmarks/pilot_b1_cpu.py --profile cosine` (two runs at a time, one",
+             "thread each; wall times are of that sharing, on one machine). Compact results: [b1_cpu_cosine/](b1_cpu_cosine/).",
+             "", "| run | local steps | smoothed final (subset) | plateau gain, window 3 | window 2 | final, all 2,000 "
+             "| wall s |", "|---|---|---|---|---|---|---|"]
+    curves = []
+    for label, *_ in done:
+        rec = compact_run(dirs[label], label) | {"what": what[label]}
+        (out / f"{label}.json").write_text(json.dumps(rec, separators=(",", ":")) + "\n")
+        curve = fixed_subset_curve(rec["curve"], "accuracy")
+        c = rec["config"]
+        steps = c["rounds"] * c["clients_per_round"] * c["train"]["max_steps"]
+        lines.append(f"| {what[label]} | {steps} | {smoothed(curve, WINDOW)[-1][1]:.3f} | "
+                     f"{tail_gain(curve, WINDOW) * 100:+.1f} | {tail_gain(curve, 2) * 100:+.1f} | "
+                     f"{rec['final_metrics']['accuracy']:.3f} | {rec['wall_seconds']:.0f} |")
+        curves.append(f"- {label}: " + ", ".join(f"{r}: {v:.3f}" for r, v in curve))
+    lines += ["", "Curves (round: accuracy on the fixed subset):", "", *curves, "", COSINE_READING.rstrip(), ""]
+    (RESULTS / "pilots" / "b1_cpu_cosine_pilot.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+COSINE_READING = """What it shows:
+- TO BE WRITTEN
+"""
+
+
 def main() -> None:
+    if "--profile" in sys.argv and "cosine" in sys.argv:
+        _, done, dirs = run_profile("pilot_b1_cpu", "b1_fedit", PROFILES, lambda p: [(r[0], r[1]) for r in COSINE_RUNS],
+                                    default="pilot")
+        cosine_pilot(done, dirs)
+        return
     profile, done, dirs = run_profile("pilot_b1_cpu", "b1_fedit", PROFILES, lambda p: [(r[0], r[1]) for r in RUNS],
                                       default="pilot")
     what = {label: text for label, _, text in RUNS}
