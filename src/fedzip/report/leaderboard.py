@@ -100,7 +100,7 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
 def _ms(v: dict | None, fmt: str = ".3f", scale: float = 1.0) -> str:
     if not v:
         return "-"
-    return f"{v['mean'] * scale:{fmt}} ± {v['std'] * scale:{fmt}}"
+    return f"{v['mean'] * scale:{fmt}} ± {v['std'] * scale:{fmt.lstrip('+')}}"
 
 
 def leaderboard_markdown(board: dict) -> list[str]:
