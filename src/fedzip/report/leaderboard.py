@@ -76,6 +76,7 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
             f"final_{metric}": mean_std([runs[s]["final_metrics"].get(metric) for s in seeds]),
             f"smoothed_final_{metric}": mean_std([smoothed(c, window)[-1][1] for c in curves if c]),
             "plateau_gain_last_20pct": mean_std([tail_gain(c, window) for c in curves if len(c) > 1]),
+            "plateau_gain_by_seed": {s: tail_gain(c, window) for s, c in zip(seeds, curves) if len(c) > 1},
             "reached": f"{len(hit)}/{len(judged)}",
             "round_to_target": mean_std([j["round_to_target"] for j in hit]),
             "mb_up_to_target": mean_std([j["bytes_up_to_target"] / 1e6 for j in hit]),
