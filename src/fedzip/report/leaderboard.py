@@ -109,7 +109,8 @@ def leaderboard_markdown(board: dict) -> list[str]:
     m = board["metric"]
     head = ["method", "seeds", f"final {m}", f"smoothed {m} (subset)", "last-20% gain", "reached",
             "MB up to target", "MB down to target", f"bytes vs {board['reference']}"]
-    head += [f"h to target ({name})" for name in board["links"]] + ["client peak RSS MB", "client step s"]
+    head += [f"h to target ({name})" for name in board["links"]] + ["MB up / down, whole run", "client peak RSS MB",
+                                                                    "client step s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in board["rows"]:
         ratio = r["bytes_ratio_vs_reference"]
@@ -118,7 +119,8 @@ def leaderboard_markdown(board: dict) -> list[str]:
                  _ms(r["mb_down_to_target"], ".1f"),
                  f"{ratio['mean']:.2f}x ± {ratio['std']:.2f}" if ratio else "-"]
         cells += [_ms(r["hours_to_target"][name], ".2f") for name in board["links"]]
-        cells += [f"{r['client_peak_rss_mb']:.0f}" if r["client_peak_rss_mb"] else "-", _ms(r["client_step_s"], ".2f")]
+        cells += [f"{r['mb_up_total']['mean']:.1f} / {r['mb_down_total']['mean']:.1f}",
+                  f"{r['client_peak_rss_mb']:.0f}" if r["client_peak_rss_mb"] else "-", _ms(r["client_step_s"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
