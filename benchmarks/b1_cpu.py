@@ -133,7 +133,15 @@ def write_board() -> dict | None:
              "link profile plus each client's measured compute on this machine (PROTOCOL.md). Client peak RSS: "
              "the simulation process while one client trained (it includes the server's share, so it is an upper "
              "bound on a deployed client).", "",
-             *leaderboard_markdown(board), "", "What each row runs:", ""]
+             *leaderboard_markdown(board), ""]
+    short = [r["label"] for r in board["rows"] if len(r["seeds"]) < 3]
+    missing = [label for label in WHAT if label not in {r["label"] for r in board["rows"]}]
+    if short or missing:
+        lines += ["**Provisional.** The protocol asks for three seeds a row. "
+                  + (f"Fewer so far: {', '.join(short)}. " if short else "")
+                  + (f"Not run yet: {', '.join(missing)}. " if missing else "")
+                  + "`python benchmarks/b1_cpu.py --commit` continues where the last run stopped.", ""]
+    lines += ["What each row runs:", ""]
     lines += [f"- `{r['label']}`: {r['what']}" for r in board["rows"]]
     lines += ["", f"Machines: {'; '.join(sorted({m for r in board['rows'] for m in r['machines']}))}.", ""]
     try:
