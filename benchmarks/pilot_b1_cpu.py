@@ -25,22 +25,23 @@ from fedzip.report.targets import fixed_subset_curve, smoothed, tail_gain  # noq
 # The second pilot: client SGD-momentum 0.9 with a cosine decay of its lr over rounds, run sizes varied.
 COSINE = ["num_clients=20", "data.max_test_examples=2000", "train.optimizer=sgd", "train.momentum=0.9",
           "train.lr_schedule=cosine"]
-COSINE_RUNS = [  # (label, overrides, what it tests)
-    ("r60_lr0.5", ["rounds=60", "clients_per_round=5", "train.max_steps=4", "data.max_length=64", "eval.every=5",
-                   "eval.max_examples=1000", "partition.alpha=0.5", "train.lr=0.5"],
-     "60 rounds, 5 clients x 4 steps, 64 tokens, Dirichlet 0.5, lr 0.5"),
-    ("r100_c4s4", ["rounds=100", "clients_per_round=4", "train.max_steps=4", "data.max_length=48", "eval.every=5",
-                   "eval.max_examples=800", "partition.alpha=0.5", "train.lr=0.5"],
-     "100 rounds, 4 clients x 4 steps, 48 tokens, Dirichlet 0.5, lr 0.5"),
-    ("r120_c4s3", ["rounds=120", "clients_per_round=4", "train.max_steps=3", "data.max_length=48", "eval.every=6",
-                   "eval.max_examples=800", "partition.alpha=0.5", "train.lr=0.5"],
-     "120 rounds, 4 clients x 3 steps, 48 tokens, Dirichlet 0.5, lr 0.5"),
-    ("r150_c4s3", ["rounds=150", "clients_per_round=4", "train.max_steps=3", "data.max_length=48", "eval.every=6",
-                   "eval.max_examples=800", "partition.alpha=0.5", "train.lr=0.5"],
-     "150 rounds, 4 clients x 3 steps, 48 tokens, Dirichlet 0.5, lr 0.5"),
-    ("r120_c4s3_a1", ["rounds=120", "clients_per_round=4", "train.max_steps=3", "data.max_length=48", "eval.every=6",
-                      "eval.max_examples=800", "partition.alpha=1.0", "train.lr=0.5"],
-     "120 rounds, 4 clients x 3 steps, 48 tokens, Dirichlet 1.0, lr 0.5"),
+
+
+def size(label: str, rounds: int, clients: int, steps: int, tokens: int, every: int, subset: int,
+         alpha: float) -> tuple[str, list[str], str]:
+    """One run of the second pilot: (label, overrides, what it tests); lr 0.5 throughout."""
+    return (label, [f"rounds={rounds}", f"clients_per_round={clients}", f"train.max_steps={steps}",
+                    f"data.max_length={tokens}", f"eval.every={every}", f"eval.max_examples={subset}",
+                    f"partition.alpha={alpha}", "train.lr=0.5"],
+            f"{rounds} rounds, {clients} clients x {steps} steps, {tokens} tokens, Dirichlet {alpha}, lr 0.5")
+
+
+COSINE_RUNS = [
+    size("r60_lr0.5", 60, 5, 4, 64, 5, 1000, 0.5),
+    size("r100_c4s4", 100, 4, 4, 48, 5, 800, 0.5),
+    size("r120_c4s3", 120, 4, 3, 48, 6, 800, 0.5),
+    size("r150_c4s3", 150, 4, 3, 48, 6, 800, 0.5),
+    size("r120_c4s3_a1", 120, 4, 3, 48, 6, 800, 1.0),
 ]
 PROFILES = {"cosine": COSINE, "pilot": ["rounds=60", "num_clients=20", "clients_per_round=5", "partition.alpha=0.5",
                       "data.max_length=64", "eval.every=5", "eval.max_examples=1000", "data.max_test_examples=2000"]}
