@@ -29,6 +29,7 @@ def test_quickstart_loads_and_overrides():
     ("train.device=cuda:x", "train.device"),
     ("train.precision=bf16", "train.precision"),  # autocast needs a GPU; the quickstart trains on the CPU
     ("train.lr_schedule=linear", "train.lr_schedule"),
+    ("lora.target_modules=all_linear", "lora.target_modules"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -48,6 +48,10 @@ def test_each_seed_is_judged_against_the_reference_of_the_same_seed():
     assert row["final_accuracy"] == mean_std([0.59, 0.35]) and row["final_accuracy"]["std"] > 0.1
     table = "\n".join(leaderboard_markdown(board))
     assert "| cheap | 2 |" in table and "1/2" in table and "h to target (3g)" in table
+    assert "Warnings" not in table
+    cheap[1]["warnings"] = ["round 3: the autoencoder failed its quality gate"]
+    table = "\n".join(leaderboard_markdown(build_leaderboard(ref + cheap, reference="fedit")))
+    assert "- **cheap** seed 1, round 3: the autoencoder failed its quality gate" in table
 
 
 def test_a_leaderboard_needs_its_reference():

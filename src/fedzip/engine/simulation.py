@@ -290,6 +290,8 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device,
         "torch": torch.__version__,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        # what a method flagged while going on (e.g. a learned codec below its quality gate): every report repeats it
+        "warnings": [f"round {r['round']}: {r['warning']}" for r in rows if r.get("warning")],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

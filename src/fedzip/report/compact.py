@@ -66,7 +66,7 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
         "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"],
         "client_step_s": round(compute / steps, 4) if steps else None,
         "client_peak_rss_bytes": peak_rss, "client_cuda_peak_bytes": peak_cuda,
-        "curve": curve, "link_seconds": link_seconds,
+        "curve": curve, "link_seconds": link_seconds, "warnings": summary.get("warnings", []),
     }
 
 

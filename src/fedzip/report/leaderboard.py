@@ -92,6 +92,7 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
             "client_step_s": mean_std([runs[s].get("client_step_s") for s in seeds]),
             "wall_s": mean_std([runs[s]["wall_seconds"] for s in seeds]),
             "machines": sorted({runs[s]["machine"] for s in seeds}),
+            "warnings": [f"seed {s}, {w}" for s in seeds for w in runs[s].get("warnings", [])],
             "per_seed": judged,
         })
     return {"metric": metric, "higher_is_better": higher, "reference": reference, "window": window, "drop": drop,
@@ -122,6 +123,9 @@ def leaderboard_markdown(board: dict) -> list[str]:
         cells += [f"{r['mb_up_total']['mean']:.1f} / {r['mb_down_total']['mean']:.1f}",
                   f"{r['client_peak_rss_mb']:.0f}" if r["client_peak_rss_mb"] else "-", _ms(r["client_step_s"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    warned = [f"- **{r['label']}** {w}" for r in board["rows"] for w in r.get("warnings", [])]
+    if warned:
+        lines += ["", "Warnings raised by these runs (they went on anyway):", *warned]
     return lines
 
 
