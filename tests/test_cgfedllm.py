@@ -100,7 +100,9 @@ def test_a_run_that_goes_on_below_the_gate_says_so_in_every_report(tmp_path, tin
     assert all(k in rows[1] for k in GATE_KEYS) and rows[1]["gate_passed"] == 0.0
     assert rows[1]["tgap_maps"] + rows[1]["tgap_heldout_maps"] == 4  # 2 rounds x 2 clients
     assert len(summary["warnings"]) == 1 and "round 2" in summary["warnings"][0]
-    assert compact_run(tmp_path / "warn")["warnings"] == summary["warnings"]
+    compact = compact_run(tmp_path / "warn")
+    assert compact["warnings"] == summary["warnings"] and compact["autoencoder_gate"]["passed"] is False
+    assert compact["autoencoder_gate"]["cosine"]["zero"] == 0.0 and "train_loss" not in compact["autoencoder_gate"]
     page = write_report([tmp_path / "warn"], tmp_path / "report").read_text()
     assert "quality gate" in page
 
