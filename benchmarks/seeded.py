@@ -35,6 +35,7 @@ class SeededBenchmark:
     profile: list[str]  # overrides every row shares
     rows: list[tuple[str, list[str], str]]  # (label, overrides, what the row is)
     references: list[str] = field(default_factory=list)  # labels that run first (default: the first row)
+    results_dir: Path | None = None  # where compact results go (default: results/runs/<name>)
 
     @property
     def what(self) -> dict[str, str]:
@@ -42,7 +43,7 @@ class SeededBenchmark:
 
     @property
     def compact_dir(self) -> Path:
-        return RESULTS / "runs" / self.name
+        return self.results_dir or RESULTS / "runs" / self.name
 
     def compact_path(self, label: str, seed: int) -> Path:
         return self.compact_dir / f"{label}-s{seed}.json"
@@ -89,9 +90,14 @@ class SeededBenchmark:
                     failed.append(name)
         return failed
 
-    def main(self, description: str, write_board) -> None:
-        """The command line every seeded benchmark shares; ``write_board()`` rebuilds its results page."""
+    def main(self, description: str, write_board, modes: dict | None = None) -> None:
+        """The command line every seeded benchmark shares; ``write_board()`` rebuilds its results page.
+
+        ``modes`` adds flags of the benchmark's own: ``{"--flag": (help, run(commit))}``; one of them given runs
+        it instead of the rows, then rebuilds the page."""
         ap = argparse.ArgumentParser(description=description)
+        for flag, (text, _) in (modes or {}).items():
+            ap.add_argument(flag, action="store_true", help=text)
         ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
         ap.add_argument("--only", default="", help="comma-separated labels (default: all): " + ", ".join(self.what))
         ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each by default")
@@ -105,7 +111,12 @@ class SeededBenchmark:
         only = {x for x in args.only.split(",") if x}
         if only - set(self.what):
             ap.error(f"unknown label(s): {', '.join(sorted(only - set(self.what)))}; known: {', '.join(self.what)}")
-        failed = [] if args.board else self.run(seeds, only, args.jobs, args.commit)
+        chosen = [run for flag, (_, run) in (modes or {}).items() if getattr(args, flag.lstrip("-").replace("-", "_"))]
+        if chosen:
+            chosen[0](args.commit)
+            failed = []
+        else:
+            failed = [] if args.board else self.run(seeds, only, args.jobs, args.commit)
         write_board()
         if failed:
             raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
