@@ -174,7 +174,11 @@ def write_board() -> None:
     lines = ["# B1-cpu: FLASC and CG-FedLLM as their papers run them", "",
              "Rebuilt by `python benchmarks/b1_compression.py --board` from the compact results in "
              "[runs/b1_compression/](runs/b1_compression/); the protocol is [PROTOCOL.md](../PROTOCOL.md), the "
-             "profile b1_cpu's (client SGD-momentum, cosine decay, 150 rounds, 3 seeds).", ""]
+             "profile b1_cpu's (client SGD-momentum, cosine decay, 150 rounds, 3 seeds).", "",
+             "The AdamW variant (clients on AdamW at lr 5e-3, 10-200 rounds, one seed) is the earlier protocol's: "
+             "[b1_flasc.md](b1_flasc.md) and [b1_cgfedllm.md](b1_cgfedllm.md). Adam moves nearly every entry by "
+             "about its learning rate each step, so its deltas are flat and top-k or a learned codec keeps little "
+             "of them; the rows here use the papers' client SGD-momentum instead.", ""]
     boards = {}
     for name, records, reference in (("flasc", flasc_records, "fedit_al"), ("cgfedllm", cg_records, "fedit")):
         lines += [f"## {'FLASC, all-linear LoRA' if name == 'flasc' else 'CG-FedLLM, q/k/v LoRA'}", ""]
