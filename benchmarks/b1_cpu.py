@@ -58,9 +58,11 @@ def runs_for(profile: str) -> list[tuple[str, list[str], str]]:
          "HetLoRA: client ranks 4/8/16, zero-padding aggregation"),
         ("flexlora", ["method=hafl", f"method_options={{mode: flexlora, aggregation: adaptive, {HAFL_TIERS}}}"],
          "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product"),
+        # 200 epochs on every recorded map, no held-out maps and no gate: how this row first ran (its gated
+        # successor is b1_compression's cgfedllm_linear16_gated)
         ("cgfedllm_linear16", ["method=cgfedllm", "method_options={autoencoder: linear, linear_ratio: 16, "
-                               f"tgap_rounds: {tgap}, ae_epochs: 200, ae_lr: 0.003}}"],
-         f"CG-FedLLM: {tgap} TGAP rounds (dense), then a linear 1/16 autoencoder on the uplink"),
+                               f"tgap_rounds: {tgap}, ae_epochs: 200, ae_lr: 0.003, ae_heldout: 0, ae_gate: off}}"],
+         f"CG-FedLLM: {tgap} TGAP rounds (dense), then a linear 1/16 autoencoder (200 epochs, ungated) on the uplink"),
     ]
 
 
