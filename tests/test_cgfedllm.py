@@ -10,7 +10,7 @@ from fedzip.cli import main
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
-from fedzip.errors import QualityGateError
+from fedzip.errors import QualityGateError, RunDirError
 from fedzip.report.compact import compact_run
 from fedzip.report.report import write_report
 
@@ -90,6 +90,16 @@ def test_an_autoencoder_below_the_gate_stops_the_run_with_one_error(tmp_path, ti
     assert main(["run", "--out", str(tmp_path / "cli"), "--quiet"] + [a for o in failing for a in ("--set", o)]) == 4
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "quality gate" in err and "ae_gate: warn" in err
+    # nothing is lost: the run resumes from the round before the gate with the autoencoder trained for longer
+    longer = [o.replace("ae_epochs: 1, ae_lr: 0.0000001", "ae_epochs: 40, ae_lr: 0.01").replace("stop", "warn")
+              for o in failing]
+    resumed = run_experiment(load_config(None, longer), tmp_path / "stop", resume=True, progress=False)
+    assert resumed["rounds_completed"] == 4
+    rows = [json.loads(x) for x in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and rows[1]["ae_epochs_run"] > 1
+    changed = longer + ["method_options.tgap_share=0.5"]
+    with pytest.raises(RunDirError, match="differs"):  # what shaped the kept rounds may not change
+        run_experiment(load_config(None, changed), tmp_path / "stop", resume=True, progress=False)
 
 
 def test_a_run_that_goes_on_below_the_gate_says_so_in_every_report(tmp_path, tiny_cfg):

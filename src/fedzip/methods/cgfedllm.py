@@ -93,6 +93,9 @@ class CgFedLLM(Method):
     # The model trains on train.device; the autoencoder trains there too (TGAP) and then encodes and
     # decodes on the CPU, like every payload; clients read and write the model through TrainableView.
     runs_on_accelerator = True
+    # how the autoencoder trains and is judged acts at TGAP's last round only: a run the gate stopped (before
+    # that round's checkpoint) resumes with other values, and the rounds before are kept
+    resumable_options = frozenset({"ae_epochs", "ae_lr", "ae_batch", "ae_patience", "ae_gate"})
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -292,8 +295,8 @@ class CgFedLLM(Method):
                        f"{cos['random_projection']:.3f} for a random projection at the same size (zero output 0, "
                        f"block PCA {cos['block_pca']:.3f}, top-k {cos['topk']:.3f})")
             if opts.ae_gate == "stop":
-                raise QualityGateError(f"{verdict}; train it longer (ae_epochs, ae_lr, ae_patience, more "
-                                       f"tgap_rounds or tgap_snapshots) or set ae_gate: warn to go on anyway")
+                raise QualityGateError(f"{verdict}; resume with other ae_epochs / ae_lr / ae_patience (the rounds "
+                                       f"before are kept), or with ae_gate: warn to go on anyway")
             metrics["warning"] = verdict
         return metrics
 
