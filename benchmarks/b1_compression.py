@@ -166,6 +166,35 @@ def equal_bytes_table(records: list[dict], label: str, others: list[str]) -> lis
     return lines
 
 
+def ratio_verdict(row: dict, claim: float, seeds: int = 3) -> str:
+    """Whether "FedIT's accuracy with ``claim``x fewer bytes" holds for a leaderboard row, seed by seed."""
+    judged = row["per_seed"]
+    ratios = [j.get("bytes_ratio") for j in judged]
+    if len(judged) < seeds:
+        return f"provisional ({len(judged)} of {seeds} seeds)"
+    hit = [r for r in ratios if r is not None]
+    if len(hit) < len(judged):
+        return f"does not hold: reaches the target on {len(hit)} of {len(judged)} seeds"
+    low = min(hit)
+    mean = sum(hit) / len(hit)
+    if low >= claim:
+        return f"holds on every seed (lowest {low:.1f}x, mean {mean:.1f}x)"
+    if mean >= claim:
+        return f"holds on average ({mean:.1f}x) but not on every seed (lowest {low:.1f}x)"
+    return f"does not hold: {mean:.1f}x on average, {low:.1f}x at worst"
+
+
+def flasc_verdicts(board: dict) -> list[str]:
+    lines = ["### Verdicts", "", "| row | bytes vs fedit_al | the paper's >= 10x | our goal >= 25x (int8 + zstd) |",
+             "|---|---|---|---|"]
+    for row in board["rows"][1:]:
+        r = row["bytes_ratio_vs_reference"]
+        ratio = f"{r['mean']:.1f}x ± {r['std']:.1f} ({row['reached']} reached)" if r else f"- ({row['reached']} reached)"
+        goal = ratio_verdict(row, 25) if row["label"].endswith("_int8") else "-"
+        lines.append(f"| {row['label']} | {ratio} | {ratio_verdict(row, 10)} | {goal} |")
+    return lines + [""]
+
+
 def write_board() -> None:
     own = BENCHMARK.records()
     what = BENCHMARK.what | {"fedit": "FedIT, LoRA r=16 on q/k/v (b1_cpu's reference)"}
@@ -190,6 +219,8 @@ def write_board() -> None:
             row["what"] = what.get(row["label"], "")
         boards[name] = board
         lines += [*leaderboard_markdown(board), "", *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""]
+        if name == "flasc":
+            lines += flasc_verdicts(board)
     if any(r["label"] == "cgfedllm_linear16_gated" for r in cg_records):
         lines += ["### Accuracy at equal total bytes", "", "Smoothed accuracy (fixed subset) of FedIT and of uplink "
                   "top-k at the whole-run bytes of CG-FedLLM, seed by seed:", "",

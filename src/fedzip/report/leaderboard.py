@@ -64,10 +64,13 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
         judged = [judge(runs[s], refs[s], metric, higher, window, drop) for s in seeds if s in refs]
         hit = [j for j in judged if j["round_to_target"] is not None]
         ratios = []
+        for j in judged:
+            j["bytes_ratio"] = None  # the reference's bytes to target over this run's, for a seed that reached it
         for j in hit:
             ref = ref_judged[j["seed"]]
             ref_bytes = ref["bytes_up_to_target"] + ref["bytes_down_to_target"]
-            ratios.append(ref_bytes / (j["bytes_up_to_target"] + j["bytes_down_to_target"]))
+            j["bytes_ratio"] = ref_bytes / (j["bytes_up_to_target"] + j["bytes_down_to_target"])
+            ratios.append(j["bytes_ratio"])
         curves = [fixed_subset_curve(runs[s]["curve"], metric) for s in seeds]
         first = runs[seeds[0]]
         links = list(first["link_seconds"])
