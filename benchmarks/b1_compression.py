@@ -150,6 +150,29 @@ def smoothed_at_bytes(record: dict, budget: int) -> float | None:
     return best
 
 
+def cg_verdict(records: list[dict], board: dict, label: str = "cgfedllm_linear16_gated") -> str:
+    """CG-FedLLM's claims in one line: FedIT's accuracy with its uplink cut, and ahead at equal bytes."""
+    by = {(r["label"], r["seed"]): r for r in records}
+    seeds = sorted(s for lab, s in by if lab == label)
+    row = next(r for r in board["rows"] if r["label"] == label)
+    ahead = {other: 0 for other in ("fedit", "topk_up_1_16")}
+    compared = dict.fromkeys(ahead, 0)
+    for s in seeds:
+        mine = by[(label, s)]
+        budget = mine["bytes_up_total"] + mine["bytes_down_total"]
+        own = smoothed(fixed_subset_curve(mine["curve"], "accuracy"))[-1][1]
+        for other in ahead:
+            value = smoothed_at_bytes(by[(other, s)], budget) if (other, s) in by else None
+            if value is not None:
+                compared[other] += 1
+                ahead[other] += own > value
+    gates = [by[(label, s)].get("autoencoder_gate", {}).get("passed") for s in seeds]
+    return (f"Over {len(seeds)} seed(s): the autoencoder passes its gate on {sum(bool(g) for g in gates)}; CG-FedLLM "
+            f"reaches FedIT's target on {row['reached']}; at its own whole-run bytes it is ahead of FedIT on "
+            f"{ahead['fedit']} of {compared['fedit']} seeds and of uplink top-k on {ahead['topk_up_1_16']} of "
+            f"{compared['topk_up_1_16']}.")
+
+
 def equal_bytes_table(records: list[dict], label: str, others: list[str]) -> list[str]:
     """Accuracy of each row of ``others`` with the bytes ``label`` spent on its whole run, seed by seed."""
     by = {(r["label"], r["seed"]): r for r in records}
@@ -225,6 +248,8 @@ def write_board() -> None:
         lines += ["### Accuracy at equal total bytes", "", "Smoothed accuracy (fixed subset) of FedIT and of uplink "
                   "top-k at the whole-run bytes of CG-FedLLM, seed by seed:", "",
                   *equal_bytes_table(cg_records, "cgfedllm_linear16_gated", ["fedit", "topk_up_1_16"]), ""]
+        if "cgfedllm" in boards:
+            lines += ["**Verdict.** " + cg_verdict(cg_records, boards["cgfedllm"]), ""]
         gates = [r for r in cg_records if r.get("autoencoder_gate")]
         if gates:
             lines += ["### The quality gate of each CG-FedLLM run", "", "| seed | autoencoder | random projection | "
