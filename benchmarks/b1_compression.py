@@ -41,10 +41,20 @@ from fedzip.report.leaderboard import build_leaderboard, leaderboard_figure, lea
 from fedzip.report.targets import cumulative_bytes, fixed_subset_curve, smoothed  # noqa: E402
 
 BENCH = "b1_compression"
-# The client learning rate with all-linear LoRA, chosen on fedit_al seed 0 by --lr-pilot (three times the
-# trainable entries of q/k/v LoRA; b1_cpu's 0.5 was chosen for q/k/v). Until the pilot has run it is b1_cpu's.
-ALL_LINEAR_LR = 0.5
+# The client learning rate with all-linear LoRA (three times the trainable entries of q/k/v LoRA, for
+# which b1_cpu's 0.5 was chosen) is chosen on fedit_al seed 0 by --lr-pilot: the best smoothed final
+# accuracy of LR_GRID, read from the pilot's result. The FLASC rows wait for it.
 LR_GRID = (0.2, 0.5, 1.0)
+PILOT = RESULTS / "pilots" / "b1_all_linear_lr.json"
+
+
+def chosen_lr() -> float | None:
+    if not PILOT.exists():
+        return None
+    results = [r for r in json.loads(PILOT.read_text())["results"] if r["smoothed_final_accuracy"] is not None]
+    return max(results, key=lambda r: r["smoothed_final_accuracy"])["lr"] if results else None
+
+
 ALL_LINEAR = ["lora.target_modules=all-linear"]
 INT8 = ["wire.up=int8+zstd", "wire.down=int8+zstd"]
 TGAP = 30  # a fifth of the rounds, as b1_cpu's CG-FedLLM row
@@ -52,14 +62,19 @@ TGAP_SNAPSHOTS = 1  # maps per client and TGAP round; the gate study says whethe
 CG_LINEAR16 = f"autoencoder: linear, linear_ratio: 16, tgap_rounds: {TGAP}, ae_lr: 0.003, ae_epochs: 400, ae_patience: 30"
 
 
+FLASC_ROWS = {"fedit_al", "flasc_al_1_4", "flasc_al_1_16", "flasc_al_1_4_int8", "flasc_al_1_16_int8"}
+CG_ROWS = {"cgfedllm_linear16_gated", "topk_up_1_16"}
+
+
 def flasc(density: float) -> list[str]:
     return ["method=flasc", f"method_options={{{FEDAVG_SERVER}, d_dl: {density}, d_ul: {density}, "
                             "dense_head_download: true}"]
 
 
-def rows(lr: float = ALL_LINEAR_LR) -> list[tuple[str, list[str], str]]:
+def rows(lr: float | None) -> list[tuple[str, list[str], str]]:
+    """Every row; without the pilot's learning rate (None), only the CG-FedLLM rows (q/k/v, b1_cpu's lr)."""
     al = [*ALL_LINEAR, f"train.lr={lr}"]
-    return [
+    every = [
         ("fedit_al", al, "FedIT, LoRA r=16 on every linear layer (reference of the FLASC rows)"),
         ("flasc_al_1_4", al + flasc(0.25), "FLASC 1/4 both ways, all-linear LoRA, head downloaded whole, fp32"),
         ("flasc_al_1_16", al + flasc(0.0625), "FLASC 1/16 both ways, all-linear LoRA, head downloaded whole, fp32"),
@@ -71,11 +86,10 @@ def rows(lr: float = ALL_LINEAR_LR) -> list[tuple[str, list[str], str]]:
         ("topk_up_1_16", ["method=flasc", f"method_options={{{FEDAVG_SERVER}, d_ul: 0.0625}}"],
          "top-k 1/16 on the uplink only, dense download (q/k/v LoRA): CG-FedLLM's uplink ratio without a codec"),
     ]
+    return every if lr is not None else [r for r in every if r[0] in CG_ROWS]
 
 
-FLASC_ROWS = {"fedit_al", "flasc_al_1_4", "flasc_al_1_16", "flasc_al_1_4_int8", "flasc_al_1_16_int8"}
-CG_ROWS = {"cgfedllm_linear16_gated", "topk_up_1_16"}
-BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, rows(), references=["fedit_al"])
+BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, rows(chosen_lr()), references=["fedit_al"])
 
 
 # --- the all-linear learning-rate pilot ------------------------------------------------------------
@@ -91,13 +105,13 @@ def lr_pilot(commit: bool) -> None:
         results.append({"label": r["label"], "lr": float(r["label"].rsplit("lr", 1)[1]),
                         "smoothed_final_accuracy": curve[-1][1] if curve else None,
                         "final_accuracy": r["final_metrics"].get("accuracy")})
-    path = RESULTS / "pilots" / "b1_all_linear_lr.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"grid": list(LR_GRID), "seed": 0, "results": results}, indent=1) + "\n")
+    PILOT.parent.mkdir(parents=True, exist_ok=True)
+    PILOT.write_text(json.dumps({"grid": list(LR_GRID), "seed": 0, "results": results}, indent=1) + "\n")
     for r in results:
         say(f"{r['label']}: smoothed final accuracy {r['smoothed_final_accuracy']}")
+    say(f"the FLASC rows will train at lr {chosen_lr()}")
     if commit:
-        commit_file(path, "b1_compression: all-linear learning-rate pilot")
+        commit_file(PILOT, "b1_compression: all-linear learning-rate pilot")
     if failed:
         raise SystemExit(f"error: {len(failed)} pilot run(s) failed: {', '.join(failed)}")
 
@@ -220,7 +234,8 @@ def flasc_verdicts(board: dict) -> list[str]:
 
 def write_board() -> None:
     own = BENCHMARK.records()
-    what = BENCHMARK.what | {"fedit": "FedIT, LoRA r=16 on q/k/v (b1_cpu's reference)"}
+    what = {label: what for label, _, what in rows(chosen_lr() or 0.0)}  # every row's description
+    what["fedit"] = "FedIT, LoRA r=16 on q/k/v (b1_cpu's reference)"
     flasc_records = [r for r in own if r["label"] in FLASC_ROWS]
     cg_records = [r for r in own if r["label"] in CG_ROWS] + B1_CPU.records({"fedit"})
     lines = ["# B1-cpu: FLASC and CG-FedLLM as their papers run them", "",
@@ -235,7 +250,8 @@ def write_board() -> None:
     for name, records, reference in (("flasc", flasc_records, "fedit_al"), ("cgfedllm", cg_records, "fedit")):
         lines += [f"## {'FLASC, all-linear LoRA' if name == 'flasc' else 'CG-FedLLM, q/k/v LoRA'}", ""]
         if not any(r["label"] == reference for r in records):
-            lines += [f"No {reference} result yet.", ""]
+            lines += [f"No {reference} result yet." + ("" if chosen_lr() or name != "flasc" else
+                      " These rows wait for the learning-rate pilot (`--lr-pilot`)."), ""]
             continue
         board = build_leaderboard(records, reference=reference)
         for row in board["rows"]:
