@@ -220,9 +220,10 @@ def test_prealignment_reports_both_losses_and_stops_at_the_gate(biot_cfg):
     assert report["prealign_steps_run"] == 2 and report["prealign_gate_met"]  # a margin that always holds
     assert report["public_loss_full"] > 0 and report["public_loss_emulator_before"] > 0
     assert server.describe()["prealignment"] == report
-    strict = [o.replace("prealign_margin: 1000.0", "prealign_margin: 0.000001") for o in gated]
-    _, server, _ = _server(strict)  # an untrained tiny emulator cannot get that close: the whole budget runs
-    assert server.prealignment["prealign_steps_run"] == 8 and not server.prealignment["prealign_gate_met"]
+    ungated = [o.replace(" prealign_margin: 1000.0,", "") for o in gated]
+    _, server, _ = _server(ungated)  # no gate: the whole budget runs, and no verdict is claimed
+    assert server.prealignment["prealign_steps_run"] == 8 and "prealign_gate_met" not in server.prealignment
+    assert server.prealignment["public_loss_full"] == report["public_loss_full"]
 
 
 def test_lm_only_alignment_moves_the_emulator_and_all_zero_weights_are_refused(biot_cfg):

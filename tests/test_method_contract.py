@@ -38,7 +38,7 @@ ROWS = {
     "hafl": (False, ["lora.rank=4", "lora.alpha=4",
                      "method_options={mode: freeze, tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"]),
     "cgfedllm": (False, ["lora.train_head=false",
-                         "method_options={tgap_rounds: 1, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"]),
+                         "method_options={tgap_rounds: 2, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"]),
     "fedbiot": (True, [f"method_options={BIOT}"]),
     "fedot": (True, ["method_options={drop: 0.5}"]),
     "offsite_tuning": (True, ["method_options={drop: 0.5}"]),

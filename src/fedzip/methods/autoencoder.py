@@ -219,15 +219,18 @@ def train_autoencoder(ae: nn.Module, maps: list[torch.Tensor], epochs: int = 20,
     for epoch in range(1, epochs + 1):
         ae.train()
         order = torch.randperm(len(data), generator=g)
-        total = 0.0
+        total, seen = 0.0, 0
         for s in range(0, len(data), batch):
             x = data[order[s:s + batch]]
+            if len(x) == 1 and len(data) > 1:
+                continue  # a batch of one map leaves batch norm nothing to normalise over; the order changes each epoch
             loss = torch.nn.functional.mse_loss(ae(x), x)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(x)
-        log.train_loss.append(total / len(data))
+            seen += len(x)
+        log.train_loss.append(total / max(seen, 1))
         if held is None:
             log.best_epoch = epoch
             continue

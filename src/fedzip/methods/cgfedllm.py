@@ -267,6 +267,9 @@ class CgFedLLM(Method):
             raise ConfigError(f"method_options: the quality gate needs held-out TGAP maps ({len(self.maps)} recorded, "
                               f"ae_heldout {opts.ae_heldout}): more tgap_rounds, ae_heldout > 0, or ae_gate: off")
         train, heldout = self.maps[:len(self.maps) - held], self.maps[len(self.maps) - held:]
+        if len(train) < 2:
+            raise ConfigError(f"method_options: {len(train)} TGAP map(s) left to train the autoencoder on "
+                              f"({len(self.maps)} recorded, {held} held out): more tgap_rounds or tgap_snapshots")
         log = train_autoencoder(self.ae, train, opts.ae_epochs, opts.ae_lr, opts.ae_batch, self.cfg.seed,
                                 device=model_device(self.rt.model), heldout=heldout or None, patience=opts.ae_patience)
         metrics: dict[str, float | str] = {
