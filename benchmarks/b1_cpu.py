@@ -19,19 +19,14 @@ is rebuilt from the compact results alone.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, run_one, say  # noqa: E402
+from common import RESULTS, say  # noqa: E402
+from seeded import SeededBenchmark  # noqa: E402
 
-from fedzip.report.compact import compact_run, load_compact  # noqa: E402
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_figure, leaderboard_markdown  # noqa: E402
 
 BENCH = "b1_cpu"
@@ -63,46 +58,21 @@ def runs_for(profile: str) -> list[tuple[str, list[str], str]]:
          "HetLoRA: client ranks 4/8/16, zero-padding aggregation"),
         ("flexlora", ["method=hafl", f"method_options={{mode: flexlora, aggregation: adaptive, {HAFL_TIERS}}}"],
          "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product"),
+        # 200 epochs on every recorded map, no held-out maps and no gate: how this row first ran (its gated
+        # successor is b1_compression's cgfedllm_linear16_gated)
         ("cgfedllm_linear16", ["method=cgfedllm", "method_options={autoencoder: linear, linear_ratio: 16, "
-                               f"tgap_rounds: {tgap}, ae_epochs: 200, ae_lr: 0.003}}"],
-         f"CG-FedLLM: {tgap} TGAP rounds (dense), then a linear 1/16 autoencoder on the uplink"),
+                               f"tgap_rounds: {tgap}, ae_epochs: 200, ae_lr: 0.003, ae_heldout: 0, ae_gate: off}}"],
+         f"CG-FedLLM: {tgap} TGAP rounds (dense), then a linear 1/16 autoencoder (200 epochs, ungated) on the uplink"),
     ]
 
 
 RUNS = runs_for("cpu")
 WHAT = {label: what for label, _, what in RUNS}
-COMPACT = RESULTS / "runs" / BENCH
-GIT = threading.Lock()  # parallel runs finish at any time; one commit at a time
-
-
-def compact_path(label: str, seed: int) -> Path:
-    return COMPACT / f"{label}-s{seed}.json"
-
-
-def run_and_keep(label: str, overrides: list[str], seed: int, threads: int, commit: bool) -> None:
-    """Train one (label, seed), write its compact result, and commit it when asked."""
-    out = ROOT / "runs" / BENCH / "cpu" / f"{label}-s{seed}"
-    run_one(f"{label}-s{seed}", f"configs/{CONFIG}.yaml", [*PROFILE, *overrides, f"seed={seed}"], out, threads)
-    result = compact_run(out, label) | {"what": WHAT[label], "benchmark": BENCH, "profile": "cpu"}
-    path = compact_path(label, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=None, separators=(",", ":")) + "\n")
-    say(f"[{label}-s{seed}] compact result: {path.relative_to(ROOT.parent)}")
-    if commit:
-        with GIT:
-            _commit(path, f"B1-cpu: {label} seed {seed} finished (compact result)")
-
-
-def _commit(path: Path, message: str) -> None:
-    """A failed commit (e.g. someone else holds the index lock) leaves the file for a later commit."""
-    for cmd in (["git", "add", str(path)], ["git", "commit", "-q", "-m", message, "--", str(path)]):
-        if subprocess.run(cmd, cwd=ROOT.parent).returncode != 0:
-            say(f"could not commit {path.name}; it is written, commit it by hand")
-            return
+BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, RUNS)
 
 
 def write_board() -> dict | None:
-    records = [load_compact(p) for p in sorted(COMPACT.glob("*.json"))]
+    records = BENCHMARK.records()
     if not any(r["label"] == "fedit" for r in records):
         say("no FedIT result yet: no leaderboard")
         return None
@@ -156,42 +126,7 @@ def write_board() -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--only", default="", help="comma-separated labels (default: all): " +
-                    ", ".join(label for label, *_ in RUNS))
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each by default")
-    ap.add_argument("--commit", action="store_true", help="git-commit each compact result as its run finishes")
-    ap.add_argument("--board", action="store_true", help="only rebuild the leaderboard")
-    args = ap.parse_args()
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
-    only = {x for x in args.only.split(",") if x}
-    if only - set(WHAT):
-        ap.error(f"unknown label(s): {', '.join(sorted(only - set(WHAT)))}; known: {', '.join(WHAT)}")
-    if not args.board:
-        # FedIT's seeds first (the others are judged against them), then seed by seed across methods,
-        # so a partial benchmark has every method on its first seeds rather than some on all.
-        todo = [(label, ov, s) for label, ov, _ in RUNS[:1] for s in seeds]
-        todo += [(label, ov, s) for s in seeds for label, ov, _ in RUNS[1:]]
-        todo = [t for t in todo if (not only or t[0] in only) and not compact_path(t[0], t[2]).exists()]
-        threads = int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // args.jobs)
-        say(f"{len(todo)} run(s) to do, {args.jobs} at a time, {threads} thread(s) each")
-        failed = []
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {pool.submit(run_and_keep, label, ov, s, threads, args.commit): f"{label}-s{s}"
-                       for label, ov, s in todo}
-            for f, name in futures.items():
-                try:
-                    f.result()
-                except RuntimeError as exc:  # one failed run is reported; the others go on
-                    say(str(exc))
-                    failed.append(name)
-    write_board()
-    if not args.board and failed:
-        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
+    BENCHMARK.main(__doc__.split("\n")[0], write_board)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def run_one(label: str, config: str, overrides: list[str], out: Path, threads: int) -> Path:
+def run_one(label: str, config: str, overrides: list[str], out: Path, threads: int, stop_after: int | None = None) -> Path:
+    """``fedzip run`` into ``out`` (resumed when a checkpoint is there); ``stop_after`` ends it after that round."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("FEDZIP_DATA", str((ROOT.parent.parent / "shared" / "data").resolve()))
     if out.exists() and (out / "summary.json").exists():
@@ -39,6 +40,8 @@ def run_one(label: str, config: str, overrides: list[str], out: Path, threads: i
         return out
     cmd = [sys.executable, "-m", "fedzip.cli", "run", config, "--out", str(out), "--quiet",
            "--set", f"train.threads={threads}", *[a for o in overrides for a in ("--set", o)]]
+    if stop_after is not None:
+        cmd += ["--stop-after", str(stop_after)]
     resume = (out / "checkpoints" / "state.json").exists()
     if resume:
         cmd.append("--resume")  # an interrupted benchmark continues where it stopped

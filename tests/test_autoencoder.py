@@ -8,8 +8,10 @@ import torch
 from fedzip.methods.autoencoder import (
     BlockLinearAutoencoder,
     ConvAutoencoder,
+    autoencoder_cosine,
     cosine,
     from_map,
+    gate_baselines,
     make_layout,
     normalise,
     snr_db,
@@ -94,7 +96,51 @@ def test_tgap_loss_falls_on_recorded_maps(ae):
     # recorded maps share structure (a low-rank trend plus noise), as consecutive client updates do
     base = to_map(t[0], layout)
     maps = [base * (1 + 0.1 * i) + 0.05 * to_map(t[i], layout) for i in range(12)]
-    losses = train_autoencoder(ae, maps, epochs=15, lr=2e-3, batch=4)
+    losses = train_autoencoder(ae, maps, epochs=15, lr=2e-3, batch=4).train_loss
     assert losses[-1] < 0.7 * losses[0]
     x, scale = normalise(maps[0])
     assert scale > 0 and float(x.abs().max()) == pytest.approx(1.0)
+
+
+def structured_maps(n, shape=(64, 64), rank=6, noise=0.05, seed=0, decay=0.5):
+    """Maps whose 64-value blocks lie near a ``rank``-dimensional subspace, with a spectrum decaying by ``decay``."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(64, rank, generator=g))[0]
+    weights = torch.tensor([decay ** i for i in range(rank)])
+    blocks = shape[0] * shape[1] // 64
+    return [((torch.randn(blocks, rank, generator=g) * weights) @ basis.T + noise * torch.randn(blocks, 64, generator=g))
+            .reshape(shape) for _ in range(n)]
+
+
+def test_early_stopping_keeps_the_best_held_out_epoch():
+    torch.manual_seed(0)
+    maps = structured_maps(12)
+    ae = BlockLinearAutoencoder(64, 8)
+    log = train_autoencoder(ae, maps[:9], epochs=200, lr=3e-2, batch=4, heldout=maps[9:], patience=5)
+    assert log.stopped_early and len(log.train_loss) < 200 and len(log.heldout_loss) == len(log.train_loss)
+    assert log.heldout_loss[log.best_epoch - 1] == min(log.heldout_loss)
+    assert len(log.train_loss) - log.best_epoch == 5  # stopped `patience` epochs after the best one
+    with torch.no_grad():  # the weights kept are the best epoch's
+        held = torch.stack([normalise(m)[0] for m in maps[9:]])[:, None]
+        mse = float(torch.nn.functional.mse_loss(ae(held), held))
+    assert mse == pytest.approx(log.heldout_loss[log.best_epoch - 1], rel=1e-4)
+
+
+def test_gate_baselines_on_maps_of_known_structure():
+    exact = structured_maps(8, rank=8, noise=0.0)  # every block in an 8-dimensional subspace
+    cos = gate_baselines(exact[:6], exact[6:], latent_values=64 * 64 // 8, block=64)
+    assert cos["zero"] == 0.0
+    assert cos["block_pca"] > 0.999 and cos["random_projection"] > 0.999  # 8 numbers a block recover it exactly
+    spread = structured_maps(8, rank=32, noise=0.0, decay=0.9)  # 32 directions, 8 kept: PCA keeps the strongest ones
+    cos = gate_baselines(spread[:6], spread[6:], latent_values=64 * 64 // 8, block=64)
+    assert cos["block_pca"] > cos["random_projection"] + 0.05
+    assert gate_baselines(spread[:6], spread[6:], latent_values=64 * 64, block=64)["topk"] > 0.999
+
+
+def test_a_trained_linear_autoencoder_beats_the_random_projection():
+    torch.manual_seed(0)
+    maps = structured_maps(24, rank=32, noise=0.0, decay=0.9)
+    ae = BlockLinearAutoencoder(64, 8)
+    train_autoencoder(ae, maps[:20], epochs=300, lr=1e-2, batch=4, heldout=maps[20:], patience=30)
+    cos = gate_baselines(maps[:20], maps[20:], latent_values=ae.encode(maps[0]).numel(), block=64)
+    assert autoencoder_cosine(ae, maps[20:]) > cos["random_projection"]

@@ -32,3 +32,15 @@ def test_gpu_suite_quick_check_runs_resumes_and_its_results_are_never_filed(tmp_
         assert "fedit-s0 resumed" in second.stdout
     refused = subprocess.run([*suite, "collect", str(tmp_path / "b")], capture_output=True, text=True)
     assert refused.returncode != 0 and "--quick" in refused.stderr + refused.stdout
+
+
+def test_a_bytes_claim_holds_only_when_every_seed_reaches_the_target_with_enough_fewer_bytes():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b1_compression import ratio_verdict
+
+    row = lambda *ratios: {"per_seed": [{"bytes_ratio": r} for r in ratios]}  # noqa: E731
+    assert ratio_verdict(row(12.0, 11.0, 15.0), 10).startswith("holds on every seed (lowest 11.0x")
+    assert ratio_verdict(row(14.0, 8.0, 12.0), 10).startswith("holds on average")
+    assert ratio_verdict(row(9.0, 8.0, 12.0), 10).startswith("does not hold: 9.7x")
+    assert ratio_verdict(row(30.0, None, 30.0), 10) == "does not hold: reaches the target on 2 of 3 seeds"
+    assert ratio_verdict(row(30.0), 10) == "provisional (1 of 3 seeds)"

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ def test_quickstart_loads_and_overrides():
     ("train.device=cuda:x", "train.device"),
     ("train.precision=bf16", "train.precision"),  # autocast needs a GPU; the quickstart trains on the CPU
     ("train.lr_schedule=linear", "train.lr_schedule"),
+    ("lora.target_modules=all_linear", "lora.target_modules"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -82,3 +84,15 @@ def test_a_missing_extra_is_one_error_line_that_names_it(monkeypatch, capsys, tm
     assert main(["run", "--out", str(tmp_path / "r"), "--quiet", *[w for kv in tiny_cfg for w in ("--set", kv)]]) == 0
     html = (tmp_path / "r" / "report.html").read_text()
     assert "fedzip[report]" in html and "data:image/png" not in html
+
+
+def test_cli_stop_after_splits_a_run_that_resume_finishes(tmp_path, tiny_cfg, capsys):
+    args = [a for o in tiny_cfg for a in ("--set", o)]
+    out = str(tmp_path / "split")
+    assert main(["run", "--out", out, "--quiet", "--stop-after", "1", *args]) == 0
+    assert "stopped after round 1 of 3" in capsys.readouterr().out
+    assert not (tmp_path / "split" / "summary.json").exists()
+    assert main(["run", "--out", out, "--quiet", "--resume", *args]) == 0
+    assert json.loads((tmp_path / "split" / "summary.json").read_text())["rounds_completed"] == 3
+    assert main(["run", "--quiet", "--stop-after", "0", *args]) == 2
+    assert "--stop-after" in capsys.readouterr().err

@@ -206,7 +206,7 @@ GPU_FAMILIES = {  # method -> extra overrides; FedBiOT's GPU test is in test_fed
     "hafl": ["method=hafl", "lora.rank=4", "lora.alpha=4",
              "method_options={mode: freeze, tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"],
     "cgfedllm": ["method=cgfedllm", "lora.train_head=false", "rounds=4",
-                 "method_options={tgap_rounds: 2, ae_epochs: 3, ae_lr: 0.001}"],
+                 "method_options={tgap_rounds: 2, ae_epochs: 3, ae_lr: 0.001, ae_gate: warn}"],
 }
 
 

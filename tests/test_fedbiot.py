@@ -201,3 +201,47 @@ def test_the_split_finds_the_layers_of_each_decoder_family_and_runs_swapped(fami
             m.generate(input_ids=x[:1], max_new_tokens=2, do_sample=False)  # the KV cache follows the new stack
         assert torch.equal(model(input_ids=x).logits, full)  # the full model is back as it was
     assert small.shape == full.shape and not torch.allclose(small, full)
+
+
+@pytest.mark.parametrize("n,drop,bottom", [(28, 0.5, 2), (28, 0.2, 2), (12, 0.5, 3), (5, 0.5, 3)])
+def test_keep_bottom_keeps_the_first_teacher_layers_and_the_count(n, drop, bottom):
+    kept = emulator_indices(n, drop, bottom)
+    count = max(2, round(n * (1 - drop)))
+    assert len(kept) == count and kept == sorted(set(kept)) and kept[-1] == n - 1
+    assert kept[:min(bottom, count - 1)] == list(range(min(bottom, count - 1)))
+    assert emulator_indices(n, drop, 0) == emulator_indices(n, drop)
+
+
+def test_prealignment_reports_both_losses_and_stops_at_the_gate(biot_cfg):
+    gated = [o.replace("prealign_steps: 2,", "prealign_steps: 8, prealign_check_every: 2, prealign_margin: 1000.0,")
+             for o in biot_cfg]
+    _, server, _ = _server(gated)
+    report = server.prealignment
+    assert report["prealign_steps_run"] == 2 and report["prealign_gate_met"]  # a margin that always holds
+    assert report["public_loss_full"] > 0 and report["public_loss_emulator_before"] > 0
+    assert server.describe()["prealignment"] == report
+    ungated = [o.replace(" prealign_margin: 1000.0,", "") for o in gated]
+    _, server, _ = _server(ungated)  # no gate: the whole budget runs, and no verdict is claimed
+    assert server.prealignment["prealign_steps_run"] == 8 and "prealign_gate_met" not in server.prealignment
+    assert server.prealignment["public_loss_full"] == report["public_loss_full"]
+
+
+def test_lm_only_alignment_moves_the_emulator_and_all_zero_weights_are_refused(biot_cfg):
+    lm_only = biot_cfg + ["method_options.align_l2_weight=0", "method_options.align_lambda=0",
+                          "method_options.align_lm_weight=1"]
+    _, server, _ = _server(lm_only)
+    before = {n: p.detach().clone() for n, p in server.params.items() if n in server.emulator_names}
+    loss = server.align(2)
+    assert np.isfinite(loss) and any(not torch.equal(before[n], server.params[n]) for n in before)
+    with pytest.raises(ConfigError, match="alignment weight"):
+        _server(lm_only[:-1] + ["method_options.align_lm_weight=0"])
+
+
+def test_the_authors_proximal_term_leaves_training_as_without_one(tmp_path, biot_cfg):
+    """Without its gradient (the authors' detached weights) the proximal term changes nothing."""
+    off = [o.replace("prox_eps: 0.5", "prox_eps: 0.0") for o in biot_cfg]
+    detached = biot_cfg + ["method_options.prox_gradient=false"]
+    runs = {name: run_experiment(load_config(None, cfg), tmp_path / name, progress=False)
+            for name, cfg in (("off", off), ("detached", detached), ("ours", biot_cfg))}
+    assert runs["detached"]["final_metrics"] == runs["off"]["final_metrics"]
+    assert runs["ours"]["final_metrics"] != runs["off"]["final_metrics"]

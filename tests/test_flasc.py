@@ -145,3 +145,42 @@ def test_evaluated_model_is_the_one_clients_receive(tmp_path, tiny_cfg, spy):
     flat_d = torch.cat([t.flatten() for t in td.values()])
     keep = global_topk_masks({"all": flat_d}, math.ceil(0.25 * p))["all"]
     assert torch.equal(torch.cat([t.flatten() for t in tm.values()]), flat_d * keep)  # the dense run's top-k
+
+
+def bare_flasc(**options):
+    """A Flasc server with only what its download mask reads (no model)."""
+    from fedzip.methods.flasc import Flasc, FlascOptions
+
+    f = Flasc.__new__(Flasc)
+    f.opts, f.fixed_mask = FlascOptions(**options), None
+    return f
+
+
+def test_dense_head_download_masks_lora_only_and_sends_the_head_whole():
+    g = torch.Generator().manual_seed(0)
+    theta = {"l.q.lora_A.weight": torch.randn(4, 8, generator=g), "l.q.lora_B.weight": torch.randn(8, 4, generator=g),
+             "classifier.weight": 1e-3 * torch.randn(3, 8, generator=g)}  # a small head: the shared mask drops it
+    shared = bare_flasc(d_dl=0.25)
+    shared.num_params = sum(t.numel() for t in theta.values())
+    assert not shared.download_mask(theta, 1)["classifier.weight"].any()
+    dense_head = bare_flasc(d_dl=0.25, dense_head_download=True)
+    mask = dense_head.download_mask(theta, 1)
+    assert mask["classifier.weight"].all()
+    lora = {n: t for n, t in theta.items() if "lora" in n}
+    assert sum(int(mask[n].sum()) for n in lora) == math.ceil(0.25 * 64)
+    kept = torch.cat([theta[n][mask[n]].abs() for n in lora])
+    dropped = torch.cat([theta[n][~mask[n]].abs() for n in lora])
+    assert kept.min() >= dropped.max()  # the k largest LoRA magnitudes, one threshold over A and B
+
+
+def test_dense_head_download_end_to_end_on_all_linear_lora(tmp_path, tiny_cfg, spy):
+    run(tmp_path, tiny_cfg + ["rounds=2", "method=flasc", "lora.target_modules=all-linear",
+                              "method_options={d_dl: 0.0625, dense_head_download: true}"], "dh")
+    adapter = load_file(str(tmp_path / "dh" / "adapter/adapter_model.safetensors"))
+    assert any("intermediate.dense.lora_A" in k for k in adapter)  # all-linear reaches the MLP projections
+    head = sum(v.numel() for k, v in adapter.items() if "classifier" in k)
+    p = sum(v.numel() for v in adapter.values())
+    down = [m for m, _, _ in spy if "round" in m.meta]
+    assert len(down) == 2  # one broadcast a round
+    for m in down:
+        assert math.ceil(0.0625 * (p - head)) <= int((m.tensors["theta"] != 0).sum()) <= math.ceil(0.0625 * (p - head)) + head

@@ -131,3 +131,39 @@ def test_modes_run_resume_exactly_and_count_per_tier_bytes(tmp_path, tiny_cfg, m
     assert desc["client_ranks"] == [1, 1, 4, 4] and desc["tier_trainable_params"]["1"] < desc["tier_trainable_params"]["4"]
     row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "tier1_accuracy" in row and "tier4_accuracy" in row
+
+
+@pytest.mark.parametrize("mode", ["freeze", "flexlora"])
+def test_a_server_step_moves_a_third_of_the_way_to_the_aggregate(tiny_cfg, mode):
+    full = make(tiny_cfg, mode=mode, extra="client_ranks: [2, 2, 4, 4]")
+    third = make(tiny_cfg, mode=mode, extra="client_ranks: [2, 2, 4, 4], server_lr: 0.3333333")
+    M = len(full.modules)
+    replies = {0: reply(full, 0, [[0, 1]] * M, 1.0), 2: reply(full, 2, [[0, 1, 2, 3]] * M, 3.0)}
+    before = {n: t.clone() for n, t in third.global_.items()}
+    full.aggregate(1, replies)
+    third.aggregate(1, replies)
+    if mode == "flexlora":  # the step is taken on the full-rank product, then refactored
+        for m in full.modules:
+            assert torch.allclose(third.dw[m], full.dw[m] / 3, atol=1e-5)  # dw starts at 0 (B = 0)
+        names = full.others
+    else:
+        names = list(full.global_)
+    for n in names:
+        assert torch.allclose(third.global_[n], before[n] + (full.global_[n] - before[n]) * 0.3333333, atol=1e-6)
+
+
+def test_random_selection_trains_blindly_chosen_components(tiny_cfg, tmp_path):
+    from fedzip.methods.hafl import random_components
+
+    picks = {tuple(random_components(16, 4, [0, cid, 1, 0])) for cid in range(20)}
+    assert len(picks) > 10 and all(len(p) == 4 and list(p) == sorted(set(p)) for p in picks)
+    method = make(tiny_cfg, extra="client_ranks: [2, 2, 4, 4], selection: random")
+    msg = Message(dict(method.global_) | {"scores": torch.zeros(len(method.modules), 4)}, {"round": 3})
+    ctx = ClientContext(cid=1, round=3, indices=method.rt.parts[1], store=ClientStateStore(tmp_path), seed=1)
+    out = method.fit(ctx, msg)
+    seed = method.cfg.seed
+    assert out.meta["components"] == [_mask(random_components(4, 2, [seed, 1, 3, j])) for j in range(len(method.modules))]
+    truncate = make(tiny_cfg, mode="truncate", extra="client_ranks: [2, 2, 4, 4], selection: random")
+    truncate.scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]] * len(truncate.modules))  # ignored when random
+    sent = truncate.configure(5, [0])[0].meta["components"]
+    assert sent == [_mask(random_components(4, 2, [seed, 0, 5, j])) for j in range(len(truncate.modules))]

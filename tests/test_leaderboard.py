@@ -44,10 +44,16 @@ def test_each_seed_is_judged_against_the_reference_of_the_same_seed():
     assert reached == 25 and row["mb_up_to_target"]["mean"] == pytest.approx(25 * 50 / 1e6)
     fedit_reached = fedit["per_seed"][0]["round_to_target"]
     assert row["bytes_ratio_vs_reference"]["mean"] == pytest.approx(fedit_reached * 300 / (reached * 150))
+    assert row["per_seed"][0]["bytes_ratio"] == row["bytes_ratio_vs_reference"]["mean"]
+    assert row["per_seed"][1]["bytes_ratio"] is None
     assert row["hours_to_target"]["3g"]["mean"] == pytest.approx(10.0 * reached / 3600)
     assert row["final_accuracy"] == mean_std([0.59, 0.35]) and row["final_accuracy"]["std"] > 0.1
     table = "\n".join(leaderboard_markdown(board))
     assert "| cheap | 2 |" in table and "1/2" in table and "h to target (3g)" in table
+    assert "Warnings" not in table
+    cheap[1]["warnings"] = ["round 3: the autoencoder failed its quality gate"]
+    table = "\n".join(leaderboard_markdown(build_leaderboard(ref + cheap, reference="fedit")))
+    assert "- **cheap** seed 1, round 3: the autoencoder failed its quality gate" in table
 
 
 def test_a_leaderboard_needs_its_reference():

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedzip.errors import FedzipError
+from fedzip.errors import ConfigError, FedzipError
 
 log = logging.getLogger("fedzip")
 
@@ -44,7 +44,13 @@ def cmd_run(args) -> int:
         config_path = args.config or "quickstart"
     cfg = load_config(config_path, args.set)
     out = Path(args.out) if args.out else Path(args.runs_dir) / cfg.run_name()
-    summary = run_experiment(cfg, out, resume=args.resume, progress=not args.quiet)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(f"--stop-after: a round number from 1, got {args.stop_after}")
+    summary = run_experiment(cfg, out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
+    if "interrupted_after" in summary:  # a split run: the checkpoint holds everything so far
+        print(f"stopped after round {summary['interrupted_after']} of {cfg.rounds}: {summary['run_dir']} "
+              f"(fedzip run ... --out {summary['run_dir']} --resume continues)")
+        return 0
     run_dir = Path(summary["run_dir"])
     from fedzip.report import write_report
 
@@ -70,8 +76,6 @@ def cmd_report(args) -> int:
     names = [n for n in (args.links or "").split(",") if n]
     unknown = sorted(set(names) - set(LINKS))
     if unknown:
-        from fedzip.errors import ConfigError
-
         raise ConfigError(f"--links: unknown link {unknown[0]!r}; known: {', '.join(LINKS)}")
     if args.leaderboard:
         return leaderboard_report(dirs, args, out)
@@ -211,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runs-dir", default="runs", help="parent folder of run directories")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--stop-after", type=int, metavar="ROUND", help="stop once round ROUND is checkpointed (a long "
+                   "run split across sessions, or a phase studied on its own); --resume continues it")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="compare run directories: table, plots, report.html")
     rep.add_argument("run_dirs", nargs="+")

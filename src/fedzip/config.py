@@ -59,7 +59,9 @@ class LoraConfigSection(Section):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = None
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names to adapt; all-linear: every linear layer of the body (attention and MLP "
+                          "projections, peft's shorthand); unset: the attention projections")
     train_head: bool = True
 
 

@@ -37,6 +37,12 @@ class RunDirError(FedzipError):
     exit_code = 2
 
 
+class QualityGateError(FedzipError):
+    """A learned component failed the quality check it must pass before the run may rely on it."""
+
+    exit_code = 4
+
+
 class MissingExtra(FedzipError):
     """An optional part of fedzip is used without the packages of its extra (``pip install 'fedzip[x]'``)."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from fedzip.config import ExperimentConfig, dump_config
@@ -96,6 +97,12 @@ def prepare_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
+def _comparable(config: dict, method_cls) -> dict:
+    """A dumped config without the method options a resumed run may change (``Method.resumable_options``)."""
+    options = {k: v for k, v in (config.get("method_options") or {}).items() if k not in method_cls.resumable_options}
+    return config | {"method_options": options}
+
+
 def _truncate_lines(path: Path, keep: int) -> None:
     if not path.exists():
         return
@@ -118,8 +125,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     out = prepare_run_dir(Path(out), resume)
     ckpt_dir = out / "checkpoints"
     if resume:
-        saved = (out / "config.yaml").read_text()
-        if saved != dump_config(cfg):
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        if _comparable(saved, method_cls) != _comparable(yaml.safe_load(dump_config(cfg)), method_cls):
             raise RunDirError(f"{out}/config.yaml differs from the config being resumed; resume with the same config")
     (out / "config.yaml").write_text(dump_config(cfg))
 
@@ -290,6 +297,8 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device,
         "torch": torch.__version__,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        # what a method flagged while going on (e.g. a learned codec below its quality gate): every report repeats it
+        "warnings": [f"round {r['round']}: {r['warning']}" for r in rows if r.get("warning")],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -147,6 +147,9 @@ class ConvAutoencoder(nn.Module):
     def forward(self, x):  # batched (N, 1, H, W)
         return self.decoder(self.encoder(x))
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
 
 class BlockLinearAutoencoder(nn.Module):
     """Cheaper variant: the map is cut into blocks of ``block`` values, each encoded to ``block // ratio``."""
@@ -174,6 +177,9 @@ class BlockLinearAutoencoder(nn.Module):
     def forward(self, x):  # batched (N, 1, H, W)
         return torch.stack([self.decode_to(self.encode(m[0]), tuple(m[0].shape))[None] for m in x])
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_to(self.encode(x), tuple(x.shape))
+
 
 def normalise(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Scale into [-1, 1] for the Tanh output; the scale travels with the payload as one float."""
@@ -181,28 +187,130 @@ def normalise(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return (x / scale if scale > 0 else x), scale
 
 
+@dataclass
+class TrainLog:
+    """How a TGAP fit went: per-epoch losses (held-out ones when maps were held out) and where it stopped."""
+
+    train_loss: list[float]
+    heldout_loss: list[float]
+    best_epoch: int  # 1-based; the weights kept are this epoch's
+    stopped_early: bool
+
+
 def train_autoencoder(ae: nn.Module, maps: list[torch.Tensor], epochs: int = 20, lr: float = 2e-4,
-                      batch: int = 8, seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
+                      batch: int = 8, seed: int = 0, device: torch.device | str = "cpu",
+                      heldout: list[torch.Tensor] | None = None, patience: int = 0) -> TrainLog:
     """TGAP: fit the autoencoder to the recorded (normalised) factor maps with MSE and Adam.
 
+    With ``heldout`` maps, every epoch ends with their MSE; the weights of the best epoch are kept, and with
+    ``patience`` > 0 training stops after that many epochs without a better held-out loss (``epochs`` is then
+    a cap). A few hundred Adam steps are not enough for these maps: an all-zero output already scores a low
+    MSE on max-abs-normalised maps, and an under-trained autoencoder sits there.
+
     Trains on ``device`` (e.g. the model's GPU) and leaves the autoencoder on the CPU, where payloads are
-    encoded and decoded. Returns the mean loss of each epoch."""
+    encoded and decoded."""
     g = torch.Generator().manual_seed(seed)
     data = torch.stack([normalise(m)[0] for m in maps])[:, None].to(device)
+    held = torch.stack([normalise(m)[0] for m in heldout])[:, None].to(device) if heldout else None
     ae.to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
-    ae.train()
-    losses = []
-    for _ in range(epochs):
+    log = TrainLog([], [], 0, False)
+    best, best_state = math.inf, None
+    for epoch in range(1, epochs + 1):
+        ae.train()
         order = torch.randperm(len(data), generator=g)
-        total = 0.0
+        total, seen = 0.0, 0
         for s in range(0, len(data), batch):
             x = data[order[s:s + batch]]
+            if len(x) == 1 and len(data) > 1:
+                continue  # a batch of one map leaves batch norm nothing to normalise over; the order changes each epoch
             loss = torch.nn.functional.mse_loss(ae(x), x)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(x)
-        losses.append(total / len(data))
+            seen += len(x)
+        log.train_loss.append(total / max(seen, 1))
+        if held is None:
+            log.best_epoch = epoch
+            continue
+        ae.eval()
+        with torch.no_grad():
+            h = sum(float(torch.nn.functional.mse_loss(ae(held[i:i + batch]), held[i:i + batch], reduction="sum"))
+                    for i in range(0, len(held), batch)) / held.numel()
+        log.heldout_loss.append(h)
+        if h < best * (1 - 1e-4):
+            best, log.best_epoch = h, epoch
+            best_state = {k: v.detach().clone() for k, v in ae.state_dict().items()}
+        elif patience and epoch - log.best_epoch >= patience:
+            log.stopped_early = True
+            break
+    if best_state is not None:
+        ae.load_state_dict(best_state)
     ae.eval().to("cpu")
-    return losses
+    return log
+
+
+# --- the quality gate -------------------------------------------------------------------------------
+def _blocks(maps: list[torch.Tensor], block: int) -> torch.Tensor:
+    """Every map's values cut into rows of ``block`` (the last one zero-padded), all maps stacked."""
+    rows = [torch.nn.functional.pad(m.flatten(), (0, (-m.numel()) % block)).view(-1, block) for m in maps]
+    return torch.cat(rows).double()
+
+
+def _mean_cosine(maps: list[torch.Tensor], rebuild) -> float:
+    return float(sum(cosine(m, rebuild(m)) for m in maps) / len(maps))
+
+
+def gate_baselines(train: list[torch.Tensor], heldout: list[torch.Tensor], latent_values: int,
+                   block: int = 256, seed: int = 0) -> dict[str, float]:
+    """Mean cosine on the (normalised) held-out maps of codecs that send as many values as the autoencoder.
+
+    - ``zero``: the all-zero output (cosine 0 by definition): what a collapsed autoencoder decodes to;
+    - ``random_projection``: a fixed Gaussian projection of each block of ``block`` values to ``c`` values, with
+      a linear decoder fitted by least squares on the training maps (the cheapest learned linear codec);
+    - ``block_pca``: the top ``c`` principal directions of the training blocks (the best linear codec of
+      that block size: a linear autoencoder at its optimum);
+    - ``topk``: each map's ``latent_values`` largest entries, positions free (favours top-k: its positions
+      cost bytes on the wire).
+    ``c`` keeps the autoencoder's ratio: ``block * latent_values / map size``, at least 1."""
+    train = [normalise(m)[0] for m in train]
+    heldout = [normalise(m)[0] for m in heldout]
+    numel = heldout[0].numel()
+    c = max(1, round(block * latent_values / numel))
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(c, block, generator=g, dtype=torch.float64)
+    xtx = torch.zeros(block, block, dtype=torch.float64)  # sums over the training blocks, one map at a time
+    ztz = torch.zeros(c, c, dtype=torch.float64)
+    ztx = torch.zeros(c, block, dtype=torch.float64)
+    for m in train:
+        x = _blocks([m], block)
+        z = x @ proj.T
+        xtx += x.T @ x
+        ztz += z.T @ z
+        ztx += z.T @ x
+    decoder = torch.linalg.lstsq(ztz + 1e-9 * torch.eye(c, dtype=torch.float64), ztx).solution  # c x block
+    _, vecs = torch.linalg.eigh(xtx)
+    basis = vecs[:, -c:]  # block x c, the top c directions
+
+    def blockwise(rebuild_rows):
+        def rebuild(m):
+            rows = _blocks([m], block)
+            return rebuild_rows(rows).flatten()[:numel].view(m.shape).float()
+        return rebuild
+
+    def topk(m):
+        keep = torch.zeros(numel, dtype=torch.bool)
+        keep[torch.topk(m.flatten().abs(), min(latent_values, numel)).indices] = True
+        return (m.flatten() * keep).view(m.shape)
+
+    return {"zero": 0.0,
+            "random_projection": _mean_cosine(heldout, blockwise(lambda r: (r @ proj.T) @ decoder)),
+            "block_pca": _mean_cosine(heldout, blockwise(lambda r: (r @ basis) @ basis.T)),
+            "topk": _mean_cosine(heldout, topk)}
+
+
+def autoencoder_cosine(ae: nn.Module, maps: list[torch.Tensor]) -> float:
+    """Mean cosine between each (normalised) map and the autoencoder's reconstruction of it."""
+    with torch.no_grad():
+        return _mean_cosine([normalise(m)[0] for m in maps], ae.reconstruct)

@@ -50,6 +50,9 @@ class Method:
     # (HAFL's gradient masks, FedBiOT's emulator, CG-FedLLM's autoencoder while it trains) on the model's
     # device, and hands the wire CPU tensors. Every built-in method does; a new one opts in once checked.
     runs_on_accelerator: ClassVar[bool] = False
+    # ``method_options`` keys a resumed run may change: ones that act only on work not yet checkpointed
+    # (e.g. how CG-FedLLM trains its autoencoder, whose gate may have stopped the run before that round).
+    resumable_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg, runtime):
         self.cfg = cfg

@@ -2,8 +2,13 @@
 
 ALGORITHMS.md section 5. Each client's data is split into a TGAP share (30% by default) and the rest.
     rounds 1..T (TGAP): FedIT on the TGAP share with uncompressed uploads; the server records every
-        client's factor map every round (the temporal ensemble); after round T it trains the
-        autoencoder on them (MSE, Adam) and saves it to the run directory for reuse.
+        client's factor map every round (the temporal ensemble; with ``tgap_snapshots`` n > 1 clients
+        also upload their delta after every 1/n of their local steps, counted); after round T it trains
+        the autoencoder on them (MSE, Adam, early stopping on the most recent maps held out), saves it to
+        the run directory for reuse, and runs the quality gate: on the held-out maps the autoencoder
+        must beat the zero output and a random projection with a least-squares decoder at the same
+        latent size, or the run stops (``ae_gate``). An autoencoder the paper's 30 epochs at lr 2e-4
+        leave under-trained decodes every map to nearly the zero output; the gate catches exactly that.
     rounds T+1.. (FAF): FedIT on the rest; each client receives the encoder once (its bytes are in that
         round's download), encodes its normalised factor map (per-round change by default, or its LoRA
         state) and uploads the latent plus one scale; the server decodes, rebuilds each client's LoRA and
@@ -17,6 +22,7 @@ cost no protocol bytes and are not available in a real deployment.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Literal
 
@@ -26,12 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from fedzip.data.task import model_device
-from fedzip.errors import ConfigError, PayloadError
+from fedzip.errors import ConfigError, PayloadError, QualityGateError
 from fedzip.methods.autoencoder import (
     BlockLinearAutoencoder,
     ConvAutoencoder,
+    autoencoder_cosine,
     cosine,
     from_map,
+    gate_baselines,
     make_layout,
     normalise,
     snr_db,
@@ -44,6 +52,7 @@ from fedzip.methods.training import round_train_config, train_locally
 from fedzip.wire import Message
 
 ENC = "enc::"
+SNAPSHOTS = "tgap_snapshots"  # a TGAP reply's extra maps: (n - 1, H, W), the last snapshot is the reply itself
 
 
 class CgOptions(BaseModel):
@@ -53,9 +62,21 @@ class CgOptions(BaseModel):
     autoencoder: Literal["conv", "linear"] = "conv"
     linear_block: int = Field(256, ge=2)
     linear_ratio: int = Field(64, ge=1)
-    ae_epochs: int = Field(30, ge=1)
-    ae_lr: float = Field(2e-4, gt=0)
+    ae_epochs: int = Field(400, ge=1, description="most TGAP epochs (early stopping usually ends sooner)")
+    ae_lr: float = Field(1e-3, gt=0)
     ae_batch: int = Field(8, ge=1)
+    ae_patience: int = Field(30, ge=0, description="stop after this many epochs without a better held-out "
+                                                   "loss (0: run every epoch, keep the best)")
+    ae_heldout: float = Field(0.2, ge=0, lt=1, description="share of the recorded maps held out (the most "
+                                                           "recent ones, closest to what FAF encodes)")
+    ae_gate: Literal["stop", "warn", "off"] = Field(
+        "stop", description="quality gate after TGAP: on held-out maps the autoencoder's cosine must beat the "
+                            "zero output and a random projection with a least-squares decoder at the same "
+                            "latent size; stop: a failing run ends with one error; warn: it goes on and "
+                            "every report says so")
+    tgap_snapshots: int = Field(1, ge=1, description="maps a client records per TGAP round: its delta after "
+                                                     "every 1/n of its local steps (uploaded, counted); 1: the "
+                                                     "round's delta only, the paper's temporal ensemble")
     representation: Literal["delta", "state"] = "delta"
     map_layout: Literal["paper", "packed"] = Field("paper", description="factor map: side by side, or packed")
     autoencoder_path: str | None = None
@@ -72,6 +93,9 @@ class CgFedLLM(Method):
     # The model trains on train.device; the autoencoder trains there too (TGAP) and then encodes and
     # decodes on the CPU, like every payload; clients read and write the model through TrainableView.
     runs_on_accelerator = True
+    # how the autoencoder trains and is judged acts at TGAP's last round only: a run the gate stopped (before
+    # that round's checkpoint) resumes with other values, and the rounds before are kept
+    resumable_options = frozenset({"ae_epochs", "ae_lr", "ae_batch", "ae_patience", "ae_gate"})
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -187,24 +211,22 @@ class CgFedLLM(Method):
             return {n: tuple(self.global_[n].shape) for n in self.others} | {"map": (self.layout.height, self.layout.width)}
         if self.phase(self._round) == "faf":
             return {n: tuple(self.global_[n].shape) for n in self.others} | {"latent": self._latent_shape()}
-        return {n: tuple(t.shape) for n, t in self.global_.items()}
+        spec = {n: tuple(t.shape) for n, t in self.global_.items()}
+        if self.opts.tgap_snapshots > 1:
+            spec[SNAPSHOTS] = (self.opts.tgap_snapshots - 1, self.layout.height, self.layout.width)
+        return spec
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.phase(rnd) == "tgap":
             for r in replies.values():
-                rep = {n: r.tensors[n] - self.global_[n] for n in self.lora} if self.opts.representation == "delta" \
-                    else {n: r.tensors[n] for n in self.lora}
-                self.maps.append(to_map(rep, self.layout))
+                if SNAPSHOTS in r.tensors:
+                    self.maps.extend(r.tensors[SNAPSHOTS])
+                self.maps.append(to_map(self._representation(r.tensors, self.global_), self.layout))
             self.global_ = weighted_average(replies, list(self.global_))
             if rnd == self.opts.tgap_rounds and not self.ae_trained:
-                losses = train_autoencoder(self.ae, self.maps, self.opts.ae_epochs, self.opts.ae_lr,
-                                           self.opts.ae_batch, self.cfg.seed, device=model_device(self.rt.model))
+                metrics |= self._train_and_gate()
                 self.ae_trained, self.maps = True, []
-                metrics |= {"tgap_loss_first": losses[0], "tgap_loss_last": losses[-1]}
-                if self.rt.run_dir is not None:
-                    save_file({k: v.contiguous().float() for k, v in self.ae.state_dict().items()},
-                              str(self.rt.run_dir / "autoencoder.safetensors"))
             return metrics
         if self.calibrates(rnd):
             return self._calibrate(replies)
@@ -228,6 +250,59 @@ class CgFedLLM(Method):
             metrics |= {"snr_paper": finite(d[:, 0]), "snr_db": finite(d[:, 1]), "cosine": float(d[:, 2].mean())}
         return metrics
 
+    def _representation(self, tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.opts.representation == "delta":
+            return {n: tensors[n] - start[n] for n in self.lora}
+        return {n: tensors[n] for n in self.lora}
+
+    def _train_and_gate(self) -> dict[str, float | str]:
+        """TGAP's end: fit the autoencoder with early stopping on the most recent maps, then the quality gate.
+
+        The gate compares, on those held-out maps, the autoencoder's mean cosine with codecs that send as
+        many values (autoencoder.gate_baselines). It must beat the zero output and the random projection;
+        block PCA and top-k are logged beside it. The numbers go to the metrics and ``autoencoder_gate.json``."""
+        opts = self.opts
+        held = max(1, round(opts.ae_heldout * len(self.maps))) if opts.ae_heldout > 0 and len(self.maps) >= 2 else 0
+        if held == 0 and opts.ae_gate != "off":
+            raise ConfigError(f"method_options: the quality gate needs held-out TGAP maps ({len(self.maps)} recorded, "
+                              f"ae_heldout {opts.ae_heldout}): more tgap_rounds, ae_heldout > 0, or ae_gate: off")
+        train, heldout = self.maps[:len(self.maps) - held], self.maps[len(self.maps) - held:]
+        if len(train) < 2:
+            raise ConfigError(f"method_options: {len(train)} TGAP map(s) left to train the autoencoder on "
+                              f"({len(self.maps)} recorded, {held} held out): more tgap_rounds or tgap_snapshots")
+        log = train_autoencoder(self.ae, train, opts.ae_epochs, opts.ae_lr, opts.ae_batch, self.cfg.seed,
+                                device=model_device(self.rt.model), heldout=heldout or None, patience=opts.ae_patience)
+        metrics: dict[str, float | str] = {
+            "tgap_loss_first": log.train_loss[0], "tgap_loss_last": log.train_loss[log.best_epoch - 1],
+            "tgap_maps": len(train), "tgap_heldout_maps": len(heldout),
+            "ae_epochs_run": len(log.train_loss), "ae_best_epoch": log.best_epoch}
+        if heldout:
+            metrics["ae_heldout_mse"] = log.heldout_loss[log.best_epoch - 1]
+        if self.rt.run_dir is not None:
+            save_file({k: v.contiguous().float() for k, v in self.ae.state_dict().items()},
+                      str(self.rt.run_dir / "autoencoder.safetensors"))
+        if opts.ae_gate == "off":
+            return metrics
+        cos = {"autoencoder": autoencoder_cosine(self.ae, heldout)}
+        cos |= gate_baselines(train, heldout, self._latent_numel(), block=opts.linear_block, seed=self.cfg.seed)
+        passed = cos["autoencoder"] > max(cos["zero"], cos["random_projection"])
+        metrics |= {f"gate_cosine_{k}": v for k, v in cos.items()} | {"gate_passed": float(passed)}
+        if self.rt.run_dir is not None:
+            (self.rt.run_dir / "autoencoder_gate.json").write_text(json.dumps(
+                {"passed": passed, "heldout_maps": len(heldout), "training_maps": len(train),
+                 "latent_values": self._latent_numel(), "cosine": cos, "epochs_run": len(log.train_loss),
+                 "best_epoch": log.best_epoch, "stopped_early": log.stopped_early,
+                 "train_loss": log.train_loss, "heldout_loss": log.heldout_loss}, indent=1))
+        if not passed:
+            verdict = (f"the autoencoder failed its quality gate: held-out cosine {cos['autoencoder']:.3f} vs "
+                       f"{cos['random_projection']:.3f} for a random projection at the same size (zero output 0, "
+                       f"block PCA {cos['block_pca']:.3f}, top-k {cos['topk']:.3f})")
+            if opts.ae_gate == "stop":
+                raise QualityGateError(f"{verdict}; resume with other ae_epochs / ae_lr / ae_patience (the rounds "
+                                       f"before are kept), or with ae_gate: warn to go on anyway")
+            metrics["warning"] = verdict
+        return metrics
+
     def _calibrate(self, replies: dict[int, Message]) -> dict[str, float]:
         """A calibration round: exact averaging of the true maps, then the autoencoder learns from them."""
         maps, rebuilt = [], {}
@@ -238,10 +313,10 @@ class CgFedLLM(Method):
             lora = {n: self.global_[n] + rep[n] for n in self.lora} if self.opts.representation == "delta" else rep
             rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
         self.global_ = weighted_average(rebuilt, list(self.global_))
-        losses = train_autoencoder(self.ae, maps, self.opts.online_epochs, self.opts.ae_lr, self.opts.ae_batch,
-                                   self.cfg.seed + self._round, device=model_device(self.rt.model))
+        log = train_autoencoder(self.ae, maps, self.opts.online_epochs, self.opts.ae_lr, self.opts.ae_batch,
+                                self.cfg.seed + self._round, device=model_device(self.rt.model))
         self.has_encoder = set()  # every client gets the refreshed encoder with its next message
-        return {"online_loss_first": losses[0], "online_loss_last": losses[-1]}
+        return {"online_loss_first": log.train_loss[0], "online_loss_last": log.train_loss[-1]}
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         if self.opts.autoencoder == "conv":
@@ -261,12 +336,28 @@ class CgFedLLM(Method):
         start = {n: message.tensors[n] for n in view.names()}
         view.set(start)
         indices = self.split(client)
+        snapshots: list[torch.Tensor] = []
+        tgap = self.phase(client.round) == "tgap"
+        want = self.opts.tgap_snapshots - 1 if tgap else 0
+
+        def progress(step: int, total: int) -> None:
+            if self.rt.step_progress is not None:
+                self.rt.step_progress(step, total)
+            # the delta after every 1/n of the round's steps (the last one is the reply itself)
+            due = sum(1 for i in range(1, want + 1) if max(1, round(total * i / (want + 1))) == step)
+            if due:
+                snapshot = to_map(self._representation(view.get(self.lora), start), self.layout)
+                snapshots.extend([snapshot] * due)
+
         steps, loss, _ = train_locally(self.rt.model, view.params, self.rt.task, indices,
-                                       round_train_config(self.cfg, client.round), client.seed,
-                                       progress=self.rt.step_progress)
+                                       round_train_config(self.cfg, client.round), client.seed, progress=progress)
         meta = {"num_examples": int(len(indices)), "steps": steps, "train_loss": loss}
         trained = view.get()
-        if self.phase(client.round) == "tgap":
+        if tgap:
+            if want:
+                final = to_map(self._representation(trained, start), self.layout)
+                snapshots += [final] * (want - len(snapshots))  # a client with fewer steps than snapshots
+                return Message(trained | {SNAPSHOTS: torch.stack(snapshots[:want])}, meta)
             return Message(trained, meta)
         if any(n.startswith(ENC) for n in message.tensors):  # first FAF round for this client: keep the encoder
             enc = {n: t for n, t in message.tensors.items() if n.startswith(ENC)}
@@ -276,9 +367,7 @@ class CgFedLLM(Method):
             if not enc:
                 raise PayloadError("an FAF round without the encoder: the server never sent it to this client")
         self.load_encoder(enc)
-        rep = {n: trained[n] - start[n] for n in self.lora} if self.opts.representation == "delta" \
-            else {n: trained[n] for n in self.lora}
-        x = to_map(rep, self.layout)
+        x = to_map(self._representation(trained, start), self.layout)
         if message.meta.get("calibrate") is True:  # the server asked for the true map this round
             return Message({"map": x} | {n: trained[n] for n in self.others}, meta)
         xn, scale = normalise(x)

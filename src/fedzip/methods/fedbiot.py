@@ -5,13 +5,17 @@ clients), both with adapter = the first 2 + last 2 layers and a fixed emulator o
 
 Server (holds the full model, LoRA on every layer):
     emulator = copies of a uniform layer-drop of the teacher layers (models/emulator.py)
-    pre-align the emulator's LoRA for ``prealign_steps`` on public data, then every round:
-        ``align_steps`` alignment steps: L = |T(h) - E(h)|^2 / |T(h)|^2 + lambda * KL(full || emulator)
+    pre-align the emulator's LoRA on public data for ``prealign_steps``, or until the quality gate holds
+    (emulator + adapter within ``prealign_margin`` nats of the full model on held-out public data), then
+    every round ``align_steps`` alignment steps on
+        L = w_l2 |T(h) - E(h)|^2 / |T(h)|^2 + lambda KL(full || emulator) + w_lm CE(emulator + adapter)
+    (ours: w_l2 1, lambda 0.9, w_lm 0; the authors' GSM8K code: 0, 0, 1)
         send the adapter's LoRA (+ the emulator's LoRA, which alignment changed) to the sampled clients;
         a client's first message also carries the compressed model (counted once, in that message)
         FedAvg (sample-weighted) the clients' adapter LoRA
 Client (holds only the compressed model: embeddings, emulator, adapter, norm, head):
     train the adapter's LoRA on CE + eps * sum |merge(adapter) - merge(adapter at round start)|^2
+    (the authors' code detaches the merged weights, so their term has no gradient: ``prox_gradient: false``)
 Evaluation: AdapFu (the engine's metrics: adapter in the full model) and AdapEmu (``emu_*`` metrics).
 """
 
@@ -44,9 +48,21 @@ class FedBiOTOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter_layers: int | None = Field(None, ge=1, description="default: 2 (FedBiOT, last 2), 4 (FedOT/offsite, 2+2)")
     drop: float = Field(0.5, ge=0, lt=1, description="emulator layer-drop ratio beta")
-    align_lambda: float = Field(0.9, ge=0, description="weight of the KL term in the server's alignment loss")
+    keep_bottom: int = Field(0, ge=0, description="teacher layers at the bottom the emulator always keeps (the "
+                                                  "layer-drop spreads over the rest); 0: uniform, as the paper")
+    align_l2_weight: float = Field(1.0, ge=0, description="weight of the hidden-state match in the alignment loss")
+    align_lambda: float = Field(0.9, ge=0, description="weight of the KL(full || emulator) term in the alignment loss")
+    align_lm_weight: float = Field(0.0, ge=0, description="weight of the compressed model's own LM loss on the "
+                                                          "public data (the authors' code; their GSM8K set-up "
+                                                          "aligns with it alone)")
     prox_eps: float = Field(0.1, ge=0, description="weight of the clients' proximal term on merged adapter weights")
-    prealign_steps: int = Field(50, ge=0)
+    prox_gradient: bool = Field(True, description="false: as the authors' code, which computes the proximal term on "
+                                                  "detached weights, so that it never changes training")
+    prealign_steps: int = Field(50, ge=0, description="pre-alignment budget in server steps")
+    prealign_margin: float | None = Field(
+        None, gt=0, description="quality gate: pre-alignment stops once the emulator + adapter's LM loss on held-out "
+                                "public data is within this many nats of the full model's (or at the budget)")
+    prealign_check_every: int = Field(25, ge=1, description="steps between two checks of the gate")
     align_steps: int = Field(5, ge=0, description="server alignment steps each round")
     align_lr: float = Field(1e-4, gt=0)
     align_batch: int = Field(4, ge=1)
@@ -76,9 +92,14 @@ class FedBiOT(Method):
         n = int(self.hf_config.num_hidden_layers)
         a = self.opts.adapter_layers or (2 if self.layout == "top" else 4)
         try:
-            self.split = make_split(n, a, self.opts.drop, self.layout)
+            self.split = make_split(n, a, self.opts.drop, self.layout, self.opts.keep_bottom)
         except Exception as exc:
             raise ConfigError(f"method_options: {exc}") from None
+        o = self.opts
+        if self.aligns and (o.align_steps or o.prealign_steps) and not (o.align_l2_weight or o.align_lambda
+                                                                          or o.align_lm_weight):
+            raise ConfigError("method_options: every alignment weight is 0 (align_l2_weight, align_lambda, "
+                              "align_lm_weight); set align_steps and prealign_steps to 0 to skip alignment")
         self._client = None  # the compressed model, built on the client side on first use
         self._client_loaded = False
 
@@ -111,7 +132,7 @@ class FedBiOT(Method):
         s = self.split
         return {"layers": s.n_layers, "adapter_bottom": list(s.bottom), "adapter_top": list(s.top),
                 "emulator_from_teacher_layers": list(s.emulated), "client_layers": len(s.client_layers),
-                "variant": self.name}
+                "variant": self.name, "prealignment": getattr(self, "prealignment", {})}
 
     # -- server ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -138,8 +159,9 @@ class FedBiOT(Method):
         self.align_calls = 0
         emu = [self.params[n] for n in self.emulator_names]
         self.align_opt = torch.optim.AdamW(emu, lr=self.opts.align_lr) if emu else None
+        self.prealignment: dict = {}
         if self.aligns and self.opts.prealign_steps:
-            self.last_align_loss = self.align(self.opts.prealign_steps)
+            self.prealignment = self.prealign()
 
     def server_state(self) -> dict[str, torch.Tensor]:
         state = {f"p::{n}": p.detach().to("cpu", copy=True) for n, p in self.params.items()}
@@ -193,6 +215,8 @@ class FedBiOT(Method):
             for n, t in avg.items():
                 self.params[n].copy_(t)
         metrics = {"align_loss": self.last_align_loss} if self.aligns and hasattr(self, "last_align_loss") else {}
+        if rnd == 1 and self.prealignment:  # the pre-alignment and its gate, once
+            metrics |= {k: float(v) for k, v in self.prealignment.items()}
         ev = self.cfg.eval
         if rnd % ev.every == 0 or rnd == self.cfg.rounds:  # AdapEmu beside the engine's AdapFu
             with self.client_view() as m:
@@ -211,6 +235,35 @@ class FedBiOT(Method):
             train, test = load_source(data_cfg, self.cfg.seed, self.cfg.data_root())
             self._public_task = Task(train, test, self.rt.task.tokenizer, self.cfg.data.max_length)
         return self._public_task
+
+    def public_loss(self, emulated: bool) -> float:
+        """LM loss on the held-out public data: of the full model, or of emulator + adapter (the client's model)."""
+        public, ev = self._public(), self.cfg.eval
+        frozen = contextlib.nullcontext(self.rt.model) if not emulated else self.client_view()
+        with frozen as m:
+            return public.evaluate(m, ev.batch_size, None, seed=self.cfg.seed)["loss"]
+
+    def prealign(self) -> dict:
+        """Align before round 1: ``prealign_steps`` at most, fewer once the quality gate holds.
+
+        The gate compares the emulator + adapter with the full model on held-out public data: aligned means
+        within ``prealign_margin`` nats. Both losses are reported either way (round 1's metrics, method.json)."""
+        opts = self.opts
+        report = {"public_loss_full": self.public_loss(emulated=False),
+                  "public_loss_emulator_before": self.public_loss(emulated=True)}
+        done, gate = 0, opts.prealign_margin
+        chunk = opts.prealign_check_every if gate is not None else opts.prealign_steps
+        while done < opts.prealign_steps:
+            steps = min(chunk, opts.prealign_steps - done)
+            self.last_align_loss = self.align(steps)
+            done += steps
+            if gate is not None and self.public_loss(emulated=True) <= report["public_loss_full"] + gate:
+                break
+        report |= {"prealign_steps_run": done, "public_loss_emulator_after": self.public_loss(emulated=True)}
+        if gate is not None:
+            report |= {"prealign_margin": gate,
+                       "prealign_gate_met": report["public_loss_emulator_after"] <= report["public_loss_full"] + gate}
+        return report
 
     def align(self, steps: int) -> float:
         """Server steps on the emulator's LoRA: hidden-state match to the teacher + KL to the full model."""
@@ -237,19 +290,25 @@ class FedBiOT(Method):
                                  replace=False)
                 batch = to_device(public.collate(public.train, np.sort(idx)), model_device(model))
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-                with torch.no_grad():
-                    full = model(**inputs)
-                    teacher = seen["h"]
+                opts = self.opts
+                needs_teacher = opts.align_l2_weight > 0 or opts.align_lambda > 0
+                if needs_teacher:
+                    with torch.no_grad():
+                        full = model(**inputs)
+                        teacher = seen["h"]
                 with self.client_view() as m:
-                    emu = m(**inputs)
+                    emu = m(**inputs, labels=batch["labels"]) if opts.align_lm_weight > 0 else m(**inputs)
                     student = seen["h"]
                 mask = batch["attention_mask"].unsqueeze(-1).float()
-                l2 = (((teacher - student) ** 2) * mask).sum() / ((teacher ** 2) * mask).sum().clamp_min(1e-12)
-                kl = torch.nn.functional.kl_div(torch.log_softmax(emu.logits.float(), -1),
-                                                torch.log_softmax(full.logits.float(), -1),
-                                                log_target=True, reduction="none").sum(-1)
-                kl = (kl * mask[..., 0]).sum() / mask.sum()
-                loss = l2 + self.opts.align_lambda * kl
+                loss = emu.loss.float() * opts.align_lm_weight if opts.align_lm_weight > 0 else 0.0
+                if opts.align_l2_weight > 0:
+                    l2 = (((teacher - student) ** 2) * mask).sum() / ((teacher ** 2) * mask).sum().clamp_min(1e-12)
+                    loss = loss + opts.align_l2_weight * l2
+                if opts.align_lambda > 0:
+                    kl = torch.nn.functional.kl_div(torch.log_softmax(emu.logits.float(), -1),
+                                                    torch.log_softmax(full.logits.float(), -1),
+                                                    log_target=True, reduction="none").sum(-1)
+                    loss = loss + opts.align_lambda * (kl * mask[..., 0]).sum() / mask.sum()
                 self.align_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.align_opt.step()
@@ -351,7 +410,8 @@ class FedBiOT(Method):
 
         train_cfg = round_train_config(self.cfg, client.round)
         steps, loss, _ = train_locally(model, params, self.rt.task, client.indices, train_cfg, client.seed,
-                                       extra_loss=proximal if eps > 0 else None, progress=self.rt.step_progress)
+                                       extra_loss=proximal if eps > 0 and self.opts.prox_gradient else None,
+                                       progress=self.rt.step_progress)
         return Message({n: p.detach().to("cpu", copy=True) for n, p in params.items()},
                        {"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
 

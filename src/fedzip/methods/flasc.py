@@ -20,6 +20,12 @@ zero. A's gradient is zero while B is zero, so when the mask holds only A entrie
 small init keeps it out too) nothing trains at all. The client reads the mask from the nonzero entries it
 received, which is the server's mask whenever the kept entries are all nonzero.
 
+Two download masks, both from the paper's code: by default one top-k over every trainable entry (its main
+code path); with ``dense_head_download`` a top-k over the LoRA entries only while the head goes whole (its
+heterogeneous-client code). On a small model the head's share decides a lot: MiniLM with LoRA on q/k/v has
+3.4% of its P in the head, and at 1/16 the shared mask keeps 23-53% of the head, ~10% of A and ~0% of B.
+The upload mask is always one top-k over all entries, as in both code paths.
+
 The mask is global, so messages carry all trainable tensors flattened into one vector (in the trainable
 view's order): one position stream over all P entries, and a header of a few dozen bytes instead of one
 entry per tensor.
@@ -52,6 +58,9 @@ class FlascOptions(BaseModel):
     server_freeze: bool = False
     freeze_a: bool = False
     error_feedback: bool = False
+    dense_head_download: bool = Field(
+        False, description="download mask over the LoRA entries only (k = d_dl of them); other trainable tensors "
+                           "(a classification head) go whole, as the paper's heterogeneous-client code does")
     eval_masked: bool = Field(True, description="evaluate and export the model the clients receive (theta_s "
                               "masked at the download density), as the paper's code does; false: dense theta_s")
 
@@ -67,6 +76,10 @@ def global_topk_masks(tensors: dict[str, torch.Tensor], k: int) -> dict[str, tor
         masks[name] = keep[start:start + t.numel()].view(t.shape)
         start += t.numel()
     return masks
+
+
+def is_lora(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,7 +160,12 @@ class Flasc(Method):
     def download_mask(self, theta: dict[str, torch.Tensor], rnd: int) -> dict[str, torch.Tensor]:
         if self.opts.server_freeze and self.fixed_mask is not None:
             return self.fixed_mask
-        return global_topk_masks(theta, self.k_for(self.opts.d_dl, rnd))
+        if not self.opts.dense_head_download:
+            return global_topk_masks(theta, self.k_for(self.opts.d_dl, rnd))
+        lora = {n: t for n, t in theta.items() if is_lora(n)}
+        k = max(1, math.ceil(self.density(self.opts.d_dl, rnd) * sum(t.numel() for t in lora.values())))
+        masks = global_topk_masks(lora, k)
+        return {n: masks[n] if n in masks else torch.ones_like(t, dtype=torch.bool) for n, t in theta.items()}
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """What is evaluated and exported: by default the sparse model the next round's clients receive."""

@@ -12,6 +12,10 @@ module's rank-1 component i is the pair (A[i, :], B[:, i]). Per round:
     aggregate: adaptive  = average component i over the clients that updated it (sample-weighted),
                            a component nobody updated keeps its value
                zero_pad  = average over all of the round's clients, absent components counting as zero
+    controls (not in the paper): ``selection: random`` trains r_k components drawn blindly instead of the
+    top-r_k by importance; ``server_lr`` < 1 steps only part of the way to the aggregate, which separates
+    HAFL-adaptive's larger updates (zero-padding shrinks rarely-held components every round) from its
+    choice of components.
 
 Clients emulate rank r_k inside the rank-R model: components they do not hold are zero and frozen, which
 contributes exactly nothing (B_i A_i = 0 and both gradients vanish). The LoRA scale stays alpha / R for
@@ -46,6 +50,11 @@ class HaflOptions(BaseModel):
     tiers: list[Tier] = Field(default_factory=lambda: [Tier(rank=4, share=1 / 3), Tier(rank=8, share=1 / 3),
                                                        Tier(rank=16, share=1 / 3)])
     client_ranks: list[int] | None = Field(None, description="explicit rank per client (overrides tiers)")
+    selection: Literal["importance", "random"] = Field(
+        "importance", description="freeze / truncate: which r_k components a client trains; random (a control): "
+                                  "r_k drawn uniformly, per client and round")
+    server_lr: float = Field(1.0, gt=0, le=1, description="server step towards the aggregate (1: replace); a "
+                                                          "control for update size, e.g. 1/3")
     beta1: float = Field(0.85, ge=0, lt=1)
     beta2: float = Field(0.85, ge=0, lt=1)
     degradation_every: int = Field(0, ge=0, description="evaluate each tier's received model every N rounds")
@@ -101,6 +110,11 @@ def top_components(scores: torch.Tensor, r: int) -> list[int]:
     """Indices of the r highest scores (ties to the lower index), sorted."""
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     return sorted(order[:r])
+
+
+def random_components(R: int, r: int, seed: list[int]) -> list[int]:
+    """r of R component indices drawn uniformly (the selection control), sorted."""
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(R, size=r, replace=False))
 
 
 def best_rank_r(dw: torch.Tensor, r: int, scale: float, init_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,9 +191,11 @@ class Hafl(Method):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.global_
 
-    def held_components(self, cid: int) -> list[list[int]]:
+    def held_components(self, cid: int, rnd: int) -> list[list[int]]:
         """Per module, which components the server sends client ``cid`` (truncate / hetlora / flexlora)."""
         r = self.ranks[cid]
+        if self.opts.mode == "truncate" and self.opts.selection == "random":
+            return [random_components(self.R, r, [self.cfg.seed, cid, rnd, j]) for j in range(len(self.modules))]
         if self.opts.mode == "truncate":
             return [top_components(self.scores[j], r) for j in range(len(self.modules))]
         return [list(range(r))] * len(self.modules)
@@ -205,7 +221,7 @@ class Hafl(Method):
             return {cid: msg for cid in cids}
         out = {}
         for cid in cids:
-            held = self.held_components(cid)
+            held = self.held_components(cid, rnd)
             tensors = {n: self.global_[n] for n in self.others}
             for j, m in enumerate(self.modules):
                 if self.opts.mode == "flexlora":
@@ -217,6 +233,9 @@ class Hafl(Method):
         return out
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        before = {n: t.clone() for n, t in self.global_.items()} if self.opts.server_lr < 1 else None
+        if before is not None and self.opts.mode == "flexlora":
+            before_dw = {m: t.clone() for m, t in self.dw.items()}
         weights = {cid: reply_weight(r) for cid, r in replies.items()}
         total = sum(weights.values())
         held = {cid: self._reply_components(cid, r) for cid, r in replies.items()}
@@ -241,6 +260,14 @@ class Hafl(Method):
                         a += replies[c].tensors[self.a(m)][pos] * (weights[c] / denom)
                         b += replies[c].tensors[self.b(m)][:, pos] * (weights[c] / denom)
                     self.global_[self.a(m)][i], self.global_[self.b(m)][:, i] = a, b
+        if before is not None:  # a step of server_lr from the old global towards the aggregate
+            lr = self.opts.server_lr
+            if self.opts.mode == "flexlora":
+                self.dw = {m: before_dw[m] + lr * (self.dw[m] - before_dw[m]) for m in self.modules}
+                self._set_global_from_dw()
+                self.global_ |= {n: before[n] + lr * (self.global_[n] - before[n]) for n in self.others}
+            else:
+                self.global_ = {n: before[n] + lr * (t - before[n]) for n, t in self.global_.items()}
         # global importance: the mean score of each component over the clients that report it
         reported = torch.stack([replies[c].tensors["scores"] for c in replies])
         counts = (reported != 0).sum(0)
@@ -319,6 +346,9 @@ class Hafl(Method):
             if held is None:  # freeze: pick the top-r_k components by local score (global score breaks ties)
                 held = []
                 for j, m in enumerate(self.modules):
+                    if self.opts.selection == "random":  # the control: as many components, chosen blindly
+                        held.append(random_components(self.R, r, [self.cfg.seed, client.cid, client.round, j]))
+                        continue
                     local = tracker.component_scores(self.a(m), self.b(m)).cpu()
                     held.append(top_components(local if local.any() else global_scores[j], r))
             if not masks:

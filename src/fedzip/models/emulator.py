@@ -31,12 +31,20 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList
     return best
 
 
-def emulator_indices(n_teacher: int, drop: float) -> list[int]:
-    """Uniform layer-drop: keep ``round(n(1-drop))`` of ``n`` teacher layers, the first and last among them."""
+def emulator_indices(n_teacher: int, drop: float, keep_bottom: int = 0) -> list[int]:
+    """Uniform layer-drop: keep ``round(n(1-drop))`` of ``n`` teacher layers, the first and last among them.
+
+    ``keep_bottom`` > 0 always keeps the first ``keep_bottom`` teacher layers and spreads the rest of the
+    kept layers uniformly over the others. The bottom layers turn token embeddings into the features every
+    later layer reads; dropping layer 1 of SmolLM2 leaves an emulator + adapter at chance before alignment."""
     keep = max(2, round(n_teacher * (1 - drop))) if n_teacher >= 2 else n_teacher
     if keep >= n_teacher:
         return list(range(n_teacher))
-    return [int(i * (n_teacher - 1) / (keep - 1)) for i in range(keep)]
+    bottom = min(keep_bottom, keep - 1, n_teacher - 1)
+    rest, spread = n_teacher - bottom, keep - bottom  # spread >= 1 kept layers over the other teacher layers
+    if spread == 1:
+        return list(range(bottom)) + [n_teacher - 1]
+    return list(range(bottom)) + [bottom + int(i * (rest - 1) / (spread - 1)) for i in range(spread)]
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,9 @@ class Split:
         return "emulator" if nb <= position < nb + ne else "adapter"
 
 
-def make_split(n_layers: int, adapter_layers: int, drop: float, layout: str = "top") -> Split:
+def make_split(n_layers: int, adapter_layers: int, drop: float, layout: str = "top", keep_bottom: int = 0) -> Split:
     """``layout`` 'top': adapter = the last ``adapter_layers`` (FedBiOT); 'sandwich': the first and the last
-    ``adapter_layers // 2`` each (offsite-tuning, FedOT: 2 + 2)."""
+    ``adapter_layers // 2`` each (offsite-tuning, FedOT: 2 + 2). ``keep_bottom``: see emulator_indices."""
     if layout == "top":
         bottom, top = (), tuple(range(n_layers - adapter_layers, n_layers))
     else:
@@ -76,7 +84,7 @@ def make_split(n_layers: int, adapter_layers: int, drop: float, layout: str = "t
     if len(bottom) + len(top) >= n_layers - 1:
         raise ModelError(f"{adapter_layers} adapter layers leave no teacher to emulate in a {n_layers}-layer model")
     teacher = [i for i in range(n_layers) if i not in bottom and i not in top]
-    emulated = tuple(teacher[j] for j in emulator_indices(len(teacher), drop))
+    emulated = tuple(teacher[j] for j in emulator_indices(len(teacher), drop, keep_bottom))
     return Split(n_layers, bottom, top, emulated)
 
 

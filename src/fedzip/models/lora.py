@@ -73,8 +73,10 @@ class TrainableView:
         return sum(self.params[n].numel() for n in (names or self.params))
 
 
-def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | None,
+def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | str | None,
                 train_head: bool, seed: int):
+    """LoRA on ``targets`` (module names, or ``"all-linear"``: peft adapts every linear layer of the body and
+    leaves the output layer alone; a classification head is trained whole through ``modules_to_save``)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     is_cls = head_module(model) is not None and hasattr(model.config, "num_labels") and not hasattr(model, "lm_head")

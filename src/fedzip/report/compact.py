@@ -55,7 +55,13 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
     peak_rss = max((m["peak_rss_bytes"] for m in memory if "peak_rss_bytes" in m), default=None)
     peak_cuda = max((m["cuda_peak_bytes"] for m in memory if "cuda_peak_bytes" in m), default=None)
     where = summary.get("device", "cpu")
-    return {
+    extras = {}
+    if (run_dir / "method.json").exists():  # the method's set-up facts (ranks, map size, latent size, ...)
+        extras["method_facts"] = json.loads((run_dir / "method.json").read_text())
+    if (run_dir / "autoencoder_gate.json").exists():  # CG-FedLLM's quality gate, without its loss curves
+        gate = json.loads((run_dir / "autoencoder_gate.json").read_text())
+        extras["autoencoder_gate"] = {k: v for k, v in gate.items() if not k.endswith("_loss")}
+    return extras | {
         "format": FORMAT, "label": label or seedless_label(run_dir.name), "method": summary["method"],
         "seed": summary["seed"], "config": config,
         "machine": f"{summary.get('cpu_count')} CPU cores, {where}, torch {summary.get('torch')}, "
@@ -66,7 +72,7 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
         "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"],
         "client_step_s": round(compute / steps, 4) if steps else None,
         "client_peak_rss_bytes": peak_rss, "client_cuda_peak_bytes": peak_cuda,
-        "curve": curve, "link_seconds": link_seconds,
+        "curve": curve, "link_seconds": link_seconds, "warnings": summary.get("warnings", []),
     }
 
 

@@ -64,10 +64,13 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
         judged = [judge(runs[s], refs[s], metric, higher, window, drop) for s in seeds if s in refs]
         hit = [j for j in judged if j["round_to_target"] is not None]
         ratios = []
+        for j in judged:
+            j["bytes_ratio"] = None  # the reference's bytes to target over this run's, for a seed that reached it
         for j in hit:
             ref = ref_judged[j["seed"]]
             ref_bytes = ref["bytes_up_to_target"] + ref["bytes_down_to_target"]
-            ratios.append(ref_bytes / (j["bytes_up_to_target"] + j["bytes_down_to_target"]))
+            j["bytes_ratio"] = ref_bytes / (j["bytes_up_to_target"] + j["bytes_down_to_target"])
+            ratios.append(j["bytes_ratio"])
         curves = [fixed_subset_curve(runs[s]["curve"], metric) for s in seeds]
         first = runs[seeds[0]]
         links = list(first["link_seconds"])
@@ -92,6 +95,7 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
             "client_step_s": mean_std([runs[s].get("client_step_s") for s in seeds]),
             "wall_s": mean_std([runs[s]["wall_seconds"] for s in seeds]),
             "machines": sorted({runs[s]["machine"] for s in seeds}),
+            "warnings": [f"seed {s}, {w}" for s in seeds for w in runs[s].get("warnings", [])],
             "per_seed": judged,
         })
     return {"metric": metric, "higher_is_better": higher, "reference": reference, "window": window, "drop": drop,
@@ -122,6 +126,9 @@ def leaderboard_markdown(board: dict) -> list[str]:
         cells += [f"{r['mb_up_total']['mean']:.1f} / {r['mb_down_total']['mean']:.1f}",
                   f"{r['client_peak_rss_mb']:.0f}" if r["client_peak_rss_mb"] else "-", _ms(r["client_step_s"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    warned = [f"- **{r['label']}** {w}" for r in board["rows"] for w in r.get("warnings", [])]
+    if warned:
+        lines += ["", "Warnings raised by these runs (they went on anyway):", *warned]
     return lines
 
 

@@ -105,6 +105,11 @@ class Comparison:
         return cols
 
 
+def warning_lines(runs: list[Run]) -> list[str]:
+    """What the runs flagged while going on (summary.json ``warnings``), one line each."""
+    return [f"{run.label}: {w}" for run in runs for w in run.summary.get("warnings", [])]
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -116,7 +121,8 @@ def print_table(dirs: list[Path], comparison: Comparison | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows = table_rows([load_run(d) for d in dirs], comparison)
+    runs = [load_run(d) for d in dirs]
+    rows = table_rows(runs, comparison)
     t = Table(title="fedzip runs")
     for col in rows[0]:
         t.add_column(col, justify="left" if col in ("run", "method") else "right")
@@ -128,6 +134,8 @@ def print_table(dirs: list[Path], comparison: Comparison | None = None) -> None:
     console.print(t)
     if comparison and comparison.describe():
         console.print(comparison.describe())
+    for line in warning_lines(runs):
+        console.print(f"[yellow]warning[/yellow] {line}", highlight=False)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -177,6 +185,7 @@ def write_report(dirs: list[Path], out_dir: Path, comparison: Comparison | None 
     rows = table_rows(runs, comparison)
     if comparison and comparison.describe():
         note = f"<p>{html.escape(comparison.describe())}</p>" + note
+    note = "".join(f"<p><b>warning</b> {html.escape(w)}</p>" for w in warning_lines(runs)) + note
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
     imgs = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'

@@ -1,0 +1,130 @@
+"""Seeded benchmarks under protocol v2: rows x seeds of one profile, each finished run kept as a compact result.
+
+A benchmark is a config, a profile (overrides every row shares) and rows (label, overrides, what the row
+is). Each (row, seed) is an ordinary ``fedzip run`` into ``benchmarks/runs/<bench>/cpu/<label>-s<seed>``
+(not committed); when it finishes, its compact result goes to ``results/runs/<bench>/<label>-s<seed>.json``
+and, with ``--commit``, into git at once. A (row, seed) whose compact result exists is skipped and an
+interrupted run resumes from its checkpoint, so a benchmark accumulates across sessions and machines.
+
+Order: the reference rows' seeds first (every other row is judged against them), then seed by seed across
+the other rows, so that a partial benchmark has every row on its first seeds rather than some on all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import RESULTS, ROOT, run_one, say
+
+from fedzip.report.compact import compact_run, load_compact
+
+GIT = threading.Lock()  # parallel runs finish at any time; one commit at a time
+
+
+@dataclass
+class SeededBenchmark:
+    name: str  # results/runs/<name>/
+    config: str  # a packaged config name, e.g. "b1_fedit"
+    profile: list[str]  # overrides every row shares
+    rows: list[tuple[str, list[str], str]]  # (label, overrides, what the row is)
+    references: list[str] = field(default_factory=list)  # labels that run first (default: the first row)
+    results_dir: Path | None = None  # where compact results go (default: results/runs/<name>)
+
+    @property
+    def what(self) -> dict[str, str]:
+        return {label: what for label, _, what in self.rows}
+
+    @property
+    def compact_dir(self) -> Path:
+        return self.results_dir or RESULTS / "runs" / self.name
+
+    def compact_path(self, label: str, seed: int) -> Path:
+        return self.compact_dir / f"{label}-s{seed}.json"
+
+    def records(self, labels: set[str] | None = None) -> list[dict]:
+        """The compact results written so far (of ``labels`` only, when given)."""
+        records = [load_compact(p) for p in sorted(self.compact_dir.glob("*.json"))]
+        return [r for r in records if labels is None or r["label"] in labels]
+
+    def run_and_keep(self, label: str, overrides: list[str], seed: int, threads: int, commit: bool) -> None:
+        """Train one (label, seed), write its compact result, and commit it when asked."""
+        out = ROOT / "runs" / self.name / "cpu" / f"{label}-s{seed}"
+        run_one(f"{label}-s{seed}", f"configs/{self.config}.yaml", [*self.profile, *overrides, f"seed={seed}"],
+                out, threads)
+        result = compact_run(out, label) | {"what": self.what[label], "benchmark": self.name, "profile": "cpu"}
+        path = self.compact_path(label, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=None, separators=(",", ":")) + "\n")
+        say(f"[{label}-s{seed}] compact result: {path.relative_to(ROOT.parent)}")
+        if commit:
+            with GIT:
+                commit_file(path, f"{self.name}: {label} seed {seed} finished (compact result)")
+
+    def todo(self, seeds: list[int], only: set[str]) -> list[tuple[str, list[str], int]]:
+        first = self.references or [self.rows[0][0]]
+        todo = [(label, ov, s) for label, ov, _ in self.rows if label in first for s in seeds]
+        todo += [(label, ov, s) for s in seeds for label, ov, _ in self.rows if label not in first]
+        return [t for t in todo if (not only or t[0] in only) and not self.compact_path(t[0], t[2]).exists()]
+
+    def run(self, seeds: list[int], only: set[str], jobs: int, commit: bool) -> list[str]:
+        """Every (row, seed) not done yet, ``jobs`` at a time; returns the names of the runs that failed."""
+        todo = self.todo(seeds, only)
+        threads = int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // jobs)
+        say(f"{len(todo)} run(s) to do, {jobs} at a time, {threads} thread(s) each")
+        failed = []
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(self.run_and_keep, label, ov, s, threads, commit): f"{label}-s{s}"
+                       for label, ov, s in todo}
+            for f, name in futures.items():
+                try:
+                    f.result()
+                except RuntimeError as exc:  # one failed run is reported; the others go on
+                    say(str(exc))
+                    failed.append(name)
+        return failed
+
+    def main(self, description: str, write_board, modes: dict | None = None) -> None:
+        """The command line every seeded benchmark shares; ``write_board()`` rebuilds its results page.
+
+        ``modes`` adds flags of the benchmark's own: ``{"--flag": (help, run(commit))}``; one of them given runs
+        it instead of the rows, then rebuilds the page."""
+        ap = argparse.ArgumentParser(description=description)
+        for flag, (text, _) in (modes or {}).items():
+            ap.add_argument(flag, action="store_true", help=text)
+        ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+        ap.add_argument("--only", default="", help="comma-separated labels (default: all): " + ", ".join(self.what))
+        ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each by default")
+        ap.add_argument("--commit", action="store_true", help="git-commit each compact result as its run finishes")
+        ap.add_argument("--board", action="store_true", help="only rebuild the results page")
+        args = ap.parse_args()
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s]
+        except ValueError:
+            ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+        only = {x for x in args.only.split(",") if x}
+        if only - set(self.what):
+            ap.error(f"unknown label(s): {', '.join(sorted(only - set(self.what)))}; known: {', '.join(self.what)}")
+        chosen = [run for flag, (_, run) in (modes or {}).items() if getattr(args, flag.lstrip("-").replace("-", "_"))]
+        if chosen:
+            chosen[0](args.commit)
+            failed = []
+        else:
+            failed = [] if args.board else self.run(seeds, only, args.jobs, args.commit)
+        write_board()
+        if failed:
+            raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def commit_file(path: Path, message: str) -> None:
+    """A failed commit (e.g. someone else holds the index lock) leaves the file for a later commit."""
+    for cmd in (["git", "add", str(path)], ["git", "commit", "-q", "-m", message, "--", str(path)]):
+        if subprocess.run(cmd, cwd=ROOT.parent).returncode != 0:
+            say(f"could not commit {path.name}; it is written, commit it by hand")
+            return
