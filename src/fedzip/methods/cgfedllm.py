@@ -262,14 +262,16 @@ class CgFedLLM(Method):
         many values (autoencoder.gate_baselines). It must beat the zero output and the random projection;
         block PCA and top-k are logged beside it. The numbers go to the metrics and ``autoencoder_gate.json``."""
         opts = self.opts
-        held = max(1, round(opts.ae_heldout * len(self.maps))) if opts.ae_heldout > 0 and len(self.maps) >= 2 else 0
+        # at least two maps to train on and one to judge by; fewer recorded maps train ungated
+        held = max(1, round(opts.ae_heldout * len(self.maps))) if opts.ae_heldout > 0 and len(self.maps) >= 3 else 0
+        ungated = None
         if held == 0 and opts.ae_gate != "off":
-            raise ConfigError(f"method_options: the quality gate needs held-out TGAP maps ({len(self.maps)} recorded, "
-                              f"ae_heldout {opts.ae_heldout}): more tgap_rounds, ae_heldout > 0, or ae_gate: off")
+            ungated = (f"{len(self.maps)} TGAP map(s) recorded with ae_heldout {opts.ae_heldout}: too few for the quality "
+                       "gate, the autoencoder went ungated")
+            if opts.ae_gate == "stop":
+                raise ConfigError(f"method_options: {ungated}; more tgap_rounds or tgap_snapshots, ae_heldout > 0, or "
+                                  "ae_gate: warn / off")
         train, heldout = self.maps[:len(self.maps) - held], self.maps[len(self.maps) - held:]
-        if len(train) < 2:
-            raise ConfigError(f"method_options: {len(train)} TGAP map(s) left to train the autoencoder on "
-                              f"({len(self.maps)} recorded, {held} held out): more tgap_rounds or tgap_snapshots")
         log = train_autoencoder(self.ae, train, opts.ae_epochs, opts.ae_lr, opts.ae_batch, self.cfg.seed,
                                 device=model_device(self.rt.model), heldout=heldout or None, patience=opts.ae_patience)
         metrics: dict[str, float | str] = {
@@ -283,6 +285,8 @@ class CgFedLLM(Method):
                       str(self.rt.run_dir / "autoencoder.safetensors"))
         if opts.ae_gate == "off":
             return metrics
+        if ungated:
+            return metrics | {"warning": ungated}
         cos = {"autoencoder": autoencoder_cosine(self.ae, heldout)}
         cos |= gate_baselines(train, heldout, self._latent_numel(), block=opts.linear_block, seed=self.cfg.seed)
         passed = cos["autoencoder"] > max(cos["zero"], cos["random_projection"])
