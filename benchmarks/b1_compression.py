@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
 from b1_cpu import CONFIG, FEDAVG_SERVER, PROFILE  # noqa: E402
 from common import RESULTS, ROOT, run_one, say  # noqa: E402
-from seeded import SeededBenchmark, commit_file  # noqa: E402
+from seeded import SeededBenchmark, commit_file, figure_lines  # noqa: E402
 
-from fedzip.report.leaderboard import build_leaderboard, leaderboard_figure, leaderboard_markdown  # noqa: E402
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
 from fedzip.report.targets import cumulative_bytes, fixed_subset_curve, smoothed  # noqa: E402
 
 BENCH = "b1_compression"
@@ -280,14 +280,10 @@ def write_board() -> None:
                   "recorded maps) of each codec at the autoencoder's latent size; `python benchmarks/b1_compression.py "
                   "--gate-study`.", "", *gate_table(json.loads(study_path.read_text())), ""]
     (RESULTS / "b1_compression.json").write_text(json.dumps(boards, indent=1) + "\n")
-    try:
-        for name, records in (("flasc", flasc_records), ("cgfedllm", cg_records)):
-            if name in boards:
-                leaderboard_figure(boards[name], records, RESULTS / f"b1_compression_{name}.png",
-                                   f"B1 cpu profile, {name}: smoothed accuracy, mean over seeds, band = 1 std")
-                lines += [f"![{name}](b1_compression_{name}.png)", ""]
-    except ImportError:
-        say("matplotlib missing: no figures (pip install 'fedzip[report]')")
+    for name, records in (("flasc", flasc_records), ("cgfedllm", cg_records)):
+        if name in boards:
+            lines += figure_lines(boards[name], records, f"b1_compression_{name}.png",
+                                  f"B1 cpu profile, {name}: smoothed accuracy, mean over seeds, band = 1 std", name)
     (RESULTS / "b1_compression.md").write_text("\n".join(lines))
     say("\n".join(lines))
 

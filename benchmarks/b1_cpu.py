@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, say  # noqa: E402
-from seeded import SeededBenchmark  # noqa: E402
+from seeded import SeededBenchmark, figure_lines  # noqa: E402
 
-from fedzip.report.leaderboard import build_leaderboard, leaderboard_figure, leaderboard_markdown  # noqa: E402
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
 
 BENCH = "b1_cpu"
 CONFIG = "b1_fedit"
@@ -114,12 +114,8 @@ def write_board() -> dict | None:
     lines += ["What each row runs:", ""]
     lines += [f"- `{r['label']}`: {r['what']}" for r in board["rows"]]
     lines += ["", f"Machines: {'; '.join(sorted({m for r in board['rows'] for m in r['machines']}))}.", ""]
-    try:
-        leaderboard_figure(board, records, RESULTS / "LEADERBOARD.png",
-                           "B1 cpu profile: smoothed accuracy, mean over seeds, band = 1 std")
-        lines += ["![smoothed accuracy by round and by bytes](LEADERBOARD.png)", ""]
-    except ImportError:
-        say("matplotlib missing: leaderboard without its figure (pip install 'fedzip[report]')")
+    lines += figure_lines(board, records, "LEADERBOARD.png", "B1 cpu profile: smoothed accuracy, mean over seeds, "
+                          "band = 1 std", "smoothed accuracy by round and by bytes")
     (RESULTS / "LEADERBOARD.md").write_text("\n".join(lines))
     say("\n".join(leaderboard_markdown(board)))
     return board

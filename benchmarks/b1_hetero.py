@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
 from b1_cpu import CONFIG, HAFL_TIERS, PROFILE  # noqa: E402
 from common import RESULTS, say  # noqa: E402
-from seeded import SeededBenchmark  # noqa: E402
+from seeded import SeededBenchmark, figure_lines  # noqa: E402
 
-from fedzip.report.leaderboard import build_leaderboard, leaderboard_figure, leaderboard_markdown  # noqa: E402
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
 
 BENCH = "b1_hetero"
 HAFL = "mode: freeze, aggregation: adaptive"
@@ -63,12 +63,8 @@ def write_board() -> None:
         row["what"] = what.get(row["label"], "")
     lines += [*leaderboard_markdown(board), "", *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""]
     (RESULTS / "b1_hetero.json").write_text(json.dumps(board, indent=1) + "\n")
-    try:
-        leaderboard_figure(board, records, RESULTS / "b1_hetero.png",
-                           "B1 cpu profile, heterogeneous ranks: smoothed accuracy, mean over seeds, band = 1 std")
-        lines += ["![smoothed accuracy](b1_hetero.png)", ""]
-    except ImportError:
-        say("matplotlib missing: no figure (pip install 'fedzip[report]')")
+    lines += figure_lines(board, records, "b1_hetero.png", "B1 cpu profile, heterogeneous ranks: smoothed accuracy, "
+                          "mean over seeds, band = 1 std", "smoothed accuracy")
     (RESULTS / "b1_hetero.md").write_text("\n".join(lines))
     say("\n".join(lines))
 

@@ -122,6 +122,18 @@ class SeededBenchmark:
             raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
+def figure_lines(board: dict, records: list[dict], name: str, title: str, alt: str) -> list[str]:
+    """Draw the board's figure to ``results/<name>`` and return its markdown line (none without matplotlib)."""
+    from fedzip.report.leaderboard import leaderboard_figure
+
+    try:
+        leaderboard_figure(board, records, RESULTS / name, title)
+    except ImportError:
+        say("matplotlib missing: no figure (pip install 'fedzip[report]')")
+        return []
+    return [f"![{alt}]({name})", ""]
+
+
 def commit_file(path: Path, message: str) -> None:
     """A failed commit (e.g. someone else holds the index lock) leaves the file for a later commit."""
     for cmd in (["git", "add", str(path)], ["git", "commit", "-q", "-m", message, "--", str(path)]):
