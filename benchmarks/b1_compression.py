@@ -197,8 +197,10 @@ def equal_bytes_table(records: list[dict], label: str, others: list[str]) -> lis
             continue
         budget = r["bytes_up_total"] + r["bytes_down_total"]
         own = smoothed(fixed_subset_curve(r["curve"], "accuracy"))[-1][1]
-        cells = [f"{v:.3f}" if (v := smoothed_at_bytes(by[(o, seed)], budget)) is not None else "not evaluated yet"
-                 if (o, seed) in by else "-" for o in others]
+        cells = []
+        for o in others:
+            value = smoothed_at_bytes(by[(o, seed)], budget) if (o, seed) in by else None
+            cells.append("-" if (o, seed) not in by else "not evaluated yet" if value is None else f"{value:.3f}")
         lines.append(f"| {seed} | {budget / 1e6:.1f} | {own:.3f} | " + " | ".join(cells) + " |")
     return lines
 
