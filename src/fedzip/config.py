@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedzip.errors import ConfigError, FedzipError
 from fedzip.paths import default_data_root
+from fedzip.registry import method_class
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -160,11 +161,11 @@ class ExperimentConfig(Section):
             )
         if self.partition.scheme == "field" and not self.partition.field:
             raise ValueError("partition.field is required when partition.scheme is 'field'")
-        from fedzip.methods import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"method: unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
-        options = METHODS[self.method].Options
+        try:
+            method_cls = method_class(self.method)
+        except KeyError as exc:
+            raise ValueError(f"method: {exc.args[0]}") from None
+        options = method_cls.Options
         if options is None and self.method_options:
             raise ValueError(f"method_options: method {self.method} takes no options")
         if options is not None:

@@ -22,7 +22,7 @@ from fedzip.engine.client import run_client
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError
-from fedzip.methods import METHODS
+from fedzip.registry import method_class
 
 app = ClientApp()
 _cache: dict[str, object] = {}  # config text -> client-side method (a ClientApp process may serve many messages)
@@ -31,7 +31,7 @@ _cache: dict[str, object] = {}  # config text -> client-side method (a ClientApp
 def _client_method(cfg):
     key = dump_config(cfg)
     if key not in _cache:
-        method_cls = METHODS[cfg.method]
+        method_cls = method_class(cfg.method)
         cfg = method_cls.adjust_config(cfg)
         _cache.clear()
         _cache[key] = method_cls(cfg, build_runtime(cfg, method_cls, with_model=not method_cls.client_builds_model))

@@ -12,6 +12,7 @@ import torch
 
 from fedzip.data import Task, load_source, partition, partition_stats
 from fedzip.models import TrainableView, inject_lora, load_base_model, load_tokenizer
+from fedzip.models.device import resolve_device  # noqa: F401  (re-exported: tests and apps import it here)
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +63,6 @@ def build_task(cfg) -> Task:
         task.extra_evals.append(exact_match_evaluator(task, cfg.eval.exact_match_examples, cfg.eval.max_new_tokens,
                                                       cfg.eval.batch_size, cfg.seed))
     return task
-
-
-def resolve_device(cfg, method_cls) -> torch.device:
-    """``train.device`` as a torch device; a clear error where it cannot be honoured."""
-    from fedzip.errors import ConfigError
-
-    wanted = cfg.train.device
-    if wanted == "cpu" or (wanted == "auto" and not (torch.cuda.is_available() and method_cls.runs_on_accelerator)):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {wanted} but this torch ({torch.__version__}) sees no CUDA device")
-    if not method_cls.runs_on_accelerator:
-        raise ConfigError(f"train.device: {wanted}: method {cfg.method} runs on the CPU only in this version")
-    device = torch.device("cuda" if wanted == "auto" else wanted)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device: {wanted} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return device
 
 
 def build_model(cfg, method_cls, task: Task):

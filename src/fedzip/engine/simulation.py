@@ -30,9 +30,9 @@ from fedzip.engine.memory import PeakMemory
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError, RunDirError
-from fedzip.methods import METHODS
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
+from fedzip.registry import method_class
 from fedzip.wire import decode, encode
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     round's messages; by default clients run in this process (:class:`InProcessExchange`).
     ``stop_after`` ends the process after that round's checkpoint, as an interruption would (tests).
     """
-    method_cls = METHODS[cfg.method]
+    method_cls = method_class(cfg.method)
     cfg = method_cls.adjust_config(cfg)
     out = prepare_run_dir(Path(out), resume)
     ckpt_dir = out / "checkpoints"
@@ -284,7 +284,7 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
     metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
     last = evaluated[-1] if evaluated else {}
-    own = METHODS[cfg.method].eval_prefixes  # plus the method's own evaluations of that round
+    own = method_class(cfg.method).eval_prefixes  # plus the method's own evaluations of that round
     final = {k: v for k, v in last.items() if k in metric_keys or (k.startswith(own) and isinstance(v, float))}
     summary = {
         "method": cfg.method, "name": out.name, "rounds_completed": len(rows), "final_metrics": final,

@@ -49,6 +49,7 @@ from fedzip.methods.autoencoder import (
 )
 from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.registry import register_method
 from fedzip.wire import Message
 
 ENC = "enc::"
@@ -87,6 +88,7 @@ class CgOptions(BaseModel):
     online_epochs: int = Field(5, ge=1)
 
 
+@register_method
 class CgFedLLM(Method):
     name = "cgfedllm"
     Options = CgOptions

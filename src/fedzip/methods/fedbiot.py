@@ -38,6 +38,7 @@ from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
 from fedzip.models.lora import canonical
+from fedzip.registry import register_method
 from fedzip.wire import Message
 
 BASE = "base::"  # prefix of the compressed model's frozen weights in the one-time message
@@ -71,6 +72,7 @@ class FedBiOTOptions(BaseModel):
     public_max_examples: int | None = Field(512, ge=1)
 
 
+@register_method
 class FedBiOT(Method):
     name = "fedbiot"
     Options = FedBiOTOptions
@@ -326,7 +328,7 @@ class FedBiOT(Method):
         if self._client is None:
             from transformers import AutoModelForCausalLM
 
-            from fedzip.engine.runtime import resolve_device
+            from fedzip.models.device import resolve_device
             from fedzip.models.lora import inject_lora
 
             cfg = copy.deepcopy(self.hf_config)
@@ -416,6 +418,7 @@ class FedBiOT(Method):
                        {"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
 
 
+@register_method
 class FedOT(FedBiOT):
     """FedOT baseline: adapter = first 2 + last 2 layers, a fixed emulator of the middle, FedAvg over clients."""
 
@@ -424,6 +427,7 @@ class FedOT(FedBiOT):
     aligns = False
 
 
+@register_method
 class OffsiteTuning(FedOT):
     """Offsite-tuning baseline: FedOT's split with a single client holding all the data."""
 

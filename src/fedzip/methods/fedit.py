@@ -13,9 +13,11 @@ import torch
 
 from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.registry import register_method
 from fedzip.wire import Message
 
 
+@register_method
 class FedIT(Method):
     name = "fedit"
     runs_on_accelerator = True
@@ -58,6 +60,7 @@ class FedIT(Method):
         return {}
 
 
+@register_method
 class FFALoRA(FedIT):
     """FFA-LoRA: A stays at its (seeded, shared) random init; only B and the head train and travel."""
 
@@ -70,6 +73,7 @@ class FFALoRA(FedIT):
                 p.requires_grad_(False)
 
 
+@register_method
 class FullFedAvg(FedIT):
     """FedAvg over every weight of the model (no LoRA)."""
 
@@ -82,6 +86,7 @@ class FullFedAvg(FedIT):
             p.requires_grad_(True)
 
 
+@register_method(aliases=("centralized",))
 class Centralised(FedIT):
     """The reference: all training data on one client, which trains every round."""
 

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip.methods.base import ClientContext, Method, reply_weight
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
+from fedzip.registry import register_method
 from fedzip.wire import Message
 
 
@@ -95,6 +96,7 @@ def unflatten(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[st
     return out
 
 
+@register_method(aliases=("flasc",))
 class Flasc(Method):
     name = "cellm"
     runs_on_accelerator = True

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, reply_weight
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.registry import register_method
 from fedzip.wire import Message
 
 
@@ -131,6 +132,7 @@ def best_rank_r(dw: torch.Tensor, r: int, scale: float, init_a: torch.Tensor) ->
     return a, b
 
 
+@register_method
 class Hafl(Method):
     name = "hafl"
     Options = HaflOptions

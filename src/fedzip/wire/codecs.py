@@ -5,19 +5,19 @@ A codec is any object with a ``name``, ``encode(tensor) -> (bytes, params)`` and
 the payload header (so its bytes are counted too). Decoders must validate what they read and raise
 :class:`~fedzip.errors.PayloadError`, never anything else, on bad input: they face the network.
 
-Dense codecs live here; sparse, quantised and learned codecs register themselves the same way.
+Dense codecs live here; sparse, quantised and learned codecs register themselves the same way, and
+``fedzip.wire.stages.get_codec`` finds a codec by name or parses a chain of stages.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from fedzip.errors import ConfigError, PayloadError
+from fedzip.errors import PayloadError
 
 
 class Codec(Protocol):
@@ -69,22 +69,6 @@ def register_codec(codec: Codec) -> Codec:
     """Make a codec available by name to configs and decoders."""
     CODECS[codec.name] = codec
     return codec
-
-
-def get_codec(name: str) -> Codec:
-    """A registered codec, or a chain parsed from its spec (``topk(0.05)+int8+zstd``)."""
-    if name in CODECS:
-        return CODECS[name]
-    if not isinstance(name, str):
-        raise ConfigError(f"codec name must be a string, got {type(name).__name__}")
-    return _chain(name)
-
-
-@functools.lru_cache(maxsize=256)  # bounded: names arrive from the network too
-def _chain(spec: str) -> Codec:
-    from fedzip.wire.stages import ChainCodec
-
-    return ChainCodec(spec)
 
 
 register_codec(DenseCodec("fp32", torch.float32))

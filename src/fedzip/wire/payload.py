@@ -20,7 +20,8 @@ from typing import Any, Mapping
 import torch
 
 from fedzip.errors import PayloadError
-from fedzip.wire.codecs import get_codec, numel
+from fedzip.wire.codecs import numel
+from fedzip.wire.stages import get_codec
 
 MAGIC = b"FZP1"
 PREFIX = struct.Struct("<4sI")

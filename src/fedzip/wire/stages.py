@@ -15,6 +15,7 @@ every byte and parameter as hostile: bounded parsing, exact lengths, typed error
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from fedzip.errors import ConfigError, PayloadError
-from fedzip.wire.codecs import DenseCodec, numel
+from fedzip.wire.codecs import CODECS, DenseCodec, numel
 
 MAX_SPEC = 200
 _STAGE = re.compile(r"^([a-z0-9]+)(?:\(([a-z0-9_.=,\s-]*)\))?$")
@@ -247,8 +248,7 @@ class ChainCodec:
             params.update({"k": int(len(idx)), "pos": mode, "m": m, "np": len(pos_bytes)})
         else:
             pos_bytes, values = b"", flat
-        val_bytes, _ = (self.values.encode(values) if isinstance(self.values, BlockQuant)
-                        else self.values.encode(values))
+        val_bytes, _ = self.values.encode(values)  # BlockQuant and DenseCodec share encode's signature
         raw = pos_bytes + val_bytes
         if self.zstd_level is not None:
             import zstandard
@@ -295,5 +295,15 @@ class ChainCodec:
         return self.values.decode(buf, (count,), {})
 
 
-def chain_codec(spec: str) -> ChainCodec:
+def get_codec(name: str):
+    """A registered codec (``fp16``), or a chain parsed from its spec (``topk(0.05)+int8+zstd``)."""
+    if name in CODECS:
+        return CODECS[name]
+    if not isinstance(name, str):
+        raise ConfigError(f"codec name must be a string, got {type(name).__name__}")
+    return _chain(name)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: names arrive from the network too
+def _chain(spec: str) -> ChainCodec:
     return ChainCodec(spec)
