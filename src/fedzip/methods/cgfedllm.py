@@ -49,6 +49,7 @@ from fedzip.methods.autoencoder import (
 )
 from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.models.lora import is_lora
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -106,7 +107,7 @@ class CgFedLLM(Method):
         if self.opts.tgap_rounds == 0 and not self.opts.autoencoder_path:
             raise ConfigError("method_options: tgap_rounds 0 needs autoencoder_path (a trained autoencoder)")
         shapes = runtime.view.shapes()
-        self.lora = [n for n in shapes if ".lora_A." in n or ".lora_B." in n]
+        self.lora = [n for n in shapes if is_lora(n)]
         self.others = [n for n in shapes if n not in self.lora]
         self.ae = self._new_autoencoder()
         self.layout = make_layout({n: shapes[n] for n in self.lora}, stride=self.ae.stride,

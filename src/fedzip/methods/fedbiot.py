@@ -37,7 +37,7 @@ from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
-from fedzip.models.lora import canonical
+from fedzip.models.lora import canonical, lora_a, lora_b, lora_modules
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -403,7 +403,7 @@ class FedBiOT(Method):
                 self._client_params[n].copy_(message.tensors[n])
         params = {n: self._client_params[n] for n in self._client_adapter}
         scale = self.cfg.lora.alpha / self.cfg.lora.rank
-        pairs = [(params[n], params[n.replace("lora_A", "lora_B")]) for n in params if ".lora_A." in n]
+        pairs = [(params[lora_a(m)], params[lora_b(m)]) for m in lora_modules(params)]
         start = [(scale * b @ a).detach() for a, b in pairs]
         eps = self.opts.prox_eps
 

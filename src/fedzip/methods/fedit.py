@@ -13,6 +13,7 @@ import torch
 
 from fedzip.methods.base import ClientContext, Method, weighted_average
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.models.lora import canonical, is_lora_a
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -69,7 +70,7 @@ class FFALoRA(FedIT):
     @classmethod
     def prepare_model(cls, model, cfg) -> None:
         for n, p in model.named_parameters():
-            if "lora_A" in n:
+            if is_lora_a(canonical(n)):
                 p.requires_grad_(False)
 
 

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip.methods.base import ClientContext, Method, reply_weight
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
+from fedzip.models.lora import canonical, is_lora, is_lora_a
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -79,10 +80,6 @@ def global_topk_masks(tensors: dict[str, torch.Tensor], k: int) -> dict[str, tor
     return masks
 
 
-def is_lora(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
 def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().flatten() for t in tensors.values()])
 
@@ -110,7 +107,7 @@ class Flasc(Method):
     def prepare_model(cls, model, cfg) -> None:
         if cfg.method_options.get("freeze_a"):
             for n, p in model.named_parameters():
-                if "lora_A" in n:
+                if is_lora_a(canonical(n)):
                     p.requires_grad_(False)
 
     # -- densities and codecs --------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, reply_weight
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.models.lora import is_lora, lora_a, lora_b, lora_modules
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -145,19 +146,19 @@ class Hafl(Method):
         self.scale = cfg.lora.alpha / cfg.lora.rank
         self.ranks = assign_ranks(self.opts, cfg.num_clients, self.R, cfg.seed)
         names = runtime.view.names()
-        self.modules = [n[: -len(".lora_A.weight")] for n in names if n.endswith(".lora_A.weight")]
+        self.modules = lora_modules(names)
         if not self.modules:
             raise ConfigError(f"method {cfg.method} needs LoRA modules")
-        self.others = [n for n in names if ".lora_A." not in n and ".lora_B." not in n]  # e.g. the head
+        self.others = [n for n in names if not is_lora(n)]  # e.g. the head
         self.shapes = runtime.view.shapes()
 
     @staticmethod
     def a(m: str) -> str:
-        return f"{m}.lora_A.weight"
+        return lora_a(m)
 
     @staticmethod
     def b(m: str) -> str:
-        return f"{m}.lora_B.weight"
+        return lora_b(m)
 
     def describe(self) -> dict:
         tiers = sorted(set(self.ranks))
