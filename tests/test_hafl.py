@@ -116,17 +116,15 @@ def test_rank_assignment_by_tier_shares_and_validation():
 
 @pytest.mark.parametrize("mode", ["freeze", "truncate", "hetlora", "flexlora"])
 def test_modes_run_resume_exactly_and_count_per_tier_bytes(tmp_path, tiny_cfg, mode):
-    ov = tiny_cfg + ["method=hafl", "lora.rank=4", "lora.alpha=4", "rounds=3",
+    ov = tiny_cfg + ["method=hafl", "lora.rank=4", "lora.alpha=4", "rounds=3", "clients_per_round=4",  # both tiers
                      opts(mode, extra="client_ranks: [1, 1, 4, 4], degradation_every: 1")]
     assert_resume_is_exact(tmp_path, ov)
     ups = {}
     for e in read_ledger(tmp_path / "full" / "ledger.jsonl"):
         if e["direction"] == "up":
             ups.setdefault(e["client"], e["bytes"])
-    low = [v for c, v in ups.items() if c in (0, 1)]
-    high = [v for c, v in ups.items() if c in (2, 3)]
-    if low and high:
-        assert max(low) < min(high)  # rank-1 clients upload less than rank-4 clients
+    assert sorted(ups) == [0, 1, 2, 3]
+    assert max(ups[0], ups[1]) < min(ups[2], ups[3])  # rank-1 clients upload less than rank-4 clients
     desc = json.loads((tmp_path / "full" / "method.json").read_text())
     assert desc["client_ranks"] == [1, 1, 4, 4] and desc["tier_trainable_params"]["1"] < desc["tier_trainable_params"]["4"]
     row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
