@@ -147,3 +147,10 @@ def test_property_round_trip_and_size(shapes, codec, seed):
     wire_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[codec]
     for n, t in msg.tensors.items():  # exactly the values rounded to the wire format, nothing else
         assert torch.equal(out.tensors[n], t.to(wire_dtype).float())
+
+
+def test_ledger_tag_is_bookkeeping_that_never_travels():
+    msg = sample()
+    tagged = Message(msg.tensors, msg.meta, ledger_tag="update+compressed_model")
+    assert encode(tagged) == encode(msg)  # not one byte of it is sent or counted
+    assert decode(encode(tagged)).ledger_tag == "update"

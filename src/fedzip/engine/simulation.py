@@ -212,7 +212,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     ups, failures = exchange(rnd, downs, timing)
     replies, losses, rejected, client_steps = {}, [], [], 0
     for cid in cids:
-        kind = messages[cid].meta.get("ledger_kind", "update")  # e.g. a one-time model inside the message
+        kind = messages[cid].ledger_tag  # e.g. a one-time model inside the message
         if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
             ledger.record(rnd, cid, "down", len(downs[cid]), kind, status=failures[cid])
             continue

@@ -202,8 +202,7 @@ class FedBiOT(Method):
             else:  # the compressed model, once per client, counted in this message's bytes
                 if first is None:
                     emulator = {n: self.params[n].detach().to("cpu", copy=True) for n in self.emulator_names}
-                    first = Message(lora | emulator | self.base,
-                                    plain.meta | {"ledger_kind": "update+compressed_model"})
+                    first = Message(lora | emulator | self.base, plain.meta, ledger_tag="update+compressed_model")
                 out[cid] = first
                 self.sent_model.add(cid)
         return out

@@ -35,6 +35,9 @@ class Message:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # What the sender's ledger files this message under ("update", or e.g. FedBiOT's one-time
+    # "update+compressed_model"). Bookkeeping on the sending side: never encoded, so never sent or counted.
+    ledger_tag: str = "update"
 
 
 def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
