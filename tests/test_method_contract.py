@@ -75,7 +75,7 @@ def one_round(cfg, server, client, rnd: int, store: ClientStateStore) -> dict[in
         received = decode(downs[cid], client.down_spec(cid), require_all=False)
         left_out = set(client.down_spec(cid)) - set(received.tensors)
         assert left_out <= client.down_optional(cid), f"round {rnd}: message lacks {sorted(left_out)[:3]}"
-        up = run_client(client, store, rnd, cid, downs[cid], {})
+        up = run_client(client, store, rnd, cid, downs[cid], {}).up
         replies[cid] = decode(up, server.up_spec(cid))  # every declared tensor, no other
         assert set(replies[cid].tensors) == set(server.up_spec(cid))
     server.aggregate(rnd, replies)
@@ -108,8 +108,8 @@ def test_a_client_built_on_its_own_replies_as_the_in_process_one(overrides, tmp_
     messages = server.configure(1, cids)
     for cid in cids:
         down = encode(messages[cid], server.wire_codec("down"))
-        a = run_client(in_process, ClientStateStore(tmp_path / "a"), 1, cid, down, {})
-        b = run_client(alone, ClientStateStore(tmp_path / "b"), 1, cid, down, {})
+        a = run_client(in_process, ClientStateStore(tmp_path / "a"), 1, cid, down, {}).up
+        b = run_client(alone, ClientStateStore(tmp_path / "b"), 1, cid, down, {}).up
         assert a == b, f"client {cid}: {len(a)} vs {len(b)} bytes"
 
 

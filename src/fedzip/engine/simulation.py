@@ -54,18 +54,19 @@ class InProcessExchange:
         self.memory = PeakMemory(model_device(client_method.rt.model) if client_method.rt.model is not None else None)
 
     def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict):
-        replies = {}
+        replies, diagnostics = {}, {}
         timing["client_compute_s"] = {}  # each client's own compute: what a link model needs per client
         timing["client_memory"] = {}  # each client's peak memory while it decoded, trained and encoded
         for cid, down in downs.items():
             self.bar.client_start(cid)
             before = timing["compute_s"]
             self.memory.start()
-            replies[cid] = run_client(self.method, self.store, rnd, cid, down, timing)
+            result = run_client(self.method, self.store, rnd, cid, down, timing)
+            replies[cid], diagnostics[cid] = result.up, result.diagnostics
             timing["client_memory"][str(cid)] = self.memory.stop()
             timing["client_compute_s"][str(cid)] = timing["compute_s"] - before
             self.bar.client_done()
-        return replies, {}  # (replies, failures: cid -> reason)
+        return replies, {}, diagnostics  # (replies, failures: cid -> reason, diagnostics)
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -116,8 +117,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                    stop_after: int | None = None, exchange=None) -> dict:
     """Run (or resume) an experiment into run directory ``out``. Returns the summary.
 
-    ``exchange(rnd, {cid: bytes}, timing) -> ({cid: reply bytes}, {cid: failure reason})`` carries a
-    round's messages; by default clients run in this process (:class:`InProcessExchange`).
+    ``exchange(rnd, {cid: bytes}, timing) -> ({cid: reply bytes}, {cid: failure reason}, {cid: diagnostics})``
+    carries a round's messages; by default clients run in this process (:class:`InProcessExchange`), the only
+    exchange whose diagnostics are not empty.
     ``stop_after`` ends the process after that round's checkpoint, as an interruption would (tests).
     """
     method_cls = method_class(cfg.method)
@@ -209,7 +211,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         downs[cid] = encoded[id(msg)]
     timing["encode_s"] += time.time() - t0
 
-    ups, failures = exchange(rnd, downs, timing)
+    ups, failures, diagnostics = exchange(rnd, downs, timing)
     replies, losses, rejected, client_steps = {}, [], [], 0
     for cid in cids:
         kind = messages[cid].ledger_tag  # e.g. a one-time model inside the message
@@ -228,6 +230,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
             continue
         finally:
             timing["decode_s"] += time.time() - t0
+        replies[cid].diagnostics = diagnostics.get(cid, {})
         if isinstance(replies[cid].meta.get("train_loss"), (int, float)):
             losses.append(float(replies[cid].meta["train_loss"]))
         steps = replies[cid].meta.get("steps")

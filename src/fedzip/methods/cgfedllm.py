@@ -114,7 +114,6 @@ class CgFedLLM(Method):
                                   packing=self.opts.map_layout)
         self._round = 0
         # Simulation-only diagnostics, never sent: the client side leaves each true map here for the server.
-        self._true_maps: dict[int, torch.Tensor] = runtime.sim_only.setdefault("cgfedllm_true_maps", {})
 
     def _new_autoencoder(self):
         torch.manual_seed(self.cfg.seed)
@@ -243,7 +242,7 @@ class CgFedLLM(Method):
             rep = from_map(x_hat, self.layout)
             lora = {n: self.global_[n] + rep[n] for n in self.lora} if self.opts.representation == "delta" else rep
             rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
-            true = self._true_maps.pop(cid, None)
+            true = r.diagnostics.get("true_map")  # simulation only: the map the latent encodes
             if true is not None:
                 diag.append((snr_paper(true, x_hat), snr_db(true, x_hat), cosine(true, x_hat)))
         self.global_ = weighted_average(rebuilt, list(self.global_))
@@ -380,5 +379,5 @@ class CgFedLLM(Method):
         xn, scale = normalise(x)
         with torch.no_grad():
             latent = self.ae.encode(xn)
-        self._true_maps[client.cid] = x
-        return Message({"latent": latent} | {n: trained[n] for n in self.others}, meta | {"scale": scale})
+        return Message({"latent": latent} | {n: trained[n] for n in self.others}, meta | {"scale": scale},
+                       diagnostics={"true_map": x})
