@@ -53,7 +53,7 @@ def _server(biot_cfg, extra=()):
 
 def _send(server, client, cid, rnd, tmp_path):
     msg = server.configure(rnd, [cid])[cid]
-    received = decode(encode(msg, "fp32"), client.down_spec(cid), require_all=False)
+    received = decode(encode(msg, "fp32"), client.down_spec(cid, rnd), require_all=False)
     ctx = ClientContext(cid=cid, round=rnd, indices=client.rt.parts[cid], store=ClientStateStore(tmp_path / "store"),
                         seed=7)
     return received, ctx
@@ -103,7 +103,7 @@ def test_server_alignment_changes_only_the_emulators_lora(biot_cfg):
 def test_adapfu_plugs_the_clients_adapter_into_the_full_model_unchanged(biot_cfg, tmp_path):
     cfg, server, client = _server(biot_cfg)
     received, ctx = _send(server, client, 2, 1, tmp_path)
-    reply = decode(encode(client.fit(ctx, received), "fp32"), server.up_spec(2))
+    reply = decode(encode(client.fit(ctx, received), "fp32"), server.up_spec(2, 1))
     server.aggregate(1, {2: reply})  # one client: its adapter is the new global adapter
     full = server.global_tensors()
     s = server.split

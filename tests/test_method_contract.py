@@ -72,12 +72,12 @@ def one_round(cfg, server, client, rnd: int, store: ClientStateStore) -> dict[in
     downs = {cid: encode(messages[cid], server.wire_codec("down")) for cid in cids}
     replies = {}
     for cid in cids:
-        received = decode(downs[cid], client.down_spec(cid), require_all=False)
-        left_out = set(client.down_spec(cid)) - set(received.tensors)
-        assert left_out <= client.down_optional(cid), f"round {rnd}: message lacks {sorted(left_out)[:3]}"
+        received = decode(downs[cid], client.down_spec(cid, rnd), require_all=False)
+        left_out = set(client.down_spec(cid, rnd)) - set(received.tensors)
+        assert left_out <= client.down_optional(cid, rnd), f"round {rnd}: message lacks {sorted(left_out)[:3]}"
         up = run_client(client, store, rnd, cid, downs[cid], {}).up
-        replies[cid] = decode(up, server.up_spec(cid))  # every declared tensor, no other
-        assert set(replies[cid].tensors) == set(server.up_spec(cid))
+        replies[cid] = decode(up, server.up_spec(cid, rnd))  # every declared tensor, no other
+        assert set(replies[cid].tensors) == set(server.up_spec(cid, rnd))
     server.aggregate(rnd, replies)
     store.commit(rnd)
     return downs

@@ -35,9 +35,9 @@ def run_client(method, store, rnd: int, cid: int, down: bytes, timing: dict[str,
     timing = timing if timing is not None else {}
     cfg, rt = method.cfg, method.rt
     t0 = time.time()
-    spec = method.down_spec(cid)
+    spec = method.down_spec(cid, rnd)
     received = decode(down, spec, max_bytes=cfg.wire.max_payload_bytes, require_all=False)
-    missing = sorted(set(spec) - set(received.tensors) - method.down_optional(cid))
+    missing = sorted(set(spec) - set(received.tensors) - method.down_optional(cid, rnd))
     if missing:
         raise PayloadError(f"message from the server lacks tensor(s) {', '.join(missing[:5])}")
     t1 = time.time()

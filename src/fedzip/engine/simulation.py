@@ -223,7 +223,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         ledger.record(rnd, cid, "up", len(up))
         t0 = time.time()
         try:
-            replies[cid] = decode(up, method.up_spec(cid), max_bytes=cfg.wire.max_payload_bytes)
+            replies[cid] = decode(up, method.up_spec(cid, rnd), max_bytes=cfg.wire.max_payload_bytes)
         except PayloadError as exc:  # a bad reply is dropped and logged, never fatal to the server
             log.warning("round %d: reply from client %d rejected: %s", rnd, cid, exc)
             rejected.append(cid)

@@ -98,16 +98,16 @@ class Method:
         """The tensors to load into the model for evaluation and export."""
         raise NotImplementedError
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes a client accepts from the server, known from the client's side alone."""
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes client ``cid`` accepts from the server in round ``rnd``, known from the client's side alone."""
         raise NotImplementedError
 
-    def down_optional(self, cid: int) -> set[str]:
+    def down_optional(self, cid: int, rnd: int) -> set[str]:
         """Names in ``down_spec`` that a message may leave out (e.g. a codec sent only once)."""
         return set()
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes the server accepts from client ``cid``."""
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes the server accepts from client ``cid`` in round ``rnd``."""
         raise NotImplementedError
 
     # -- client side -------------------------------------------------------------------------------

@@ -112,7 +112,6 @@ class CgFedLLM(Method):
         self.ae = self._new_autoencoder()
         self.layout = make_layout({n: shapes[n] for n in self.lora}, stride=self.ae.stride,
                                   packing=self.opts.map_layout)
-        self._round = 0
         # Simulation-only diagnostics, never sent: the client side leaves each true map here for the server.
 
     def _new_autoencoder(self):
@@ -188,7 +187,6 @@ class CgFedLLM(Method):
         return self.global_
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
-        self._round = rnd
         plain = Message(self.global_, {"round": rnd, "phase": self.phase(rnd), "calibrate": self.calibrates(rnd)})
         with_encoder = None
         out = {}
@@ -201,17 +199,17 @@ class CgFedLLM(Method):
                 out[cid] = plain
         return out
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         shapes = self.rt.view.shapes()
         return shapes | {n: tuple(t.shape) for n, t in self.encoder_state().items()}
 
-    def down_optional(self, cid: int) -> set[str]:
+    def down_optional(self, cid: int, rnd: int) -> set[str]:
         return set(self.encoder_state())  # sent once, with a client's first FAF round
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        if self.calibrates(self._round):
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        if self.calibrates(rnd):
             return {n: tuple(self.global_[n].shape) for n in self.others} | {"map": (self.layout.height, self.layout.width)}
-        if self.phase(self._round) == "faf":
+        if self.phase(rnd) == "faf":
             return {n: tuple(self.global_[n].shape) for n in self.others} | {"latent": self._latent_shape()}
         spec = {n: tuple(t.shape) for n, t in self.global_.items()}
         if self.opts.tgap_snapshots > 1:
@@ -231,7 +229,7 @@ class CgFedLLM(Method):
                 self.ae_trained, self.maps = True, []
             return metrics
         if self.calibrates(rnd):
-            return self._calibrate(replies)
+            return self._calibrate(rnd, replies)
         rebuilt, diag = {}, []
         for cid, r in replies.items():
             scale = r.meta.get("scale")
@@ -309,7 +307,7 @@ class CgFedLLM(Method):
             metrics["warning"] = verdict
         return metrics
 
-    def _calibrate(self, replies: dict[int, Message]) -> dict[str, float]:
+    def _calibrate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         """A calibration round: exact averaging of the true maps, then the autoencoder learns from them."""
         maps, rebuilt = [], {}
         for cid, r in replies.items():
@@ -320,7 +318,7 @@ class CgFedLLM(Method):
             rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
         self.global_ = weighted_average(rebuilt, list(self.global_))
         log = train_autoencoder(self.ae, maps, self.opts.online_epochs, self.opts.ae_lr, self.opts.ae_batch,
-                                self.cfg.seed + self._round, device=model_device(self.rt.model))
+                                self.cfg.seed + rnd, device=model_device(self.rt.model))
         self.has_encoder = set()  # every client gets the refreshed encoder with its next message
         return {"online_loss_first": log.train_loss[0], "online_loss_last": log.train_loss[-1]}
 

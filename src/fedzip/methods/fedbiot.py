@@ -188,7 +188,6 @@ class FedBiOT(Method):
         return self.rt.view.get()  # the full model's LoRA: the adapter's trained, the teacher's untouched
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
-        self._round = rnd
         if self.aligns and self.opts.align_steps:
             self.last_align_loss = self.align(self.opts.align_steps)
         per_round = self.adapter_names + (self.emulator_names if self.aligns else [])
@@ -207,7 +206,7 @@ class FedBiOT(Method):
                 self.sent_model.add(cid)
         return out
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self.params[n].shape) for n in self.adapter_names}
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
@@ -353,12 +352,12 @@ class FedBiOT(Method):
             self._client_base = {BASE + canonical(n): t for n, t in _untied_state(model).items() if "lora_" not in n}
         return self._client
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         self.compressed_model()
         return {n: tuple(p.shape) for n, p in self._client_params.items()} | \
             {n: tuple(t.shape) for n, t in self._client_base.items()}
 
-    def down_optional(self, cid: int) -> set[str]:
+    def down_optional(self, cid: int, rnd: int) -> set[str]:
         self.compressed_model()
         return set(self._client_emulator) | set(self._client_base)
 

@@ -35,10 +35,10 @@ class FedIT(Method):
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.global_
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self.rt.view.shapes()
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self.rt.view.shapes()
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:

@@ -174,10 +174,10 @@ class Flasc(Method):
         mask = self.download_mask(theta, self.next_round)
         return {n: t * mask[n] for n, t in theta.items()}
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {"theta": (self.num_params,)}
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {"delta": (self.num_params,)}
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:

@@ -210,12 +210,12 @@ class Hafl(Method):
             out[self.b(m)] = (self.shapes[self.b(m)][0], r)
         return out | {n: self.shapes[n] for n in self.others}
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         if self.opts.mode == "freeze":
             return self.shapes | {"scores": (len(self.modules), self.R)}
         return self._component_shapes(self.ranks[cid])
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self._component_shapes(self.ranks[cid]) | {"scores": (len(self.modules), self.R)}
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
