@@ -174,6 +174,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                     # the last round on the fixed subset too, so the run's curve ends where the run ends
                     row["fixed_subset"] = rt.task.evaluate(rt.model, cfg.eval.batch_size, cfg.eval.max_examples,
                                                            seed=cfg.seed)
+                own = method.evaluate(rnd, None if full else cfg.eval.max_examples)
+                if own:
+                    row.update(own)
+                    row["method_eval_keys"] = sorted(own)  # which of the row's metrics are the method's own
                 row["eval_s"] = time.time() - t0
             row["wall_seconds"] = elapsed_before + time.time() - t_start
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -287,8 +291,8 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
     metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
     last = evaluated[-1] if evaluated else {}
-    own = method_class(cfg.method).eval_prefixes  # plus the method's own evaluations of that round
-    final = {k: v for k, v in last.items() if k in metric_keys or (k.startswith(own) and isinstance(v, float))}
+    own = set(last.get("method_eval_keys", ()))  # plus the method's own evaluations of that round
+    final = {k: v for k, v in last.items() if k in metric_keys or (k in own and isinstance(v, float))}
     summary = {
         "method": cfg.method, "name": out.name, "rounds_completed": len(rows), "final_metrics": final,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),

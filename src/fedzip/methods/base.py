@@ -42,9 +42,6 @@ class Method:
     # True: the client side builds its own (smaller) model from bytes it receives, so a deployed client
     # never loads the full model (FedBiOT); False: clients start from the same base model as the server.
     client_builds_model: ClassVar[bool] = False
-    # Prefixes of the method's own evaluation metrics (returned by ``aggregate``) that belong in the run's
-    # final metrics beside the engine's, e.g. FedBiOT's adapter-on-emulator ``emu_loss``.
-    eval_prefixes: ClassVar[tuple[str, ...]] = ()
     # True when the model may live on a GPU (``train.device``): the method reads the model through
     # ``TrainableView`` (whose ``get`` returns CPU copies), keeps any tensor that meets the model's own
     # (HAFL's gradient masks, FedBiOT's emulator, CG-FedLLM's autoencoder while it trains) on the model's
@@ -97,6 +94,12 @@ class Method:
     def global_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors to load into the model for evaluation and export."""
         raise NotImplementedError
+
+    def evaluate(self, rnd: int, max_examples: int | None) -> dict[str, float]:
+        """The method's own evaluations on evaluation rounds, after the engine's (e.g. FedBiOT's AdapEmu).
+
+        They join the round's metrics and, from the last round, the run's final metrics."""
+        return {}
 
     def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         """Names and shapes client ``cid`` accepts from the server in round ``rnd``, known from the client's side alone."""

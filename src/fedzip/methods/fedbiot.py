@@ -80,7 +80,6 @@ class FedBiOT(Method):
     # The emulator is a copy of the model's own layers (it lives where they do); the client's compressed
     # model is moved to train.device; server state and payloads are CPU tensors.
     runs_on_accelerator = True
-    eval_prefixes = ("emu_",)  # AdapEmu metrics, reported beside the engine's AdapFu ones
     layout: Literal["top", "sandwich"] = "top"
     aligns = True
 
@@ -217,13 +216,13 @@ class FedBiOT(Method):
         metrics = {"align_loss": self.last_align_loss} if self.aligns and hasattr(self, "last_align_loss") else {}
         if rnd == 1 and self.prealignment:  # the pre-alignment and its gate, once
             metrics |= {k: float(v) for k, v in self.prealignment.items()}
-        ev = self.cfg.eval
-        if rnd % ev.every == 0 or rnd == self.cfg.rounds:  # AdapEmu beside the engine's AdapFu
-            with self.client_view() as m:
-                emu = self.rt.task.evaluate(m, ev.batch_size, None if rnd == self.cfg.rounds else ev.max_examples,
-                                            seed=self.cfg.seed)
-            metrics |= {f"emu_{k}": v for k, v in emu.items() if k != "eval_examples"}
         return metrics
+
+    def evaluate(self, rnd: int, max_examples: int | None) -> dict[str, float]:
+        """AdapEmu: the adapter on the emulator (what clients train), beside the engine's AdapFu."""
+        with self.client_view() as m:
+            emu = self.rt.task.evaluate(m, self.cfg.eval.batch_size, max_examples, seed=self.cfg.seed)
+        return {f"emu_{k}": v for k, v in emu.items() if k != "eval_examples"}
 
     def _public(self):
         if not hasattr(self, "_public_task"):
