@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from fedzip.config import ExperimentConfig, dump_config
 from fedzip.data.task import model_device
@@ -30,6 +29,7 @@ from fedzip.engine.memory import PeakMemory
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError, RunDirError
+from fedzip.methods.state import load_server_state, save_server_state
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
 from fedzip.registry import method_class
@@ -143,7 +143,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     start, elapsed_before = 1, 0.0
     if resume:
         state = json.loads((ckpt_dir / "state.json").read_text())
-        method.load_server_state(load_file(str(ckpt_dir / "server.safetensors")))
+        method.load_server_state(load_server_state(ckpt_dir / "server.safetensors"))
         start, elapsed_before = state["round"] + 1, state["wall_seconds"]
         _truncate_lines(out / "ledger.jsonl", state["ledger_lines"])
         _truncate_lines(out / "metrics.jsonl", state["metrics_lines"])
@@ -260,7 +260,7 @@ def _checkpoint(ckpt_dir: Path, method, rnd: int, ledger_lines: int, metrics_lin
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in method.server_state().items()}, str(tmp / "server.safetensors"))
+    save_server_state(method.server_state(), tmp / "server.safetensors")
     # state.json last: its presence marks the folder complete (recover_checkpoint relies on it)
     (tmp / "state.json").write_text(json.dumps({"round": rnd, "ledger_lines": ledger_lines,
                                                 "metrics_lines": metrics_lines, "wall_seconds": wall}))

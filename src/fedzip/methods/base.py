@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel
 
 from fedzip.errors import PayloadError
+from fedzip.methods.state import ServerState
 from fedzip.wire import Message
 
 
@@ -78,11 +79,11 @@ class Method:
     def init_global(self) -> None:
         raise NotImplementedError
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        """Everything the server needs to resume: global tensors and server optimiser state."""
+    def server_state(self) -> ServerState:
+        """Everything the server needs to resume: global tensors, server optimiser state, facts."""
         raise NotImplementedError
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_server_state(self, state: ServerState) -> None:
         raise NotImplementedError
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:

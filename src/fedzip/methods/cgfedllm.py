@@ -48,6 +48,7 @@ from fedzip.methods.autoencoder import (
     train_autoencoder,
 )
 from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
 from fedzip.models.lora import is_lora
 from fedzip.registry import register_method
@@ -164,23 +165,21 @@ class CgFedLLM(Method):
                 raise ConfigError(f"method_options.autoencoder_path: cannot load {self.opts.autoencoder_path}: {exc}") from None
             self.ae_trained = True
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"g::{n}": t for n, t in self.global_.items()}
-        state["has_encoder"] = torch.tensor(sorted(self.has_encoder), dtype=torch.float32)
+    def server_state(self) -> ServerState:
+        state = ServerState({"global": dict(self.global_)}, {"has_encoder": sorted(self.has_encoder)})
         if self.maps:
-            state["maps"] = torch.stack(self.maps)
+            state.tensors["tgap"] = {"maps": torch.stack(self.maps)}
         if self.ae_trained:
-            state |= {f"ae::{k}": v.float() for k, v in self.ae.state_dict().items()}
+            state.tensors["autoencoder"] = {k: v.float() for k, v in self.ae.state_dict().items()}
         return state
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.global_ = {n: state[f"g::{n}"].clone() for n in self.global_}
-        self.has_encoder = {int(c) for c in state["has_encoder"].tolist()}
-        self.maps = list(state["maps"]) if "maps" in state else []
-        ae_keys = {k[4:]: v for k, v in state.items() if k.startswith("ae::")}
-        if ae_keys:
+    def load_server_state(self, state: ServerState) -> None:
+        self.global_ = {n: state.group("global")[n].clone() for n in self.global_}
+        self.has_encoder = set(state.facts["has_encoder"])
+        self.maps = list(state.group("tgap")["maps"]) if state.group("tgap") else []
+        if state.group("autoencoder"):
             ref = self.ae.state_dict()
-            self.ae.load_state_dict({k: ae_keys[k].to(ref[k].dtype) for k in ref})
+            self.ae.load_state_dict({k: state.group("autoencoder")[k].to(ref[k].dtype) for k in ref})
             self.ae_trained = True
 
     def global_tensors(self) -> dict[str, torch.Tensor]:

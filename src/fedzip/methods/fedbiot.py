@@ -35,6 +35,7 @@ from torch import nn
 from fedzip.data.task import model_device, to_device
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
 from fedzip.models.lora import canonical, lora_a, lora_b, lora_modules
@@ -164,24 +165,21 @@ class FedBiOT(Method):
         if self.aligns and self.opts.prealign_steps:
             self.prealignment = self.prealign()
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"p::{n}": p.detach().to("cpu", copy=True) for n, p in self.params.items()}
-        state["sent_model"] = torch.tensor(sorted(self.sent_model), dtype=torch.float64)
-        state["align_calls"] = torch.tensor([self.align_calls], dtype=torch.float64)
+    def server_state(self) -> ServerState:
+        state = ServerState({"params": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}},
+                            {"sent_model": sorted(self.sent_model), "align_calls": self.align_calls})
         if self.align_opt is not None:
-            opt = optimizer_state_to_tensors(self.align_opt, self.emulator_names)
-            state |= {f"opt::{k}": v.cpu() for k, v in opt.items()}
+            state.tensors["align_optimizer"] = optimizer_state_to_tensors(self.align_opt, self.emulator_names)
         return state
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_server_state(self, state: ServerState) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(state[f"p::{n}"])
-        self.sent_model = {int(c) for c in state["sent_model"].tolist()}
-        self.align_calls = int(state["align_calls"].item())
+                p.copy_(state.group("params")[n])
+        self.sent_model = set(state.facts["sent_model"])
+        self.align_calls = int(state.facts["align_calls"])
         if self.align_opt is not None:
-            opt = {k[5:]: v for k, v in state.items() if k.startswith("opt::")}
-            load_optimizer_state(self.align_opt, self.emulator_names, opt)
+            load_optimizer_state(self.align_opt, self.emulator_names, state.group("align_optimizer"))
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.rt.view.get()  # the full model's LoRA: the adapter's trained, the teacher's untouched

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
 from fedzip.models.lora import canonical, is_lora_a
 from fedzip.registry import register_method
@@ -26,11 +27,11 @@ class FedIT(Method):
     def init_global(self) -> None:
         self.global_ = self.rt.view.get()
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return dict(self.global_)
+    def server_state(self) -> ServerState:
+        return ServerState({"global": dict(self.global_)})
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.global_ = {n: state[n].clone() for n in self.rt.view.names()}
+    def load_server_state(self, state: ServerState) -> None:
+        self.global_ = {n: state.group("global")[n].clone() for n in self.rt.view.names()}
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.global_

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, reply_weight
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
 from fedzip.models.lora import is_lora, lora_a, lora_b, lora_modules
 from fedzip.registry import register_method
@@ -178,17 +179,17 @@ class Hafl(Method):
         if self.opts.mode == "flexlora":
             self.dw = {m: self.scale * self.global_[self.b(m)] @ self.global_[self.a(m)] for m in self.modules}
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"g::{n}": t for n, t in self.global_.items()} | {"scores": self.scores}
+    def server_state(self) -> ServerState:
+        state = ServerState({"global": dict(self.global_), "importance": {"scores": self.scores}})
         if self.opts.mode == "flexlora":
-            state |= {f"dw::{m}": t for m, t in self.dw.items()}
+            state.tensors["full_rank_update"] = dict(self.dw)
         return state
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.global_ = {n: state[f"g::{n}"].clone() for n in self.global_}
-        self.scores = state["scores"].clone()
+    def load_server_state(self, state: ServerState) -> None:
+        self.global_ = {n: state.group("global")[n].clone() for n in self.global_}
+        self.scores = state.group("importance")["scores"].clone()
         if self.opts.mode == "flexlora":
-            self.dw = {m: state[f"dw::{m}"].clone() for m in self.modules}
+            self.dw = {m: state.group("full_rank_update")[m].clone() for m in self.modules}
             self._set_global_from_dw()
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
