@@ -25,6 +25,7 @@ from fedzip.wire import decode, encode
 TINY_LLAMA = ["model.name=tiny-llama-8", "data.source=alpaca", "data.max_length=48", "data.max_test_examples=16",
               "num_clients=3", "clients_per_round=2", "partition.scheme=iid", "lora.rank=4", "lora.alpha=8",
               "train.max_steps=2", "train.batch_size=4", "train.lr=0.01", "train.threads=1", "eval.batch_size=16"]
+HETERO_RANKS = ["lora.rank=4", "lora.alpha=4", "method_options={tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"]
 BIOT = "{prealign_steps: 2, align_steps: 2, align_batch: 2, public_max_examples: 32}"
 # name -> (needs the tiny causal LM, overrides): every registered method, under each of its names
 ROWS = {
@@ -35,8 +36,10 @@ ROWS = {
     "centralized": (False, []),
     "cellm": (False, ["method_options={d_dl: 0.25, d_ul: 0.25}"]),
     "flasc": (False, ["method_options={d_dl: 0.25, d_ul: 0.0625, error_feedback: true}"]),
-    "hafl": (False, ["lora.rank=4", "lora.alpha=4",
-                     "method_options={mode: freeze, tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"]),
+    "hafl": (False, HETERO_RANKS),
+    "hafl_truncate": (False, HETERO_RANKS),
+    "hetlora": (False, HETERO_RANKS),
+    "flexlora": (False, HETERO_RANKS),
     "cgfedllm": (False, ["lora.train_head=false",
                          "method_options={tgap_rounds: 2, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"]),
     "fedbiot": (True, [f"method_options={BIOT}"]),
