@@ -119,6 +119,15 @@ class Method:
         raise NotImplementedError
 
 
+def one_client(cfg):
+    """A copy of ``cfg`` with all data on one client, sampled every round (centralised, offsite-tuning)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.clients_per_round = 1  # first: the pair is validated on each assignment
+    cfg.num_clients = 1
+    cfg.partition.scheme = "iid"
+    return cfg
+
+
 def reply_weight(reply: Message) -> int:
     """The sample count a client reports, validated: it weighs the client in aggregation."""
     n = reply.meta.get("num_examples")

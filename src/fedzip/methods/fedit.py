@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.base import ClientContext, Method, one_client, weighted_average
 from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
 from fedzip.models.lora import canonical, is_lora_a
@@ -96,8 +96,4 @@ class Centralised(FedIT):
 
     @classmethod
     def adjust_config(cls, cfg):
-        cfg = cfg.model_copy(deep=True)
-        cfg.clients_per_round = 1  # first: the pair is validated on each assignment
-        cfg.num_clients = 1
-        cfg.partition.scheme = "iid"
-        return cfg
+        return one_client(cfg)
