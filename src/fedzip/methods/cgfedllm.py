@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from fedzip.data.task import model_device
@@ -88,6 +88,11 @@ class CgOptions(BaseModel):
     # autoencoder on them for `online_epochs`, and ships the new encoder to each client again (counted).
     online_every: int = Field(0, ge=0, description="FAF rounds between calibration rounds; 0 = frozen")
     online_epochs: int = Field(5, ge=1)
+
+    @field_validator("ae_gate", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 @register_method
