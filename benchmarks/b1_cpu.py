@@ -52,11 +52,11 @@ def runs_for(profile: str) -> list[tuple[str, list[str], str]]:
         ("ffa_lora", ["method=ffa_lora"], "FFA-LoRA: A frozen at its random init, only B and the head travel"),
         ("flasc_1_16", ["method=flasc", f"method_options={{{FEDAVG_SERVER}, d_dl: 0.0625, d_ul: 0.0625}}"],
          "FLASC: top-k 1/16 of LoRA + head, both directions, server FedAvg"),
-        ("hafl", ["method=hafl", f"method_options={{mode: freeze, aggregation: adaptive, {HAFL_TIERS}}}"],
+        ("hafl", ["method=hafl", f"method_options={{aggregation: adaptive, {HAFL_TIERS}}}"],
          "HAFL: client ranks 4/8/16, importance freezing, adaptive rank-1 aggregation"),
-        ("hetlora", ["method=hafl", f"method_options={{mode: hetlora, aggregation: zero_pad, {HAFL_TIERS}}}"],
+        ("hetlora", ["method=hetlora", f"method_options={{aggregation: zero_pad, {HAFL_TIERS}}}"],
          "HetLoRA: client ranks 4/8/16, zero-padding aggregation"),
-        ("flexlora", ["method=hafl", f"method_options={{mode: flexlora, aggregation: adaptive, {HAFL_TIERS}}}"],
+        ("flexlora", ["method=flexlora", f"method_options={{{HAFL_TIERS}}}"],
          "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product"),
         # 200 epochs on every recorded map, no held-out maps and no gate: how this row first ran (its gated
         # successor is b1_compression's cgfedllm_linear16_gated)

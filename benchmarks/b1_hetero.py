@@ -31,7 +31,7 @@ from seeded import SeededBenchmark, figure_lines  # noqa: E402
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
 
 BENCH = "b1_hetero"
-HAFL = "mode: freeze, aggregation: adaptive"
+HAFL = "aggregation: adaptive"
 
 
 def hafl(extra: str) -> list[str]:
@@ -42,7 +42,7 @@ ROWS = [
     ("fedit_r4", ["lora.rank=4", "lora.alpha=4"], "FedIT at rank 4, LoRA scale 1 as every row"),
     ("hafl_step3", hafl("server_lr: 0.3333"), "HAFL (freeze, adaptive), server step 1/3 towards the aggregate"),
     ("hafl_random", hafl("selection: random"), "HAFL (freeze, adaptive), r_k components drawn at random"),
-    ("hafl_zeropad", ["method=hafl", f"method_options={{mode: freeze, aggregation: zero_pad, {HAFL_TIERS}}}"],
+    ("hafl_zeropad", ["method=hafl", f"method_options={{aggregation: zero_pad, {HAFL_TIERS}}}"],
      "HAFL (freeze) with HetLoRA's zero-padding aggregation"),
 ]
 BORROWED = ["fedit", "hafl", "hetlora", "flexlora"]  # from b1_cpu

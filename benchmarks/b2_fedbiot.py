@@ -79,7 +79,7 @@ def client_main(config: str, out: str, overrides: list[str]) -> None:
     client = cls(cfg, build_runtime(cfg, cls, with_model=not cls.client_builds_model))
     steps = []
     client.rt.step_progress = lambda done, total: steps.append(time.perf_counter())
-    received = decode(msg_path.read_bytes(), client.down_spec(0), require_all=False)
+    received = decode(msg_path.read_bytes(), client.down_spec(0, 1), require_all=False)
     ctx = ClientContext(cid=0, round=1, indices=client.rt.parts[0], store=ClientStateStore(Path(out).parent / "store"),
                         seed=0)
     t0 = time.perf_counter()

@@ -98,3 +98,33 @@ def test_no_import_cycles_in_src():
 
 def test_registry_imports_no_fedzip_module():
     assert import_graph()["fedzip.registry"] == set()
+
+
+def _engine_sources() -> dict[str, str]:
+    return {p.name: p.read_text() for p in (SRC / "fedzip" / "engine").glob("*.py")}
+
+
+def test_the_engine_names_no_method():
+    from fedzip.registry import method_names
+
+    for name, text in _engine_sources().items():
+        words = {node.value for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Constant)
+                 and isinstance(node.value, str)}
+        words |= {node.id for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Name)}
+        assert not words & set(method_names()), name
+        assert "fedzip.methods." not in text, name  # no method module; the protocol comes through the registry
+
+
+def test_the_engine_reads_only_the_method_protocol():
+    """Every attribute the engine reads off a method (``method.x``, ``method_cls.x``) is the base class's."""
+    from fedzip.methods import Method
+
+    protocol = {n for n in dir(Method) if not n.startswith("__")} | {"cfg", "rt", "opts"}
+    holders = {"method", "method_cls", "client_method"}
+    for name, text in _engine_sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Attribute):
+                base = node.value
+                holder = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else None
+                if holder in holders:
+                    assert node.attr in protocol, f"{name}: {holder}.{node.attr} is not in the method protocol"

@@ -128,3 +128,11 @@ def test_tgap_snapshots_add_maps_and_their_upload_bytes(tmp_path, tiny_cfg):
     assert all(b3 - b1 >= 2 * map_bytes for b1, b3 in zip(up["one"], up["three"]))
     rows = [json.loads(x) for x in (tmp_path / "three" / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["tgap_maps"] + rows[1]["tgap_heldout_maps"] == 2 * 2 * 3
+
+
+def test_a_bare_yaml_off_turns_the_gate_off(tiny_cfg):
+    cfg = load_config(None, tiny_cfg + ["method=cgfedllm", "method_options={tgap_rounds: 2, ae_gate: off}"])
+    assert cfg.method_options["ae_gate"] is False  # what YAML made of it
+    from fedzip.methods.cgfedllm import CgOptions
+
+    assert CgOptions.model_validate(cfg.method_options).ae_gate == "off"

@@ -73,7 +73,11 @@ FEDBIOT = ["method=fedbiot", "model.name=tiny-llama-8", "data.source=alpaca", "d
     ["method=fedit"],
     ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.125}", "wire.up=int8+zstd"],
     FEDBIOT,  # clients build the compressed model from a one-time message and never load the full model
-], ids=["fedit", "flasc_int8_zstd", "fedbiot"])
+    ["method=hafl", "lora.rank=4", "lora.alpha=4",  # per-client ranks and frozen components kept on the nodes
+     "method_options={tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"],
+    ["method=cgfedllm", "lora.train_head=false",  # the TGAP round, then the autoencoder sent and used
+     "method_options={tgap_rounds: 1, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"],
+], ids=["fedit", "flasc_int8_zstd", "fedbiot", "hafl", "cgfedllm"])
 def test_flower_run_equals_simulation_and_ledger_equals_wire(tmp_path, tiny_cfg, method):
     overrides = tiny_cfg + ["rounds=2", "num_clients=6", "clients_per_round=3"] + method
     sim = simulate(tmp_path, overrides)

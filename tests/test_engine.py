@@ -257,3 +257,24 @@ def test_bf16_autocast_on_a_gpu_trains_like_fp32_with_the_same_payload_sizes(tmp
     assert bf16["bytes_down_total"] == fp32["bytes_down_total"]  # weights and payloads stay fp32
     assert abs(bf16["final_metrics"]["loss"] - fp32["final_metrics"]["loss"]) < 0.1
     assert all(t.dtype == torch.float32 for t in adapter_tensors(bf16_dir).values())
+
+
+def test_server_state_file_keeps_groups_and_facts(tmp_path):
+    from safetensors.torch import save_file
+
+    from fedzip.errors import FedzipError
+    from fedzip.methods.state import ServerState, load_server_state, save_server_state
+
+    state = ServerState({"global": {"a.lora_A.weight": torch.ones(2, 3)}, "optimizer": {"a.step": torch.tensor([4.0])}},
+                        {"next_round": 7, "sent_model": [0, 3]})
+    save_server_state(state, tmp_path / "s.safetensors")
+    back = load_server_state(tmp_path / "s.safetensors")
+    assert back.facts == {"next_round": 7, "sent_model": [0, 3]} and isinstance(back.facts["next_round"], int)
+    assert set(back.tensors) == {"global", "optimizer"}
+    assert torch.equal(back.group("global")["a.lora_A.weight"], torch.ones(2, 3))
+    assert back.group("missing") == {}
+    with pytest.raises(ValueError, match="without '/'"):
+        save_server_state(ServerState({"a/b": {}}), tmp_path / "bad.safetensors")
+    save_file({"g::x": torch.zeros(1)}, str(tmp_path / "old.safetensors"))  # the flat layout of older checkpoints
+    with pytest.raises(FedzipError, match="older fedzip"):
+        load_server_state(tmp_path / "old.safetensors")

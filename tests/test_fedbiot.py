@@ -53,7 +53,7 @@ def _server(biot_cfg, extra=()):
 
 def _send(server, client, cid, rnd, tmp_path):
     msg = server.configure(rnd, [cid])[cid]
-    received = decode(encode(msg, "fp32"), client.down_spec(cid), require_all=False)
+    received = decode(encode(msg, "fp32"), client.down_spec(cid, rnd), require_all=False)
     ctx = ClientContext(cid=cid, round=rnd, indices=client.rt.parts[cid], store=ClientStateStore(tmp_path / "store"),
                         seed=7)
     return received, ctx
@@ -65,7 +65,7 @@ def test_the_compressed_model_is_the_full_models_layers_and_clients_never_load_t
     received, ctx = _send(server, client, 0, 1, tmp_path)
     client.fit(ctx, received)
     _, _, full_layers = find_decoder_layers(server.rt.model)
-    _, _, client_layers = find_decoder_layers(client.compressed_model())
+    _, _, client_layers = find_decoder_layers(client.compressed.model)
     assert len(client_layers) == len(server.split.client_layers) < len(full_layers)
     for pos, i in enumerate(server.split.client_layers):  # frozen weights: exactly the teacher's/adapter's
         ours = {k: v for k, v in client_layers[pos].state_dict().items() if "lora_" not in k}
@@ -77,14 +77,15 @@ def test_client_training_changes_only_the_adapters_lora(biot_cfg, tmp_path):
     cfg, server, client = _server(biot_cfg)
     received, ctx = _send(server, client, 1, 1, tmp_path)
     reply = client.fit(ctx, received)
-    params = client._client_params
-    changed = {n for n in client._client_adapter if not torch.equal(params[n], received.tensors[n])}
+    compressed = client.compressed  # the client part: what a node holds
+    params = compressed.params
+    changed = {n for n in compressed.adapter if not torch.equal(params[n], received.tensors[n])}
     assert changed and all(".lora_B." in n or ".lora_A." in n for n in changed)
     # against the server's own tensors (the client adopted the received ones, so those would move with it)
-    assert all(torch.equal(params[n], server.params[n]) for n in client._client_emulator)  # emulator LoRA fixed
-    own = client._client_base  # the client model's live frozen tensors, by wire name
+    assert all(torch.equal(params[n], server.params[n]) for n in compressed.emulator)  # emulator LoRA fixed
+    own = compressed.base  # the client model's live frozen tensors, by wire name
     assert own.keys() == server.base.keys() and all(torch.equal(own[k], server.base[k]) for k in own)
-    assert set(reply.tensors) == set(client._client_adapter)  # only the adapter's LoRA travels up
+    assert set(reply.tensors) == set(compressed.adapter)  # only the adapter's LoRA travels up
 
 
 def test_server_alignment_changes_only_the_emulators_lora(biot_cfg):
@@ -103,7 +104,7 @@ def test_server_alignment_changes_only_the_emulators_lora(biot_cfg):
 def test_adapfu_plugs_the_clients_adapter_into_the_full_model_unchanged(biot_cfg, tmp_path):
     cfg, server, client = _server(biot_cfg)
     received, ctx = _send(server, client, 2, 1, tmp_path)
-    reply = decode(encode(client.fit(ctx, received), "fp32"), server.up_spec(2))
+    reply = decode(encode(client.fit(ctx, received), "fp32"), server.up_spec(2, 1))
     server.aggregate(1, {2: reply})  # one client: its adapter is the new global adapter
     full = server.global_tensors()
     s = server.split

@@ -12,46 +12,46 @@ from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError
 from fedzip.methods import METHODS, ClientContext
-from fedzip.methods.hafl import _mask, assign_ranks, best_rank_r, top_components
+from fedzip.methods.hafl import _mask, assign_ranks, average_components, best_rank_r, top_components
+from fedzip.models.lora import lora_a, lora_b
 from fedzip.wire import Message
 
 
-def opts(mode="freeze", agg="adaptive", extra=""):
-    return (f"method_options={{mode: {mode}, aggregation: {agg}, "
-            f"tiers: [{{rank: 2, share: 0.5}}, {{rank: 4, share: 0.5}}]{', ' + extra if extra else ''}}}")
+def opts(extra=""):
+    return f"method_options={{tiers: [{{rank: 2, share: 0.5}}, {{rank: 4, share: 0.5}}]{', ' + extra if extra else ''}}}"
 
 
-def make(tiny_cfg, mode="freeze", agg="adaptive", extra=""):
-    cfg = load_config(None, tiny_cfg + ["method=hafl", "lora.rank=4", "lora.alpha=4", opts(mode, agg, extra)])
-    rt = build_runtime(cfg, METHODS["hafl"])
-    method = METHODS["hafl"](cfg, rt)
-    method.init_global()
-    return method
+def make(tiny_cfg, method="hafl", extra=""):
+    cfg = load_config(None, tiny_cfg + [f"method={method}", "lora.rank=4", "lora.alpha=4", opts(extra)])
+    rt = build_runtime(cfg, METHODS[method])
+    server = METHODS[method](cfg, rt)
+    server.init_global()
+    return server
 
 
 def reply(method, cid, held, value, n=10):
     """A reply in which client ``cid`` trained components ``held`` (per module) to constant ``value``."""
     tensors = {name: torch.full(method.shapes[name], value) for name in method.others}
     for j, m in enumerate(method.modules):
-        tensors[method.a(m)] = torch.full((len(held[j]), method.shapes[method.a(m)][1]), value)
-        tensors[method.b(m)] = torch.full((method.shapes[method.b(m)][0], len(held[j])), value)
+        tensors[lora_a(m)] = torch.full((len(held[j]), method.shapes[lora_a(m)][1]), value)
+        tensors[lora_b(m)] = torch.full((method.shapes[lora_b(m)][0], len(held[j])), value)
     tensors["scores"] = torch.zeros(len(method.modules), method.R)
     return Message(tensors, {"num_examples": n, "components": [_mask(h) for h in held]})
 
 
 @pytest.mark.parametrize("agg", ["adaptive", "zero_pad"])
 def test_aggregation_counts_only_the_clients_that_updated_a_component(tiny_cfg, agg):
-    method = make(tiny_cfg, agg=agg, extra="client_ranks: [2, 2, 4, 4]")
+    method = make(tiny_cfg, extra=f"client_ranks: [2, 2, 4, 4], aggregation: {agg}")
     m, M = method.modules[0], len(method.modules)
     before = {n: t.clone() for n, t in method.global_.items()}
     replies = {0: reply(method, 0, [[0, 1]] * M, 1.0, n=10), 1: reply(method, 1, [[1, 2]] * M, 3.0, n=30)}
     method.aggregate(1, replies)
-    a = method.global_[method.a(m)]
+    a = method.global_[lora_a(m)]
     if agg == "adaptive":
         assert torch.all(a[0] == 1.0)  # only client 0 trained it: not diluted by client 1
         assert torch.allclose(a[1], torch.tensor(0.25 * 1.0 + 0.75 * 3.0))
         assert torch.all(a[2] == 3.0)
-        assert torch.equal(a[3], before[method.a(m)][3])  # nobody trained it: unchanged
+        assert torch.equal(a[3], before[lora_a(m)][3])  # nobody trained it: unchanged
     else:
         assert torch.allclose(a[0], torch.tensor(0.25)) and torch.allclose(a[2], torch.tensor(2.25))
         assert torch.all(a[3] == 0)  # zero padding: absent everywhere means zero
@@ -69,21 +69,21 @@ def test_freezing_leaves_untrained_components_bit_identical(tiny_cfg, tmp_path):
         held = [i for i in range(4) if out.meta["components"][j] >> i & 1]
         assert len(held) == 2
         frozen = [i for i in range(4) if i not in held]
-        a_now, b_now = method.rt.view.params[method.a(m)].detach(), method.rt.view.params[method.b(m)].detach()
-        assert torch.equal(a_now[frozen], start[method.a(m)][frozen])
-        assert torch.equal(b_now[:, frozen], start[method.b(m)][:, frozen])
-        assert not torch.equal(a_now[held], start[method.a(m)][held])
-        assert out.tensors[method.a(m)].shape[0] == 2 and (out.tensors["scores"][j, frozen] == 0).all()
+        a_now, b_now = method.rt.view.params[lora_a(m)].detach(), method.rt.view.params[lora_b(m)].detach()
+        assert torch.equal(a_now[frozen], start[lora_a(m)][frozen])
+        assert torch.equal(b_now[:, frozen], start[lora_b(m)][:, frozen])
+        assert not torch.equal(a_now[held], start[lora_a(m)][held])
+        assert out.tensors[lora_a(m)].shape[0] == 2 and (out.tensors["scores"][j, frozen] == 0).all()
 
 
 def test_truncation_sends_the_highest_scoring_components(tiny_cfg):
-    method = make(tiny_cfg, mode="truncate", extra="client_ranks: [2, 2, 4, 4]")
+    method = make(tiny_cfg, "hafl_truncate", extra="client_ranks: [2, 2, 4, 4]")
     method.scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]] * len(method.modules))
     msgs = method.configure(1, [0, 2])
     assert msgs[0].meta["components"] == [_mask([1, 3])] * len(method.modules)
     m = method.modules[0]
-    assert torch.equal(msgs[0].tensors[method.a(m)], method.global_[method.a(m)][[1, 3]])
-    het = make(tiny_cfg, mode="hetlora", extra="client_ranks: [2, 2, 4, 4]")
+    assert torch.equal(msgs[0].tensors[lora_a(m)], method.global_[lora_a(m)][[1, 3]])
+    het = make(tiny_cfg, "hetlora", extra="client_ranks: [2, 2, 4, 4]")
     het.scores = method.scores
     assert het.configure(1, [0])[0].meta["components"] == [_mask([0, 1])] * len(het.modules)
     assert top_components(torch.tensor([3.0, 1.0, 3.0, 2.0]), 2) == [0, 2]
@@ -114,35 +114,33 @@ def test_rank_assignment_by_tier_shares_and_validation():
         assign_ranks(o, 30, 8, seed=0)
 
 
-@pytest.mark.parametrize("mode", ["freeze", "truncate", "hetlora", "flexlora"])
-def test_modes_run_resume_exactly_and_count_per_tier_bytes(tmp_path, tiny_cfg, mode):
-    ov = tiny_cfg + ["method=hafl", "lora.rank=4", "lora.alpha=4", "rounds=3",
-                     opts(mode, extra="client_ranks: [1, 1, 4, 4], degradation_every: 1")]
+@pytest.mark.parametrize("method", ["hafl", "hafl_truncate", "hetlora", "flexlora"])
+def test_variants_run_resume_exactly_and_count_per_tier_bytes(tmp_path, tiny_cfg, method):
+    ov = tiny_cfg + [f"method={method}", "lora.rank=4", "lora.alpha=4", "rounds=3", "clients_per_round=4",  # both tiers
+                     opts("client_ranks: [1, 1, 4, 4], degradation_every: 1")]
     assert_resume_is_exact(tmp_path, ov)
     ups = {}
     for e in read_ledger(tmp_path / "full" / "ledger.jsonl"):
         if e["direction"] == "up":
             ups.setdefault(e["client"], e["bytes"])
-    low = [v for c, v in ups.items() if c in (0, 1)]
-    high = [v for c, v in ups.items() if c in (2, 3)]
-    if low and high:
-        assert max(low) < min(high)  # rank-1 clients upload less than rank-4 clients
+    assert sorted(ups) == [0, 1, 2, 3]
+    assert max(ups[0], ups[1]) < min(ups[2], ups[3])  # rank-1 clients upload less than rank-4 clients
     desc = json.loads((tmp_path / "full" / "method.json").read_text())
     assert desc["client_ranks"] == [1, 1, 4, 4] and desc["tier_trainable_params"]["1"] < desc["tier_trainable_params"]["4"]
     row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "tier1_accuracy" in row and "tier4_accuracy" in row
 
 
-@pytest.mark.parametrize("mode", ["freeze", "flexlora"])
-def test_a_server_step_moves_a_third_of_the_way_to_the_aggregate(tiny_cfg, mode):
-    full = make(tiny_cfg, mode=mode, extra="client_ranks: [2, 2, 4, 4]")
-    third = make(tiny_cfg, mode=mode, extra="client_ranks: [2, 2, 4, 4], server_lr: 0.3333333")
+@pytest.mark.parametrize("method", ["hafl", "flexlora"])
+def test_a_server_step_moves_a_third_of_the_way_to_the_aggregate(tiny_cfg, method):
+    full = make(tiny_cfg, method, extra="client_ranks: [2, 2, 4, 4]")
+    third = make(tiny_cfg, method, extra="client_ranks: [2, 2, 4, 4], server_lr: 0.3333333")
     M = len(full.modules)
     replies = {0: reply(full, 0, [[0, 1]] * M, 1.0), 2: reply(full, 2, [[0, 1, 2, 3]] * M, 3.0)}
     before = {n: t.clone() for n, t in third.global_.items()}
     full.aggregate(1, replies)
     third.aggregate(1, replies)
-    if mode == "flexlora":  # the step is taken on the full-rank product, then refactored
+    if method == "flexlora":  # the step is taken on the full-rank product, then refactored
         for m in full.modules:
             assert torch.allclose(third.dw[m], full.dw[m] / 3, atol=1e-5)  # dw starts at 0 (B = 0)
         names = full.others
@@ -163,7 +161,38 @@ def test_random_selection_trains_blindly_chosen_components(tiny_cfg, tmp_path):
     out = method.fit(ctx, msg)
     seed = method.cfg.seed
     assert out.meta["components"] == [_mask(random_components(4, 2, [seed, 1, 3, j])) for j in range(len(method.modules))]
-    truncate = make(tiny_cfg, mode="truncate", extra="client_ranks: [2, 2, 4, 4], selection: random")
+    truncate = make(tiny_cfg, "hafl_truncate", extra="client_ranks: [2, 2, 4, 4], selection: random")
     truncate.scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]] * len(truncate.modules))  # ignored when random
     sent = truncate.configure(5, [0])[0].meta["components"]
     assert sent == [_mask(random_components(4, 2, [seed, 0, 5, j])) for j in range(len(truncate.modules))]
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_vectorised_component_averaging_equals_the_per_component_loop(adaptive):
+    """The paper's aggregation written as a loop over components and clients, against the vectorised one."""
+    g = torch.Generator().manual_seed(3)
+    R, d_in, d_out = 6, 5, 7
+    global_a, global_b = torch.randn(R, d_in, generator=g), torch.randn(d_out, R, generator=g)
+    uploads = []
+    for held, w in (([0, 2], 10), ([2, 3, 4], 25), ([0, 3], 7)):  # component 1 and 5: nobody
+        uploads.append((held, torch.randn(len(held), d_in, generator=g), torch.randn(d_out, len(held), generator=g), w))
+    a, b = average_components(global_a, global_b, uploads, adaptive)
+    total = sum(w for *_, w in uploads)
+    for i in range(R):
+        owners = [(held.index(i), ua, ub, w) for held, ua, ub, w in uploads if i in held]
+        if not owners and adaptive:
+            assert torch.equal(a[i], global_a[i]) and torch.equal(b[:, i], global_b[:, i])
+            continue
+        denom = sum(w for *_, w in owners) if adaptive else total
+        ref_a, ref_b = torch.zeros(d_in), torch.zeros(d_out)
+        for pos, ua, ub, w in owners:
+            ref_a += ua[pos] * (w / denom)
+            ref_b += ub[:, pos] * (w / denom)
+        assert torch.equal(a[i], ref_a) and torch.equal(b[:, i], ref_b), i
+
+
+@pytest.mark.parametrize("method,foreign", [("flexlora", "aggregation: adaptive"), ("hetlora", "selection: random"),
+                                            ("hafl", "mode: freeze")])
+def test_each_variant_takes_only_its_own_options(tiny_cfg, method, foreign):
+    with pytest.raises(ConfigError, match="method_options"):
+        load_config(None, tiny_cfg + [f"method={method}", "lora.rank=4", "lora.alpha=4", opts(foreign)])

@@ -5,6 +5,7 @@ import pytest
 
 from fedzip.errors import ModelError
 from fedzip.models.load import gguf_architecture, resolve
+from fedzip.models.lora import canonical, is_lora, is_lora_a, lora_a, lora_b, lora_modules
 
 
 def write_gguf(path, arch: str):
@@ -49,3 +50,15 @@ def test_gguf_hash_is_computed_once_per_file_version(tmp_path, cache_dir, monkey
     assert len(calls) == 1
     write_gguf(tmp_path / "m.gguf", "qwen2")  # a changed file is hashed again
     assert load.gguf_digest(tmp_path / "m.gguf", cache_dir) != first and len(calls) == 2
+
+
+def test_lora_pairs_are_found_by_one_helper():
+    names = ["l0.q.lora_A.weight", "l0.q.lora_B.weight", "classifier.weight", "l1.v.lora_A.weight", "l1.v.lora_B.weight"]
+    assert lora_modules(names) == ["l0.q", "l1.v"]
+    assert [lora_a(m) for m in lora_modules(names)] == ["l0.q.lora_A.weight", "l1.v.lora_A.weight"]
+    assert lora_b("l1.v") == "l1.v.lora_B.weight"
+    assert [n for n in names if not is_lora(n)] == ["classifier.weight"]
+    assert is_lora_a(canonical("base_model.model.l0.q.lora_A.default.weight"))
+    assert not is_lora_a("l0.q.lora_B.weight")
+    with pytest.raises(ModelError, match="without its B"):
+        lora_modules(["l0.q.lora_A.weight"])

@@ -73,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     store = _store(cfg, context)
     store.rollback(rnd - 1, cid)  # drop state from an attempt at this round the server never completed
     store.commit(rnd - 1, cid)
-    up = run_client(_client_method(cfg), store, rnd, cid, down)
+    up = run_client(_client_method(cfg), store, rnd, cid, down).up  # diagnostics stay on the node
     _note_wire(store, rnd, cid, len(down), len(up))
     return Message(RecordDict({RECORD: ConfigRecord({"payload": up, "cid": cid, "round": rnd,
                                                      "client_s": time.time() - t0})}), reply_to=msg)

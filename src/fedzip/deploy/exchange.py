@@ -85,7 +85,7 @@ class FlowerExchange:
                                 "completed round and can be resumed")
         for cid, reason in failures.items():
             log.warning("round %d: client %d failed: %s", rnd, cid, reason)
-        return replies, failures
+        return replies, failures, {}  # no diagnostics cross the network
 
     def _send(self, rnd: int, downs: dict[int, bytes]) -> tuple[dict[int, bytes], dict[int, str]]:
         self.refresh_nodes()

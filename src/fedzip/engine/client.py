@@ -7,8 +7,10 @@ runs the same way in a laptop simulation and on a SuperNode.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedzip.errors import PayloadError
 from fedzip.methods import ClientContext
@@ -19,17 +21,23 @@ def client_seed(seed: int, rnd: int, cid: int) -> int:
     return int(np.random.default_rng([seed, rnd, cid, 0xC1]).integers(2**31))
 
 
-def run_client(method, store, rnd: int, cid: int, down: bytes, timing: dict[str, float] | None = None) -> bytes:
-    """Decode the server's message, train client ``cid`` on its partition, return the encoded reply.
+@dataclass
+class ClientResult:
+    up: bytes  # the encoded reply: all that leaves the client
+    diagnostics: dict[str, torch.Tensor]  # the reply's simulation-only diagnostics, never encoded or sent
+
+
+def run_client(method, store, rnd: int, cid: int, down: bytes, timing: dict[str, float] | None = None) -> ClientResult:
+    """Decode the server's message, train client ``cid`` on its partition, encode the reply.
 
     ``method`` is a client-side instance (never the server's): all a client knows comes from its
     config, its data, its own state ``store`` and the bytes it received."""
     timing = timing if timing is not None else {}
     cfg, rt = method.cfg, method.rt
     t0 = time.time()
-    spec = method.down_spec(cid)
+    spec = method.down_spec(cid, rnd)
     received = decode(down, spec, max_bytes=cfg.wire.max_payload_bytes, require_all=False)
-    missing = sorted(set(spec) - set(received.tensors) - method.down_optional(cid))
+    missing = sorted(set(spec) - set(received.tensors) - method.down_optional(cid, rnd))
     if missing:
         raise PayloadError(f"message from the server lacks tensor(s) {', '.join(missing[:5])}")
     t1 = time.time()
@@ -40,4 +48,4 @@ def run_client(method, store, rnd: int, cid: int, down: bytes, timing: dict[str,
     t3 = time.time()
     for key, dt in (("decode_s", t1 - t0), ("compute_s", t2 - t1), ("encode_s", t3 - t2)):
         timing[key] = timing.get(key, 0.0) + dt
-    return up
+    return ClientResult(up, reply.diagnostics)

@@ -27,9 +27,6 @@ class Runtime:
     stats: dict
     step_progress: Callable[[int, int], None] | None = field(default=None)
     run_dir: Path | None = None  # where a method may keep artefacts worth reusing (e.g. a trained codec)
-    # Shared by the server and client sides only in an in-process simulation (diagnostics that need data
-    # never sent, e.g. the true update beside its compressed form); empty on both sides of a deployment.
-    sim_only: dict = field(default_factory=dict)
 
     @property
     def client_sizes(self) -> list[int]:

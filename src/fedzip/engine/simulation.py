@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from fedzip.config import ExperimentConfig, dump_config
 from fedzip.data.task import model_device
@@ -30,6 +29,7 @@ from fedzip.engine.memory import PeakMemory
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError, RunDirError
+from fedzip.methods.state import load_server_state, save_server_state
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
 from fedzip.registry import method_class
@@ -54,18 +54,19 @@ class InProcessExchange:
         self.memory = PeakMemory(model_device(client_method.rt.model) if client_method.rt.model is not None else None)
 
     def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict):
-        replies = {}
+        replies, diagnostics = {}, {}
         timing["client_compute_s"] = {}  # each client's own compute: what a link model needs per client
         timing["client_memory"] = {}  # each client's peak memory while it decoded, trained and encoded
         for cid, down in downs.items():
             self.bar.client_start(cid)
             before = timing["compute_s"]
             self.memory.start()
-            replies[cid] = run_client(self.method, self.store, rnd, cid, down, timing)
+            result = run_client(self.method, self.store, rnd, cid, down, timing)
+            replies[cid], diagnostics[cid] = result.up, result.diagnostics
             timing["client_memory"][str(cid)] = self.memory.stop()
             timing["client_compute_s"][str(cid)] = timing["compute_s"] - before
             self.bar.client_done()
-        return replies, {}  # (replies, failures: cid -> reason)
+        return replies, {}, diagnostics  # (replies, failures: cid -> reason, diagnostics)
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -116,8 +117,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                    stop_after: int | None = None, exchange=None) -> dict:
     """Run (or resume) an experiment into run directory ``out``. Returns the summary.
 
-    ``exchange(rnd, {cid: bytes}, timing) -> ({cid: reply bytes}, {cid: failure reason})`` carries a
-    round's messages; by default clients run in this process (:class:`InProcessExchange`).
+    ``exchange(rnd, {cid: bytes}, timing) -> ({cid: reply bytes}, {cid: failure reason}, {cid: diagnostics})``
+    carries a round's messages; by default clients run in this process (:class:`InProcessExchange`), the only
+    exchange whose diagnostics are not empty.
     ``stop_after`` ends the process after that round's checkpoint, as an interruption would (tests).
     """
     method_cls = method_class(cfg.method)
@@ -141,7 +143,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     start, elapsed_before = 1, 0.0
     if resume:
         state = json.loads((ckpt_dir / "state.json").read_text())
-        method.load_server_state(load_file(str(ckpt_dir / "server.safetensors")))
+        method.load_server_state(load_server_state(ckpt_dir / "server.safetensors"))
         start, elapsed_before = state["round"] + 1, state["wall_seconds"]
         _truncate_lines(out / "ledger.jsonl", state["ledger_lines"])
         _truncate_lines(out / "metrics.jsonl", state["metrics_lines"])
@@ -172,6 +174,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                     # the last round on the fixed subset too, so the run's curve ends where the run ends
                     row["fixed_subset"] = rt.task.evaluate(rt.model, cfg.eval.batch_size, cfg.eval.max_examples,
                                                            seed=cfg.seed)
+                own = method.evaluate(rnd, None if full else cfg.eval.max_examples)
+                if own:
+                    row.update(own)
+                    row["method_eval_keys"] = sorted(own)  # which of the row's metrics are the method's own
                 row["eval_s"] = time.time() - t0
             row["wall_seconds"] = elapsed_before + time.time() - t_start
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -209,10 +215,10 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         downs[cid] = encoded[id(msg)]
     timing["encode_s"] += time.time() - t0
 
-    ups, failures = exchange(rnd, downs, timing)
+    ups, failures, diagnostics = exchange(rnd, downs, timing)
     replies, losses, rejected, client_steps = {}, [], [], 0
     for cid in cids:
-        kind = messages[cid].meta.get("ledger_kind", "update")  # e.g. a one-time model inside the message
+        kind = messages[cid].ledger_tag  # e.g. a one-time model inside the message
         if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
             ledger.record(rnd, cid, "down", len(downs[cid]), kind, status=failures[cid])
             continue
@@ -221,13 +227,14 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         ledger.record(rnd, cid, "up", len(up))
         t0 = time.time()
         try:
-            replies[cid] = decode(up, method.up_spec(cid), max_bytes=cfg.wire.max_payload_bytes)
+            replies[cid] = decode(up, method.up_spec(cid, rnd), max_bytes=cfg.wire.max_payload_bytes)
         except PayloadError as exc:  # a bad reply is dropped and logged, never fatal to the server
             log.warning("round %d: reply from client %d rejected: %s", rnd, cid, exc)
             rejected.append(cid)
             continue
         finally:
             timing["decode_s"] += time.time() - t0
+        replies[cid].diagnostics = diagnostics.get(cid, {})
         if isinstance(replies[cid].meta.get("train_loss"), (int, float)):
             losses.append(float(replies[cid].meta["train_loss"]))
         steps = replies[cid].meta.get("steps")
@@ -253,7 +260,7 @@ def _checkpoint(ckpt_dir: Path, method, rnd: int, ledger_lines: int, metrics_lin
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in method.server_state().items()}, str(tmp / "server.safetensors"))
+    save_server_state(method.server_state(), tmp / "server.safetensors")
     # state.json last: its presence marks the folder complete (recover_checkpoint relies on it)
     (tmp / "state.json").write_text(json.dumps({"round": rnd, "ledger_lines": ledger_lines,
                                                 "metrics_lines": metrics_lines, "wall_seconds": wall}))
@@ -284,8 +291,8 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
     metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
     last = evaluated[-1] if evaluated else {}
-    own = method_class(cfg.method).eval_prefixes  # plus the method's own evaluations of that round
-    final = {k: v for k, v in last.items() if k in metric_keys or (k.startswith(own) and isinstance(v, float))}
+    own = set(last.get("method_eval_keys", ()))  # plus the method's own evaluations of that round
+    final = {k: v for k, v in last.items() if k in metric_keys or (k in own and isinstance(v, float))}
     summary = {
         "method": cfg.method, "name": out.name, "rounds_completed": len(rows), "final_metrics": final,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedzip.models.lora import lora_a, lora_b, lora_modules
+
 
 # --- the factor map ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -47,13 +49,12 @@ def make_layout(shapes: dict[str, tuple[int, ...]], stride: int = 1, packing: st
     """Where each factor goes. ``paper``: every module's A^T and B side by side from row 0 (the spec's map);
     ``packed``: blocks stacked down strips of width r, tallest first, each into the first strip with room
     (first-fit decreasing), which removes most padding when modules differ in size (e.g. grouped-query K/V)."""
-    modules = [n[: -len(".lora_A.weight")] for n in shapes if n.endswith(".lora_A.weight")]
+    modules = lora_modules(shapes)
     if not modules:
         raise ValueError("the factor map needs LoRA modules")
-    rank = shapes[f"{modules[0]}.lora_A.weight"][0]
+    rank = shapes[lora_a(modules[0])][0]
     parts = [(n, t, rows) for m in modules
-             for n, t, rows in ((f"{m}.lora_A.weight", True, shapes[f"{m}.lora_A.weight"][1]),
-                                (f"{m}.lora_B.weight", False, shapes[f"{m}.lora_B.weight"][0]))]
+             for n, t, rows in ((lora_a(m), True, shapes[lora_a(m)][1]), (lora_b(m), False, shapes[lora_b(m)][0]))]
     up = lambda v: math.ceil(v / stride) * stride  # noqa: E731
     height = up(max(rows for _, _, rows in parts))
     if packing == "paper":

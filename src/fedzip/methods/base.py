@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel
 
 from fedzip.errors import PayloadError
+from fedzip.methods.state import ServerState
 from fedzip.wire import Message
 
 
@@ -42,9 +43,6 @@ class Method:
     # True: the client side builds its own (smaller) model from bytes it receives, so a deployed client
     # never loads the full model (FedBiOT); False: clients start from the same base model as the server.
     client_builds_model: ClassVar[bool] = False
-    # Prefixes of the method's own evaluation metrics (returned by ``aggregate``) that belong in the run's
-    # final metrics beside the engine's, e.g. FedBiOT's adapter-on-emulator ``emu_loss``.
-    eval_prefixes: ClassVar[tuple[str, ...]] = ()
     # True when the model may live on a GPU (``train.device``): the method reads the model through
     # ``TrainableView`` (whose ``get`` returns CPU copies), keeps any tensor that meets the model's own
     # (HAFL's gradient masks, FedBiOT's emulator, CG-FedLLM's autoencoder while it trains) on the model's
@@ -81,11 +79,11 @@ class Method:
     def init_global(self) -> None:
         raise NotImplementedError
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        """Everything the server needs to resume: global tensors and server optimiser state."""
+    def server_state(self) -> ServerState:
+        """Everything the server needs to resume: global tensors, server optimiser state, facts."""
         raise NotImplementedError
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_server_state(self, state: ServerState) -> None:
         raise NotImplementedError
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
@@ -98,21 +96,36 @@ class Method:
         """The tensors to load into the model for evaluation and export."""
         raise NotImplementedError
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes a client accepts from the server, known from the client's side alone."""
+    def evaluate(self, rnd: int, max_examples: int | None) -> dict[str, float]:
+        """The method's own evaluations on evaluation rounds, after the engine's (e.g. FedBiOT's AdapEmu).
+
+        They join the round's metrics and, from the last round, the run's final metrics."""
+        return {}
+
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes client ``cid`` accepts from the server in round ``rnd``, known from the client's side alone."""
         raise NotImplementedError
 
-    def down_optional(self, cid: int) -> set[str]:
+    def down_optional(self, cid: int, rnd: int) -> set[str]:
         """Names in ``down_spec`` that a message may leave out (e.g. a codec sent only once)."""
         return set()
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes the server accepts from client ``cid``."""
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes the server accepts from client ``cid`` in round ``rnd``."""
         raise NotImplementedError
 
     # -- client side -------------------------------------------------------------------------------
     def fit(self, client: ClientContext, message: Message) -> Message:
         raise NotImplementedError
+
+
+def one_client(cfg):
+    """A copy of ``cfg`` with all data on one client, sampled every round (centralised, offsite-tuning)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.clients_per_round = 1  # first: the pair is validated on each assignment
+    cfg.num_clients = 1
+    cfg.partition.scheme = "iid"
+    return cfg
 
 
 def reply_weight(reply: Message) -> int:

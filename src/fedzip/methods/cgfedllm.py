@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from fedzip.data.task import model_device
@@ -48,7 +48,9 @@ from fedzip.methods.autoencoder import (
     train_autoencoder,
 )
 from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.models.lora import is_lora
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -87,6 +89,11 @@ class CgOptions(BaseModel):
     online_every: int = Field(0, ge=0, description="FAF rounds between calibration rounds; 0 = frozen")
     online_epochs: int = Field(5, ge=1)
 
+    @field_validator("ae_gate", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
 
 @register_method
 class CgFedLLM(Method):
@@ -106,14 +113,12 @@ class CgFedLLM(Method):
         if self.opts.tgap_rounds == 0 and not self.opts.autoencoder_path:
             raise ConfigError("method_options: tgap_rounds 0 needs autoencoder_path (a trained autoencoder)")
         shapes = runtime.view.shapes()
-        self.lora = [n for n in shapes if ".lora_A." in n or ".lora_B." in n]
+        self.lora = [n for n in shapes if is_lora(n)]
         self.others = [n for n in shapes if n not in self.lora]
         self.ae = self._new_autoencoder()
         self.layout = make_layout({n: shapes[n] for n in self.lora}, stride=self.ae.stride,
                                   packing=self.opts.map_layout)
-        self._round = 0
         # Simulation-only diagnostics, never sent: the client side leaves each true map here for the server.
-        self._true_maps: dict[int, torch.Tensor] = runtime.sim_only.setdefault("cgfedllm_true_maps", {})
 
     def _new_autoencoder(self):
         torch.manual_seed(self.cfg.seed)
@@ -165,30 +170,27 @@ class CgFedLLM(Method):
                 raise ConfigError(f"method_options.autoencoder_path: cannot load {self.opts.autoencoder_path}: {exc}") from None
             self.ae_trained = True
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"g::{n}": t for n, t in self.global_.items()}
-        state["has_encoder"] = torch.tensor(sorted(self.has_encoder), dtype=torch.float32)
+    def server_state(self) -> ServerState:
+        state = ServerState({"global": dict(self.global_)}, {"has_encoder": sorted(self.has_encoder)})
         if self.maps:
-            state["maps"] = torch.stack(self.maps)
+            state.tensors["tgap"] = {"maps": torch.stack(self.maps)}
         if self.ae_trained:
-            state |= {f"ae::{k}": v.float() for k, v in self.ae.state_dict().items()}
+            state.tensors["autoencoder"] = {k: v.float() for k, v in self.ae.state_dict().items()}
         return state
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.global_ = {n: state[f"g::{n}"].clone() for n in self.global_}
-        self.has_encoder = {int(c) for c in state["has_encoder"].tolist()}
-        self.maps = list(state["maps"]) if "maps" in state else []
-        ae_keys = {k[4:]: v for k, v in state.items() if k.startswith("ae::")}
-        if ae_keys:
+    def load_server_state(self, state: ServerState) -> None:
+        self.global_ = {n: state.group("global")[n].clone() for n in self.global_}
+        self.has_encoder = set(state.facts["has_encoder"])
+        self.maps = list(state.group("tgap")["maps"]) if state.group("tgap") else []
+        if state.group("autoencoder"):
             ref = self.ae.state_dict()
-            self.ae.load_state_dict({k: ae_keys[k].to(ref[k].dtype) for k in ref})
+            self.ae.load_state_dict({k: state.group("autoencoder")[k].to(ref[k].dtype) for k in ref})
             self.ae_trained = True
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.global_
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
-        self._round = rnd
         plain = Message(self.global_, {"round": rnd, "phase": self.phase(rnd), "calibrate": self.calibrates(rnd)})
         with_encoder = None
         out = {}
@@ -201,17 +203,17 @@ class CgFedLLM(Method):
                 out[cid] = plain
         return out
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         shapes = self.rt.view.shapes()
         return shapes | {n: tuple(t.shape) for n, t in self.encoder_state().items()}
 
-    def down_optional(self, cid: int) -> set[str]:
+    def down_optional(self, cid: int, rnd: int) -> set[str]:
         return set(self.encoder_state())  # sent once, with a client's first FAF round
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        if self.calibrates(self._round):
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        if self.calibrates(rnd):
             return {n: tuple(self.global_[n].shape) for n in self.others} | {"map": (self.layout.height, self.layout.width)}
-        if self.phase(self._round) == "faf":
+        if self.phase(rnd) == "faf":
             return {n: tuple(self.global_[n].shape) for n in self.others} | {"latent": self._latent_shape()}
         spec = {n: tuple(t.shape) for n, t in self.global_.items()}
         if self.opts.tgap_snapshots > 1:
@@ -231,7 +233,7 @@ class CgFedLLM(Method):
                 self.ae_trained, self.maps = True, []
             return metrics
         if self.calibrates(rnd):
-            return self._calibrate(replies)
+            return self._calibrate(rnd, replies)
         rebuilt, diag = {}, []
         for cid, r in replies.items():
             scale = r.meta.get("scale")
@@ -242,7 +244,7 @@ class CgFedLLM(Method):
             rep = from_map(x_hat, self.layout)
             lora = {n: self.global_[n] + rep[n] for n in self.lora} if self.opts.representation == "delta" else rep
             rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
-            true = self._true_maps.pop(cid, None)
+            true = r.diagnostics.get("true_map")  # simulation only: the map the latent encodes
             if true is not None:
                 diag.append((snr_paper(true, x_hat), snr_db(true, x_hat), cosine(true, x_hat)))
         self.global_ = weighted_average(rebuilt, list(self.global_))
@@ -309,7 +311,7 @@ class CgFedLLM(Method):
             metrics["warning"] = verdict
         return metrics
 
-    def _calibrate(self, replies: dict[int, Message]) -> dict[str, float]:
+    def _calibrate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         """A calibration round: exact averaging of the true maps, then the autoencoder learns from them."""
         maps, rebuilt = [], {}
         for cid, r in replies.items():
@@ -320,7 +322,7 @@ class CgFedLLM(Method):
             rebuilt[cid] = Message(lora | {n: r.tensors[n] for n in self.others}, r.meta)
         self.global_ = weighted_average(rebuilt, list(self.global_))
         log = train_autoencoder(self.ae, maps, self.opts.online_epochs, self.opts.ae_lr, self.opts.ae_batch,
-                                self.cfg.seed + self._round, device=model_device(self.rt.model))
+                                self.cfg.seed + rnd, device=model_device(self.rt.model))
         self.has_encoder = set()  # every client gets the refreshed encoder with its next message
         return {"online_loss_first": log.train_loss[0], "online_loss_last": log.train_loss[-1]}
 
@@ -379,5 +381,5 @@ class CgFedLLM(Method):
         xn, scale = normalise(x)
         with torch.no_grad():
             latent = self.ae.encode(xn)
-        self._true_maps[client.cid] = x
-        return Message({"latent": latent} | {n: trained[n] for n in self.others}, meta | {"scale": scale})
+        return Message({"latent": latent} | {n: trained[n] for n in self.others}, meta | {"scale": scale},
+                       diagnostics={"true_map": x})

@@ -34,10 +34,11 @@ from torch import nn
 
 from fedzip.data.task import model_device, to_device
 from fedzip.errors import ConfigError, PayloadError
-from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.base import ClientContext, Method, one_client, weighted_average
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
-from fedzip.models.lora import canonical
+from fedzip.models.lora import canonical, lora_a, lora_b, lora_modules
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -80,7 +81,6 @@ class FedBiOT(Method):
     # The emulator is a copy of the model's own layers (it lives where they do); the client's compressed
     # model is moved to train.device; server state and payloads are CPU tensors.
     runs_on_accelerator = True
-    eval_prefixes = ("emu_",)  # AdapEmu metrics, reported beside the engine's AdapFu ones
     layout: Literal["top", "sandwich"] = "top"
     aligns = True
 
@@ -102,8 +102,7 @@ class FedBiOT(Method):
                                                                           or o.align_lm_weight):
             raise ConfigError("method_options: every alignment weight is 0 (align_l2_weight, align_lambda, "
                               "align_lm_weight); set align_steps and prealign_steps to 0 to skip alignment")
-        self._client = None  # the compressed model, built on the client side on first use
-        self._client_loaded = False
+        self._compressed: CompressedModel | None = None  # the client part, built on first use
 
     @classmethod
     def adjust_config(cls, cfg):
@@ -112,23 +111,8 @@ class FedBiOT(Method):
         return cfg
 
     # -- names -------------------------------------------------------------------------------------
-    def _lora_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {canonical(n): p for n, p in model.named_parameters() if "lora_" in n}
-
     def _position(self, name: str) -> int | None:
-        """Position in the compressed model's layer list of the layer holding parameter ``name``."""
-        parts = name.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part.isdigit() and i > 0 and parts[i - 1] == self._layer_attr:
-                return int(part)
-        return None
-
-    def _roles(self, names) -> tuple[list[str], list[str]]:
-        adapter, emulator = [], []
-        for n in names:
-            pos = self._position(n)
-            (emulator if pos is not None and self.split.role(pos) == "emulator" else adapter).append(n)
-        return adapter, emulator
+        return layer_position(name, self._layer_attr)
 
     def describe(self) -> dict:
         s = self.split
@@ -152,11 +136,11 @@ class FedBiOT(Method):
         s = self.split
         self.client_stack = [layers[i] for i in s.bottom] + list(self.emulator) + [layers[i] for i in s.top]
         with self.client_view() as m:  # names as the client's model has them
-            self.params = self._lora_params(m)
+            self.params = lora_params(m)
             # the compressed model's frozen weights (LoRA travels each round); tied weights once
             # (on the CPU: a message is made of CPU tensors; no copy when the model is on the CPU already)
             self.base = {BASE + n: t.detach().cpu() for n, t in _untied_state(m).items() if "lora_" not in n}
-        self.adapter_names, self.emulator_names = self._roles(self.params)
+        self.adapter_names, self.emulator_names = roles(self.params, self._layer_attr, self.split)
         self.sent_model: set[int] = set()
         self.align_calls = 0
         emu = [self.params[n] for n in self.emulator_names]
@@ -165,30 +149,26 @@ class FedBiOT(Method):
         if self.aligns and self.opts.prealign_steps:
             self.prealignment = self.prealign()
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"p::{n}": p.detach().to("cpu", copy=True) for n, p in self.params.items()}
-        state["sent_model"] = torch.tensor(sorted(self.sent_model), dtype=torch.float64)
-        state["align_calls"] = torch.tensor([self.align_calls], dtype=torch.float64)
+    def server_state(self) -> ServerState:
+        state = ServerState({"params": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}},
+                            {"sent_model": sorted(self.sent_model), "align_calls": self.align_calls})
         if self.align_opt is not None:
-            opt = optimizer_state_to_tensors(self.align_opt, self.emulator_names)
-            state |= {f"opt::{k}": v.cpu() for k, v in opt.items()}
+            state.tensors["align_optimizer"] = optimizer_state_to_tensors(self.align_opt, self.emulator_names)
         return state
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_server_state(self, state: ServerState) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(state[f"p::{n}"])
-        self.sent_model = {int(c) for c in state["sent_model"].tolist()}
-        self.align_calls = int(state["align_calls"].item())
+                p.copy_(state.group("params")[n])
+        self.sent_model = set(state.facts["sent_model"])
+        self.align_calls = int(state.facts["align_calls"])
         if self.align_opt is not None:
-            opt = {k[5:]: v for k, v in state.items() if k.startswith("opt::")}
-            load_optimizer_state(self.align_opt, self.emulator_names, opt)
+            load_optimizer_state(self.align_opt, self.emulator_names, state.group("align_optimizer"))
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.rt.view.get()  # the full model's LoRA: the adapter's trained, the teacher's untouched
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
-        self._round = rnd
         if self.aligns and self.opts.align_steps:
             self.last_align_loss = self.align(self.opts.align_steps)
         per_round = self.adapter_names + (self.emulator_names if self.aligns else [])
@@ -202,13 +182,12 @@ class FedBiOT(Method):
             else:  # the compressed model, once per client, counted in this message's bytes
                 if first is None:
                     emulator = {n: self.params[n].detach().to("cpu", copy=True) for n in self.emulator_names}
-                    first = Message(lora | emulator | self.base,
-                                    plain.meta | {"ledger_kind": "update+compressed_model"})
+                    first = Message(lora | emulator | self.base, plain.meta, ledger_tag="update+compressed_model")
                 out[cid] = first
                 self.sent_model.add(cid)
         return out
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self.params[n].shape) for n in self.adapter_names}
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
@@ -219,13 +198,13 @@ class FedBiOT(Method):
         metrics = {"align_loss": self.last_align_loss} if self.aligns and hasattr(self, "last_align_loss") else {}
         if rnd == 1 and self.prealignment:  # the pre-alignment and its gate, once
             metrics |= {k: float(v) for k, v in self.prealignment.items()}
-        ev = self.cfg.eval
-        if rnd % ev.every == 0 or rnd == self.cfg.rounds:  # AdapEmu beside the engine's AdapFu
-            with self.client_view() as m:
-                emu = self.rt.task.evaluate(m, ev.batch_size, None if rnd == self.cfg.rounds else ev.max_examples,
-                                            seed=self.cfg.seed)
-            metrics |= {f"emu_{k}": v for k, v in emu.items() if k != "eval_examples"}
         return metrics
+
+    def evaluate(self, rnd: int, max_examples: int | None) -> dict[str, float]:
+        """AdapEmu: the adapter on the emulator (what clients train), beside the engine's AdapFu."""
+        with self.client_view() as m:
+            emu = self.rt.task.evaluate(m, self.cfg.eval.batch_size, max_examples, seed=self.cfg.seed)
+        return {f"emu_{k}": v for k, v in emu.items() if k != "eval_examples"}
 
     def _public(self):
         if not hasattr(self, "_public_task"):
@@ -323,87 +302,25 @@ class FedBiOT(Method):
         return float(np.mean(losses)) if losses else float("nan")
 
     # -- client ------------------------------------------------------------------------------------
-    def compressed_model(self) -> nn.Module:
-        """The client's model, built from the architecture config alone: its weights arrive over the wire."""
-        if self._client is None:
-            from transformers import AutoModelForCausalLM
+    @property
+    def compressed(self) -> CompressedModel:
+        """The client part: the compressed model, built from the architecture config alone on first use."""
+        if self._compressed is None:
+            self._compressed = CompressedModel(self.hf_config, self.split, self.cfg, type(self))
+        return self._compressed
 
-            from fedzip.models.device import resolve_device
-            from fedzip.models.lora import inject_lora
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        return self.compressed.spec()
 
-            cfg = copy.deepcopy(self.hf_config)
-            order = self.split.client_layers
-            cfg.num_hidden_layers = len(order)
-            if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer attention kinds follow the layers
-                cfg.layer_types = [cfg.layer_types[i] for i in order]
-            torch.manual_seed(self.cfg.seed)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-            if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
-                eos = model.config.eos_token_id
-                model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-            lc = self.cfg.lora
-            model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, False, self.cfg.seed)
-            # built on the CPU (initial weights do not depend on the device), then moved where it trains
-            model = model.to(resolve_device(self.cfg, type(self)))
-            _, self._layer_attr, _ = find_decoder_layers(model)
-            self._client = model
-            self._client_params = self._lora_params(model)
-            self._client_adapter, self._client_emulator = self._roles(self._client_params)
-            for n, p in self._client_params.items():
-                p.requires_grad_(n in self._client_adapter)
-            self._client_base = {BASE + canonical(n): t for n, t in _untied_state(model).items() if "lora_" not in n}
-        return self._client
-
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        self.compressed_model()
-        return {n: tuple(p.shape) for n, p in self._client_params.items()} | \
-            {n: tuple(t.shape) for n, t in self._client_base.items()}
-
-    def down_optional(self, cid: int) -> set[str]:
-        self.compressed_model()
-        return set(self._client_emulator) | set(self._client_base)
-
-    def _load_compressed(self, tensors: dict[str, torch.Tensor], store_root: Path) -> None:
-        base = {n: t for n, t in tensors.items() if n.startswith(BASE)}
-        emu = {n: t for n, t in tensors.items() if n in self._client_emulator}
-        path = store_root / MODEL_FILE
-        if base:  # first time: keep the compressed model on this node for later rounds
-            missing = sorted(set(self._client_base) - set(base))
-            if missing or len(emu) != len(self._client_emulator):
-                raise PayloadError(f"the compressed model arrived incomplete (missing {missing[:3]})")
-            if not path.exists():
-                store_root.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({k: v.contiguous() for k, v in (base | emu).items()}, str(tmp))
-                tmp.replace(path)
-        elif not self._client_loaded:
-            if not path.exists():
-                raise PayloadError("no compressed model on this client: the server never sent it")
-            saved = load_file(str(path))
-            base = {n: t for n, t in saved.items() if n.startswith(BASE)}
-            emu = {n: t for n, t in saved.items() if n in self._client_emulator} | emu
-        if base:
-            own = _untied_state(self._client)
-            with torch.no_grad():
-                for n, t in base.items():  # adopt the received tensors: no second copy of the model in memory
-                    mine = own[n[len(BASE):]]
-                    mine.data = t.to(mine.device, mine.dtype).contiguous()
-            self._client_loaded = True
-            self._client_base = {BASE + canonical(n): t for n, t in _untied_state(self._client).items()
-                                 if "lora_" not in n}
-        with torch.no_grad():
-            for n, t in emu.items():
-                self._client_params[n].copy_(t)
+    def down_optional(self, cid: int, rnd: int) -> set[str]:
+        return self.compressed.sent_once()
 
     def fit(self, client: ClientContext, message: Message) -> Message:
-        model = self.compressed_model()
-        self._load_compressed(message.tensors, client.store.root)
-        with torch.no_grad():
-            for n in self._client_adapter:
-                self._client_params[n].copy_(message.tensors[n])
-        params = {n: self._client_params[n] for n in self._client_adapter}
+        compressed = self.compressed
+        compressed.receive(message.tensors, client.store.root)
+        params = {n: compressed.params[n] for n in compressed.adapter}
         scale = self.cfg.lora.alpha / self.cfg.lora.rank
-        pairs = [(params[n], params[n.replace("lora_A", "lora_B")]) for n in params if ".lora_A." in n]
+        pairs = [(params[lora_a(m)], params[lora_b(m)]) for m in lora_modules(params)]
         start = [(scale * b @ a).detach() for a, b in pairs]
         eps = self.opts.prox_eps
 
@@ -411,11 +328,111 @@ class FedBiOT(Method):
             return eps * sum(((scale * b @ a) - w0).pow(2).sum() for (a, b), w0 in zip(pairs, start))
 
         train_cfg = round_train_config(self.cfg, client.round)
-        steps, loss, _ = train_locally(model, params, self.rt.task, client.indices, train_cfg, client.seed,
+        steps, loss, _ = train_locally(compressed.model, params, self.rt.task, client.indices, train_cfg, client.seed,
                                        extra_loss=proximal if eps > 0 and self.opts.prox_gradient else None,
                                        progress=self.rt.step_progress)
         return Message({n: p.detach().to("cpu", copy=True) for n, p in params.items()},
                        {"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+
+
+class CompressedModel:
+    """FedBiOT's client part: the compressed model (adapter + emulator layers), built from the architecture
+    config alone. Its frozen weights arrive once, inside the client's first message, and stay on the node;
+    each round brings the LoRA of the adapter (and of the emulator, which the server aligns)."""
+
+    def __init__(self, hf_config, split, cfg, method_cls):
+        from transformers import AutoModelForCausalLM
+
+        from fedzip.models.device import resolve_device
+        from fedzip.models.lora import inject_lora
+
+        arch = copy.deepcopy(hf_config)
+        order = split.client_layers
+        arch.num_hidden_layers = len(order)
+        if isinstance(getattr(arch, "layer_types", None), list):  # per-layer attention kinds follow the layers
+            arch.layer_types = [arch.layer_types[i] for i in order]
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(arch, dtype=torch.float32)
+        if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+            eos = model.config.eos_token_id
+            model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        lc = cfg.lora
+        model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, False, cfg.seed)
+        # built on the CPU (initial weights do not depend on the device), then moved where it trains
+        self.model = model.to(resolve_device(cfg, method_cls))
+        _, layer_attr, _ = find_decoder_layers(self.model)
+        self.params = lora_params(self.model)
+        self.adapter, self.emulator = roles(self.params, layer_attr, split)
+        for n, p in self.params.items():
+            p.requires_grad_(n in self.adapter)
+        self.base = self._frozen_by_wire_name()
+        self.loaded = False  # whether the received frozen weights are in the model
+
+    def _frozen_by_wire_name(self) -> dict[str, torch.Tensor]:
+        return {BASE + canonical(n): t for n, t in _untied_state(self.model).items() if "lora_" not in n}
+
+    def spec(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.params.items()} | {n: tuple(t.shape) for n, t in self.base.items()}
+
+    def sent_once(self) -> set[str]:
+        """What only the first message carries (the frozen weights); the emulator's LoRA comes when aligned."""
+        return set(self.emulator) | set(self.base)
+
+    def receive(self, tensors: dict[str, torch.Tensor], store_root: Path) -> None:
+        """Load a message: the frozen weights (kept on disk for later rounds), the emulator's and adapter's LoRA."""
+        base = {n: t for n, t in tensors.items() if n.startswith(BASE)}
+        emu = {n: t for n, t in tensors.items() if n in self.emulator}
+        path = store_root / MODEL_FILE
+        if base:  # first time: keep the compressed model on this node for later rounds
+            missing = sorted(set(self.base) - set(base))
+            if missing or len(emu) != len(self.emulator):
+                raise PayloadError(f"the compressed model arrived incomplete (missing {missing[:3]})")
+            if not path.exists():
+                store_root.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in (base | emu).items()}, str(tmp))
+                tmp.replace(path)
+        elif not self.loaded:
+            if not path.exists():
+                raise PayloadError("no compressed model on this client: the server never sent it")
+            saved = load_file(str(path))
+            base = {n: t for n, t in saved.items() if n.startswith(BASE)}
+            emu = {n: t for n, t in saved.items() if n in self.emulator} | emu
+        if base:
+            own = _untied_state(self.model)
+            with torch.no_grad():
+                for n, t in base.items():  # adopt the received tensors: no second copy of the model in memory
+                    mine = own[n[len(BASE):]]
+                    mine.data = t.to(mine.device, mine.dtype).contiguous()
+            self.loaded = True
+            self.base = self._frozen_by_wire_name()
+        with torch.no_grad():
+            for n, t in emu.items():
+                self.params[n].copy_(t)
+            for n in self.adapter:
+                self.params[n].copy_(tensors[n])
+
+
+def lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {canonical(n): p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def layer_position(name: str, layer_attr: str) -> int | None:
+    """Position in its model's decoder-layer list of the layer holding parameter ``name``."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and i > 0 and parts[i - 1] == layer_attr:
+            return int(part)
+    return None
+
+
+def roles(names, layer_attr: str, split) -> tuple[list[str], list[str]]:
+    """LoRA names of the compressed model split into (adapter, emulator) by the layer each lives in."""
+    adapter, emulator = [], []
+    for n in names:
+        pos = layer_position(n, layer_attr)
+        (emulator if pos is not None and split.role(pos) == "emulator" else adapter).append(n)
+    return adapter, emulator
 
 
 @register_method
@@ -435,11 +452,7 @@ class OffsiteTuning(FedOT):
 
     @classmethod
     def adjust_config(cls, cfg):
-        cfg = super().adjust_config(cfg).model_copy(deep=True)
-        cfg.clients_per_round = 1
-        cfg.num_clients = 1
-        cfg.partition.scheme = "iid"
-        return cfg
+        return one_client(super().adjust_config(cfg))
 
 
 def _untied_state(model: nn.Module) -> dict[str, torch.Tensor]:

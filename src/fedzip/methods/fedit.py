@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.base import ClientContext, Method, one_client, weighted_average
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.models.lora import canonical, is_lora_a
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -25,19 +27,19 @@ class FedIT(Method):
     def init_global(self) -> None:
         self.global_ = self.rt.view.get()
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        return dict(self.global_)
+    def server_state(self) -> ServerState:
+        return ServerState({"global": dict(self.global_)})
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.global_ = {n: state[n].clone() for n in self.rt.view.names()}
+    def load_server_state(self, state: ServerState) -> None:
+        self.global_ = {n: state.group("global")[n].clone() for n in self.rt.view.names()}
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.global_
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self.rt.view.shapes()
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self.rt.view.shapes()
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
@@ -69,7 +71,7 @@ class FFALoRA(FedIT):
     @classmethod
     def prepare_model(cls, model, cfg) -> None:
         for n, p in model.named_parameters():
-            if "lora_A" in n:
+            if is_lora_a(canonical(n)):
                 p.requires_grad_(False)
 
 
@@ -94,8 +96,4 @@ class Centralised(FedIT):
 
     @classmethod
     def adjust_config(cls, cfg):
-        cfg = cfg.model_copy(deep=True)
-        cfg.clients_per_round = 1  # first: the pair is validated on each assignment
-        cfg.num_clients = 1
-        cfg.partition.scheme = "iid"
-        return cfg
+        return one_client(cfg)

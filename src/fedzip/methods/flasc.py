@@ -40,7 +40,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip.methods.base import ClientContext, Method, reply_weight
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
+from fedzip.models.lora import canonical, is_lora, is_lora_a
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -79,10 +81,6 @@ def global_topk_masks(tensors: dict[str, torch.Tensor], k: int) -> dict[str, tor
     return masks
 
 
-def is_lora(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
 def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().flatten() for t in tensors.values()])
 
@@ -110,7 +108,7 @@ class Flasc(Method):
     def prepare_model(cls, model, cfg) -> None:
         if cfg.method_options.get("freeze_a"):
             for n, p in model.named_parameters():
-                if "lora_A" in n:
+                if is_lora_a(canonical(n)):
                     p.requires_grad_(False)
 
     # -- densities and codecs --------------------------------------------------------------------
@@ -138,23 +136,21 @@ class Flasc(Method):
         self.fixed_mask: dict[str, torch.Tensor] | None = None
         self.next_round = 1
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"theta::{n}": p.detach().clone() for n, p in self.theta.items()}
-        state["meta::next_round"] = torch.tensor([self.next_round])
-        state.update({f"opt::{k}": v for k, v in optimizer_state_to_tensors(self.opt, list(self.theta)).items()})
+    def server_state(self) -> ServerState:
+        state = ServerState({"theta": {n: p.detach().clone() for n, p in self.theta.items()},
+                             "optimizer": optimizer_state_to_tensors(self.opt, list(self.theta))},
+                            {"next_round": self.next_round})
         if self.fixed_mask is not None:
-            state.update({f"mask::{n}": m.to(torch.uint8) for n, m in self.fixed_mask.items()})
+            state.tensors["mask"] = {n: m.to(torch.uint8) for n, m in self.fixed_mask.items()}
         return state
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_server_state(self, state: ServerState) -> None:
         with torch.no_grad():
             for n, p in self.theta.items():
-                p.copy_(state[f"theta::{n}"])
-        load_optimizer_state(self.opt, list(self.theta), {k[5:]: v for k, v in state.items() if k.startswith("opt::")})
-        masks = {k[6:]: v.bool() for k, v in state.items() if k.startswith("mask::")}
-        self.fixed_mask = masks or None
-        if "meta::next_round" in state:
-            self.next_round = int(state["meta::next_round"][0])
+                p.copy_(state.group("theta")[n])
+        load_optimizer_state(self.opt, list(self.theta), state.group("optimizer"))
+        self.fixed_mask = {n: m.bool() for n, m in state.group("mask").items()} or None
+        self.next_round = int(state.facts["next_round"])
 
     def dense_theta(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.theta.items()}
@@ -177,10 +173,10 @@ class Flasc(Method):
         mask = self.download_mask(theta, self.next_round)
         return {n: t * mask[n] for n, t in theta.items()}
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {"theta": (self.num_params,)}
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {"delta": (self.num_params,)}
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:

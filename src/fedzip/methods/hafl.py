@@ -1,31 +1,37 @@
 """HAFL (arXiv 2411.06581) and the heterogeneous-rank baselines HetLoRA and FlexLoRA.
 
-ALGORITHMS.md section 3. Every client k has a rank budget r_k <= R (the global LoRA rank). A LoRA
-module's rank-1 component i is the pair (A[i, :], B[:, i]). Per round:
+ALGORITHMS.md section 3. Every client k has a rank budget r_k <= R (the global LoRA rank). A LoRA module's
+rank-1 component i is the pair (A[i, :], B[:, i]). One round of every variant:
 
-    freeze   (HAFL scheme 2): send all R components; the client scores them (AdaLoRA sensitivity x
-             uncertainty), trains only its top-r_k (gradient mask) and uploads those with their index set
-    truncate (HAFL scheme 1): send each client its top-r_k components by the global score; it trains them
-    hetlora  (baseline):      as truncate, but the FIRST r_k components
-    flexlora (baseline):      send the best rank-r_k factorisation of the global dW (truncated SVD);
-                              the server averages the clients' full dW_k = s B_k A_k
-    aggregate: adaptive  = average component i over the clients that updated it (sample-weighted),
-                           a component nobody updated keeps its value
-               zero_pad  = average over all of the round's clients, absent components counting as zero
-    controls (not in the paper): ``selection: random`` trains r_k components drawn blindly instead of the
-    top-r_k by importance; ``server_lr`` < 1 steps only part of the way to the aggregate, which separates
-    HAFL-adaptive's larger updates (zero-padding shrinks rarely-held components every round) from its
-    choice of components.
+    1. server: send client k the components it will hold        (components_for / factors_for)
+    2. client: train r_k components, zero and frozen the rest;   (fit; HAFL picks its r_k after the first
+               upload them, their index set and importance scores backward pass: choose_locally)
+    3. server: merge the uploads into the global LoRA            (merge)
+    4. server: step server_lr of the way there, refresh importance scores
+
+    hafl           HAFL scheme 2 (freeze): send all R; the client scores them (AdaLoRA sensitivity x
+                   uncertainty), trains only its top-r_k, and the server averages each component over the
+                   clients that trained it ("adaptive"; ``aggregation: zero_pad`` counts absentees as zero)
+    hafl_truncate  HAFL scheme 1: the server sends each client its top-r_k components by global importance
+    hetlora        baseline: the FIRST r_k components, zero-padding aggregation
+    flexlora       baseline: the best rank-r_k factorisation of the global dW (truncated SVD); the server
+                   averages the clients' full dW_k = s B_k A_k
+
+Controls, not in the paper: ``selection: random`` (HAFL) trains r_k components drawn blindly instead of the
+top-r_k by importance; ``server_lr`` < 1 steps only part of the way to the merge, which separates
+HAFL-adaptive's larger updates (zero-padding shrinks rarely-held components every round) from its choice
+of components.
 
 Clients emulate rank r_k inside the rank-R model: components they do not hold are zero and frozen, which
 contributes exactly nothing (B_i A_i = 0 and both gradients vanish). The LoRA scale stays alpha / R for
-every tier [choice]. Importance scores travel up as R floats per module and are counted.
+every tier [choice]. Importance scores travel up as R floats per module and are counted; every variant
+sends them, so the baselines' bytes include them too.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -33,7 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, reply_weight
+from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
+from fedzip.models.lora import is_lora, lora_a, lora_b, lora_modules
 from fedzip.registry import register_method
 from fedzip.wire import Message
 
@@ -44,17 +52,14 @@ class Tier(BaseModel):
     share: float = Field(gt=0, le=1)
 
 
-class HaflOptions(BaseModel):
+class HeteroRankOptions(BaseModel):
+    """What every heterogeneous-rank method takes."""
+
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["freeze", "truncate", "hetlora", "flexlora"] = "freeze"
-    aggregation: Literal["adaptive", "zero_pad"] = "adaptive"
     tiers: list[Tier] = Field(default_factory=lambda: [Tier(rank=4, share=1 / 3), Tier(rank=8, share=1 / 3),
                                                        Tier(rank=16, share=1 / 3)])
     client_ranks: list[int] | None = Field(None, description="explicit rank per client (overrides tiers)")
-    selection: Literal["importance", "random"] = Field(
-        "importance", description="freeze / truncate: which r_k components a client trains; random (a control): "
-                                  "r_k drawn uniformly, per client and round")
-    server_lr: float = Field(1.0, gt=0, le=1, description="server step towards the aggregate (1: replace); a "
+    server_lr: float = Field(1.0, gt=0, le=1, description="server step towards the merge (1: replace); a "
                                                           "control for update size, e.g. 1/3")
     beta1: float = Field(0.85, ge=0, lt=1)
     beta2: float = Field(0.85, ge=0, lt=1)
@@ -62,7 +67,18 @@ class HaflOptions(BaseModel):
     degradation_examples: int | None = Field(None, ge=1)
 
 
-def assign_ranks(opts: HaflOptions, num_clients: int, global_rank: int, seed: int) -> list[int]:
+class HetLoRAOptions(HeteroRankOptions):
+    aggregation: Literal["adaptive", "zero_pad"] = "zero_pad"
+
+
+class HaflOptions(HetLoRAOptions):
+    aggregation: Literal["adaptive", "zero_pad"] = "adaptive"
+    selection: Literal["importance", "random"] = Field(
+        "importance", description="which r_k components a client trains; random (a control): r_k drawn "
+                                  "uniformly, per client, round and module")
+
+
+def assign_ranks(opts: HeteroRankOptions, num_clients: int, global_rank: int, seed: int) -> list[int]:
     if opts.client_ranks is not None:
         ranks = list(opts.client_ranks)
         if len(ranks) != num_clients:
@@ -101,9 +117,9 @@ class ImportanceTracker:
             self.ibar[n].mul_(self.b1).add_(sens, alpha=1 - self.b1)
             self.ubar[n].mul_(self.b2).add_((sens - self.ibar[n]).abs(), alpha=1 - self.b2)
 
-    def component_scores(self, a_name: str, b_name: str) -> torch.Tensor:
-        s_a = self.ibar[a_name] * self.ubar[a_name]  # (R, d_in)
-        s_b = self.ibar[b_name] * self.ubar[b_name]  # (d_out, R)
+    def component_scores(self, module: str) -> torch.Tensor:
+        s_a = self.ibar[lora_a(module)] * self.ubar[lora_a(module)]  # (R, d_in)
+        s_b = self.ibar[lora_b(module)] * self.ubar[lora_b(module)]  # (d_out, R)
         return s_a.mean(dim=1) + s_b.mean(dim=0)
 
 
@@ -132,12 +148,39 @@ def best_rank_r(dw: torch.Tensor, r: int, scale: float, init_a: torch.Tensor) ->
     return a, b
 
 
-@register_method
-class Hafl(Method):
-    name = "hafl"
-    Options = HaflOptions
+def average_components(global_a: torch.Tensor, global_b: torch.Tensor, uploads: list[tuple[list[int], torch.Tensor,
+                       torch.Tensor, int]], adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-1-level averaging of one module. ``uploads``: (held indices, A rows, B columns, weight) per client.
+
+    adaptive: component i is the weighted mean over the clients that trained it, and keeps its value if
+    none did. zero_pad: the weighted mean over all clients, absent components counting as zero."""
+    R = global_a.shape[0]
+    held_weight = torch.zeros(R, dtype=torch.float64)  # summed weight of the clients holding each component
+    for held, _, _, w in uploads:
+        held_weight[held] += w
+    denom = held_weight if adaptive else torch.full((R,), float(sum(w for *_, w in uploads)), dtype=torch.float64)
+    sum_a, sum_b = torch.zeros_like(global_a), torch.zeros_like(global_b)
+    for held, a, b, w in uploads:  # in client order, as a loop over clients would add them
+        coef = (w / denom[held]).to(global_a.dtype)
+        sum_a[held] += a * coef[:, None]
+        sum_b[:, held] += b * coef[None, :]
+    if not adaptive:
+        return sum_a, sum_b
+    nobody = held_weight == 0
+    return torch.where(nobody[:, None], global_a, sum_a), torch.where(nobody[None, :], global_b, sum_b)
+
+
+class HeteroRankLoRA(Method):
+    """The frame every variant shares: ranks, component bookkeeping, client training, server step.
+
+    A variant says which components a client gets (``components_for``, ``factors_for``), how the server
+    merges the uploads (``merge``) and, for HAFL-freeze, how the client picks its own (``choose_locally``)."""
+
+    Options = HeteroRankOptions
     # Masks and importance live beside the model's parameters; server state and payloads on the CPU.
     runs_on_accelerator = True
+    # True: the server sends all R components and each client picks its own r_k (choose_locally).
+    client_chooses: ClassVar[bool] = False
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -145,23 +188,15 @@ class Hafl(Method):
         self.scale = cfg.lora.alpha / cfg.lora.rank
         self.ranks = assign_ranks(self.opts, cfg.num_clients, self.R, cfg.seed)
         names = runtime.view.names()
-        self.modules = [n[: -len(".lora_A.weight")] for n in names if n.endswith(".lora_A.weight")]
+        self.modules = lora_modules(names)
         if not self.modules:
             raise ConfigError(f"method {cfg.method} needs LoRA modules")
-        self.others = [n for n in names if ".lora_A." not in n and ".lora_B." not in n]  # e.g. the head
+        self.others = [n for n in names if not is_lora(n)]  # e.g. the head
         self.shapes = runtime.view.shapes()
-
-    @staticmethod
-    def a(m: str) -> str:
-        return f"{m}.lora_A.weight"
-
-    @staticmethod
-    def b(m: str) -> str:
-        return f"{m}.lora_B.weight"
 
     def describe(self) -> dict:
         tiers = sorted(set(self.ranks))
-        per_rank = {r: sum(r * (self.shapes[self.a(m)][1] + self.shapes[self.b(m)][0]) for m in self.modules)
+        per_rank = {r: sum(r * (self.shapes[lora_a(m)][1] + self.shapes[lora_b(m)][0]) for m in self.modules)
                     for r in tiers}
         head = sum(math.prod(self.shapes[n]) for n in self.others)
         # trainable floats, and their training memory with AdamW (weights + grads + two moments)
@@ -169,116 +204,93 @@ class Hafl(Method):
                 "tier_trainable_params": {str(r): per_rank[r] + head for r in tiers},
                 "tier_train_state_bytes": {str(r): 16 * (per_rank[r] + head) for r in tiers}}
 
+    # -- what a variant decides --------------------------------------------------------------------
+    def components_for(self, cid: int, rnd: int) -> list[list[int]] | None:
+        """Step 1: per module, the components client ``cid`` gets; None: all R (the client chooses)."""
+        raise NotImplementedError
+
+    def factors_for(self, cid: int, held: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Step 1: the LoRA factors sent for those components (rows of A, columns of B)."""
+        out = {}
+        for j, m in enumerate(self.modules):
+            out[lora_a(m)], out[lora_b(m)] = self.global_[lora_a(m)][held[j]], self.global_[lora_b(m)][:, held[j]]
+        return out
+
+    def choose_locally(self, tracker: ImportanceTracker, global_scores: torch.Tensor, r: int,
+                       client: ClientContext) -> list[list[int]]:
+        """Step 2, when ``components_for`` is None: the client's own r components per module."""
+        raise NotImplementedError
+
+    def merge(self, replies: dict[int, Message], weights: dict[int, int], held: dict[int, list[list[int]]]) -> None:
+        """Step 3: the uploads into ``self.global_`` (the LoRA factors; the head is averaged already)."""
+        raise NotImplementedError
+
+    def tier_view(self, r: int, j: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """What a rank-r client of module j would receive now: (indices, A rows, B columns)."""
+        keep = list(range(r))
+        m = self.modules[j]
+        return keep, self.global_[lora_a(m)][keep], self.global_[lora_b(m)][:, keep]
+
     # -- server ------------------------------------------------------------------------------------
     def init_global(self) -> None:
         self.global_ = self.rt.view.get()
-        self.init_a = {m: self.global_[self.a(m)].clone() for m in self.modules}  # the shared seeded init
+        self.init_a = {m: self.global_[lora_a(m)].clone() for m in self.modules}  # the shared seeded init
         self.scores = torch.zeros(len(self.modules), self.R)
-        if self.opts.mode == "flexlora":
-            self.dw = {m: self.scale * self.global_[self.b(m)] @ self.global_[self.a(m)] for m in self.modules}
 
-    def server_state(self) -> dict[str, torch.Tensor]:
-        state = {f"g::{n}": t for n, t in self.global_.items()} | {"scores": self.scores}
-        if self.opts.mode == "flexlora":
-            state |= {f"dw::{m}": t for m, t in self.dw.items()}
-        return state
+    def server_state(self) -> ServerState:
+        return ServerState({"global": dict(self.global_), "importance": {"scores": self.scores}})
 
-    def load_server_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.global_ = {n: state[f"g::{n}"].clone() for n in self.global_}
-        self.scores = state["scores"].clone()
-        if self.opts.mode == "flexlora":
-            self.dw = {m: state[f"dw::{m}"].clone() for m in self.modules}
-            self._set_global_from_dw()
+    def load_server_state(self, state: ServerState) -> None:
+        self.global_ = {n: state.group("global")[n].clone() for n in self.global_}
+        self.scores = state.group("importance")["scores"].clone()
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.global_
 
-    def held_components(self, cid: int, rnd: int) -> list[list[int]]:
-        """Per module, which components the server sends client ``cid`` (truncate / hetlora / flexlora)."""
-        r = self.ranks[cid]
-        if self.opts.mode == "truncate" and self.opts.selection == "random":
-            return [random_components(self.R, r, [self.cfg.seed, cid, rnd, j]) for j in range(len(self.modules))]
-        if self.opts.mode == "truncate":
-            return [top_components(self.scores[j], r) for j in range(len(self.modules))]
-        return [list(range(r))] * len(self.modules)
-
     def _component_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
         out = {}
         for m in self.modules:
-            out[self.a(m)] = (r, self.shapes[self.a(m)][1])
-            out[self.b(m)] = (self.shapes[self.b(m)][0], r)
+            out[lora_a(m)] = (r, self.shapes[lora_a(m)][1])
+            out[lora_b(m)] = (self.shapes[lora_b(m)][0], r)
         return out | {n: self.shapes[n] for n in self.others}
 
-    def down_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
-        if self.opts.mode == "freeze":
-            return self.shapes | {"scores": (len(self.modules), self.R)}
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self._component_shapes(self.ranks[cid])
 
-    def up_spec(self, cid: int) -> dict[str, tuple[int, ...]]:
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self._component_shapes(self.ranks[cid]) | {"scores": (len(self.modules), self.R)}
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
-        if self.opts.mode == "freeze":
-            msg = Message(self.global_ | {"scores": self.scores}, {"round": rnd})
-            return {cid: msg for cid in cids}
         out = {}
         for cid in cids:
-            held = self.held_components(cid, rnd)
-            tensors = {n: self.global_[n] for n in self.others}
-            for j, m in enumerate(self.modules):
-                if self.opts.mode == "flexlora":
-                    a, b = best_rank_r(self.dw[m], self.ranks[cid], self.scale, self.init_a[m])
-                else:
-                    a, b = self.global_[self.a(m)][held[j]], self.global_[self.b(m)][:, held[j]]
-                tensors[self.a(m)], tensors[self.b(m)] = a, b
+            held = self.components_for(cid, rnd)
+            tensors = {n: self.global_[n] for n in self.others} | self.factors_for(cid, held)
             out[cid] = Message(tensors, {"round": rnd, "components": [_mask(h) for h in held]})
         return out
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
-        before = {n: t.clone() for n, t in self.global_.items()} if self.opts.server_lr < 1 else None
-        if before is not None and self.opts.mode == "flexlora":
-            before_dw = {m: t.clone() for m, t in self.dw.items()}
         weights = {cid: reply_weight(r) for cid, r in replies.items()}
-        total = sum(weights.values())
         held = {cid: self._reply_components(cid, r) for cid, r in replies.items()}
+        before = self._snapshot() if self.opts.server_lr < 1 else None
+        total = sum(weights.values())
         for n in self.others:
             self.global_[n] = sum(replies[c].tensors[n] * (w / total) for c, w in weights.items())
-        if self.opts.mode == "flexlora":
-            for m in self.modules:
-                self.dw[m] = sum(self.scale * replies[c].tensors[self.b(m)] @ replies[c].tensors[self.a(m)] * (w / total)
-                                 for c, w in weights.items())
-            self._set_global_from_dw()
-        else:
-            for j, m in enumerate(self.modules):
-                for i in range(self.R):
-                    owners = [c for c in replies if i in held[c][j]]
-                    if not owners and self.opts.aggregation == "adaptive":
-                        continue  # nobody trained it: it keeps its value
-                    denom = sum(weights[c] for c in owners) if self.opts.aggregation == "adaptive" else total
-                    a = torch.zeros_like(self.global_[self.a(m)][i])
-                    b = torch.zeros_like(self.global_[self.b(m)][:, i])
-                    for c in owners:
-                        pos = held[c][j].index(i)
-                        a += replies[c].tensors[self.a(m)][pos] * (weights[c] / denom)
-                        b += replies[c].tensors[self.b(m)][:, pos] * (weights[c] / denom)
-                    self.global_[self.a(m)][i], self.global_[self.b(m)][:, i] = a, b
-        if before is not None:  # a step of server_lr from the old global towards the aggregate
-            lr = self.opts.server_lr
-            if self.opts.mode == "flexlora":
-                self.dw = {m: before_dw[m] + lr * (self.dw[m] - before_dw[m]) for m in self.modules}
-                self._set_global_from_dw()
-                self.global_ |= {n: before[n] + lr * (self.global_[n] - before[n]) for n in self.others}
-            else:
-                self.global_ = {n: before[n] + lr * (t - before[n]) for n, t in self.global_.items()}
+        self.merge(replies, weights, held)
+        if before is not None:
+            self._server_step(before, self.opts.server_lr)
         # global importance: the mean score of each component over the clients that report it
         reported = torch.stack([replies[c].tensors["scores"] for c in replies])
         counts = (reported != 0).sum(0)
         self.scores = torch.where(counts > 0, reported.sum(0) / counts.clamp_min(1), self.scores)
-        extra: dict[str, float] = {}
         every = self.opts.degradation_every
-        if every and rnd % every == 0:
-            extra |= self.degradation()
-        return extra
+        return self.degradation() if every and rnd % every == 0 else {}
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.global_.items()}
+
+    def _server_step(self, before: dict[str, torch.Tensor], lr: float) -> None:
+        """A step of ``lr`` from the old global model towards the merge."""
+        self.global_ = {n: before[n] + lr * (t - before[n]) for n, t in self.global_.items()}
 
     def _reply_components(self, cid: int, reply: Message) -> list[list[int]]:
         masks = reply.meta.get("components")
@@ -293,28 +305,19 @@ class Hafl(Method):
             held.append(idx)
         return held
 
-    def _set_global_from_dw(self) -> None:
-        for m in self.modules:
-            a, b = best_rank_r(self.dw[m], self.R, self.scale, self.init_a[m])
-            self.global_[self.a(m)], self.global_[self.b(m)] = a, b
-
     def degradation(self) -> dict[str, float]:
         """Accuracy of the global model as each tier receives it, before local training."""
         out = {}
         for r in sorted(set(self.ranks)):
             tensors = dict(self.global_)
             for j, m in enumerate(self.modules):
-                if self.opts.mode == "freeze":
-                    continue  # every tier holds all R components
-                if self.opts.mode == "flexlora":
-                    a, b = best_rank_r(self.dw[m], r, self.scale, self.init_a[m])
-                    keep = list(range(r))
-                else:
-                    keep = top_components(self.scores[j], r) if self.opts.mode == "truncate" else list(range(r))
-                    a, b = self.global_[self.a(m)][keep], self.global_[self.b(m)][:, keep]
-                full_a, full_b = torch.zeros_like(self.global_[self.a(m)]), torch.zeros_like(self.global_[self.b(m)])
+                view = self.tier_view(r, j)
+                if view is None:
+                    continue  # the tier holds all R components
+                keep, a, b = view
+                full_a, full_b = torch.zeros_like(self.global_[lora_a(m)]), torch.zeros_like(self.global_[lora_b(m)])
                 full_a[keep], full_b[:, keep] = a, b
-                tensors[self.a(m)], tensors[self.b(m)] = full_a, full_b
+                tensors[lora_a(m)], tensors[lora_b(m)] = full_a, full_b
             self.rt.view.set(tensors)
             metrics = self.rt.task.evaluate(self.rt.model, self.cfg.eval.batch_size,
                                             self.opts.degradation_examples, seed=self.cfg.seed)
@@ -326,60 +329,190 @@ class Hafl(Method):
     def fit(self, client: ClientContext, message: Message) -> Message:
         view, r = self.rt.view, self.ranks[client.cid]
         start = {n: message.tensors[n] for n in self.others}
-        if self.opts.mode == "freeze":
-            start |= {n: message.tensors[n] for n in self.shapes if n not in start}
-            held: list[list[int]] | None = None  # chosen after the first backward pass, from local scores
-            global_scores = message.tensors["scores"]
-        else:
-            held = [_unmask(mk, self.R) for mk in message.meta["components"]]
+        if not self.client_chooses:  # the server chose: its components, zero-padded to rank R
+            masks_sent = message.meta.get("components")
+            if not isinstance(masks_sent, list) or len(masks_sent) != len(self.modules):
+                raise PayloadError("message meta 'components' must hold one mask per LoRA module")
+            held: list[list[int]] | None = [_unmask(mk, self.R) for mk in masks_sent]
+            if any(len(h) != r for h in held):
+                raise PayloadError(f"the server sent {sorted({len(h) for h in held})} components, this client's rank is {r}")
             for j, m in enumerate(self.modules):
-                a = torch.zeros(self.shapes[self.a(m)])
-                b = torch.zeros(self.shapes[self.b(m)])
-                a[held[j]], b[:, held[j]] = message.tensors[self.a(m)], message.tensors[self.b(m)]
-                start[self.a(m)], start[self.b(m)] = a, b
+                a, b = torch.zeros(self.shapes[lora_a(m)]), torch.zeros(self.shapes[lora_b(m)])
+                a[held[j]], b[:, held[j]] = message.tensors[lora_a(m)], message.tensors[lora_b(m)]
+                start[lora_a(m)], start[lora_b(m)] = a, b
+        else:  # all R components: the client chooses after its first backward pass
+            start |= {n: message.tensors[n] for n in self.shapes if n not in start}
+            held = None
         view.set(start)
         lora = {n: p for n, p in view.params.items() if n not in self.others}
         tracker = ImportanceTracker(lora, self.opts.beta1, self.opts.beta2)
         masks: dict[str, torch.Tensor] = {}
 
-        def grad_hook():
+        def after_backward():  # train_locally calls it between backward and the optimiser step
             nonlocal held
             tracker.update()
-            if held is None:  # freeze: pick the top-r_k components by local score (global score breaks ties)
-                held = []
-                for j, m in enumerate(self.modules):
-                    if self.opts.selection == "random":  # the control: as many components, chosen blindly
-                        held.append(random_components(self.R, r, [self.cfg.seed, client.cid, client.round, j]))
-                        continue
-                    local = tracker.component_scores(self.a(m), self.b(m)).cpu()
-                    held.append(top_components(local if local.any() else global_scores[j], r))
+            if held is None:
+                held = self.choose_locally(tracker, message.tensors["scores"], r, client)
             if not masks:
-                for j, m in enumerate(self.modules):
-                    device = view.params[self.a(m)].device  # masks meet gradients where the model lives
-                    ma = torch.zeros(self.shapes[self.a(m)], device=device)
-                    mb = torch.zeros(self.shapes[self.b(m)], device=device)
-                    ma[held[j]], mb[:, held[j]] = 1.0, 1.0
-                    masks[self.a(m)], masks[self.b(m)] = ma, mb
-            for n, mk in masks.items():
+                masks.update(self._gradient_masks(held))
+            for n, mk in masks.items():  # only the held components move
                 if view.params[n].grad is not None:
                     view.params[n].grad.mul_(mk)
 
         before = {n: p.detach().clone() for n, p in lora.items()}
         train_cfg = round_train_config(self.cfg, client.round)
         steps, loss, _ = train_locally(self.rt.model, view.params, self.rt.task, client.indices, train_cfg,
-                                       client.seed, grad_hook=grad_hook, progress=self.rt.step_progress)
+                                       client.seed, grad_hook=after_backward, progress=self.rt.step_progress)
         with torch.no_grad():  # decoupled weight decay must not move frozen components either
             for n, mk in masks.items():
                 view.params[n].copy_(view.params[n] * mk + before[n] * (1 - mk))
         tensors = view.get(self.others)  # the reply is built on the CPU, wherever the model trained
         scores = torch.zeros(len(self.modules), self.R)
         for j, m in enumerate(self.modules):
-            tensors[self.a(m)] = view.params[self.a(m)].detach()[held[j]].to("cpu", copy=True)
-            tensors[self.b(m)] = view.params[self.b(m)].detach()[:, held[j]].to("cpu", copy=True)
-            scores[j, held[j]] = tracker.component_scores(self.a(m), self.b(m))[held[j]].cpu()
+            tensors[lora_a(m)] = view.params[lora_a(m)].detach()[held[j]].to("cpu", copy=True)
+            tensors[lora_b(m)] = view.params[lora_b(m)].detach()[:, held[j]].to("cpu", copy=True)
+            scores[j, held[j]] = tracker.component_scores(m)[held[j]].cpu()
         tensors["scores"] = scores
         return Message(tensors, {"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
                                  "components": [_mask(h) for h in held]})
+
+    def _gradient_masks(self, held: list[list[int]]) -> dict[str, torch.Tensor]:
+        masks = {}
+        for j, m in enumerate(self.modules):
+            device = self.rt.view.params[lora_a(m)].device  # masks meet gradients where the model lives
+            ma = torch.zeros(self.shapes[lora_a(m)], device=device)
+            mb = torch.zeros(self.shapes[lora_b(m)], device=device)
+            ma[held[j]], mb[:, held[j]] = 1.0, 1.0
+            masks[lora_a(m)], masks[lora_b(m)] = ma, mb
+        return masks
+
+
+class RankOneAveraging(HeteroRankLoRA):
+    """Step 3 for HAFL and HetLoRA: every component averaged on its own (adaptive or zero-padded)."""
+
+    def merge(self, replies, weights, held) -> None:
+        for j, m in enumerate(self.modules):
+            uploads = [(held[c][j], replies[c].tensors[lora_a(m)], replies[c].tensors[lora_b(m)], weights[c])
+                       for c in replies]
+            self.global_[lora_a(m)], self.global_[lora_b(m)] = average_components(
+                self.global_[lora_a(m)], self.global_[lora_b(m)], uploads, self.opts.aggregation == "adaptive")
+
+
+@register_method
+class Hafl(RankOneAveraging):
+    """HAFL scheme 2: clients hold all R components and train their top-r_k by local importance."""
+
+    name = "hafl"
+    Options = HaflOptions
+    client_chooses = True
+
+    def components_for(self, cid, rnd):
+        return None
+
+    def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        return self.shapes | {"scores": (len(self.modules), self.R)}
+
+    def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
+        msg = Message(self.global_ | {"scores": self.scores}, {"round": rnd})  # the global scores break ties
+        return {cid: msg for cid in cids}
+
+    def choose_locally(self, tracker, global_scores, r, client):
+        held = []
+        for j, m in enumerate(self.modules):
+            if self.opts.selection == "random":  # the control: as many components, chosen blindly
+                held.append(random_components(self.R, r, [self.cfg.seed, client.cid, client.round, j]))
+                continue
+            local = tracker.component_scores(m).cpu()
+            held.append(top_components(local if local.any() else global_scores[j], r))
+        return held
+
+    def tier_view(self, r, j):
+        return None  # every tier holds all R components
+
+
+@register_method
+class HaflTruncate(RankOneAveraging):
+    """HAFL scheme 1: the server sends each client its top-r_k components by global importance."""
+
+    name = "hafl_truncate"
+    Options = HaflOptions
+
+    def components_for(self, cid, rnd):
+        r = self.ranks[cid]
+        if self.opts.selection == "random":
+            return [random_components(self.R, r, [self.cfg.seed, cid, rnd, j]) for j in range(len(self.modules))]
+        return [top_components(self.scores[j], r) for j in range(len(self.modules))]
+
+    def tier_view(self, r, j):
+        keep = top_components(self.scores[j], r)
+        m = self.modules[j]
+        return keep, self.global_[lora_a(m)][keep], self.global_[lora_b(m)][:, keep]
+
+
+@register_method
+class HetLoRA(RankOneAveraging):
+    """HetLoRA (baseline): every client gets the first r_k components; zero-padding aggregation."""
+
+    name = "hetlora"
+    Options = HetLoRAOptions
+
+    def components_for(self, cid, rnd):
+        return [list(range(self.ranks[cid]))] * len(self.modules)
+
+
+@register_method
+class FlexLoRA(HeteroRankLoRA):
+    """FlexLoRA (baseline): average the clients' full-rank dW_k, send each client its truncated SVD."""
+
+    name = "flexlora"
+
+    def init_global(self) -> None:
+        super().init_global()
+        self.dw = {m: self.scale * self.global_[lora_b(m)] @ self.global_[lora_a(m)] for m in self.modules}
+
+    def server_state(self) -> ServerState:
+        state = super().server_state()
+        state.tensors["full_rank_update"] = dict(self.dw)
+        return state
+
+    def load_server_state(self, state: ServerState) -> None:
+        super().load_server_state(state)
+        self.dw = {m: state.group("full_rank_update")[m].clone() for m in self.modules}
+        self._set_global_from_dw()
+
+    def components_for(self, cid, rnd):
+        return [list(range(self.ranks[cid]))] * len(self.modules)
+
+    def factors_for(self, cid, held):
+        out = {}
+        for m in self.modules:
+            out[lora_a(m)], out[lora_b(m)] = best_rank_r(self.dw[m], self.ranks[cid], self.scale, self.init_a[m])
+        return out
+
+    def merge(self, replies, weights, held) -> None:
+        total = sum(weights.values())
+        for m in self.modules:
+            self.dw[m] = sum(self.scale * replies[c].tensors[lora_b(m)] @ replies[c].tensors[lora_a(m)] * (w / total)
+                             for c, w in weights.items())
+        self._set_global_from_dw()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return super()._snapshot() | {("dw", m): t.clone() for m, t in self.dw.items()}
+
+    def _server_step(self, before, lr) -> None:
+        """The step is taken on the full-rank product, then refactored; the head steps as usual."""
+        self.dw = {m: before["dw", m] + lr * (self.dw[m] - before["dw", m]) for m in self.modules}
+        self._set_global_from_dw()
+        self.global_ |= {n: before[n] + lr * (self.global_[n] - before[n]) for n in self.others}
+
+    def _set_global_from_dw(self) -> None:
+        for m in self.modules:
+            self.global_[lora_a(m)], self.global_[lora_b(m)] = best_rank_r(self.dw[m], self.R, self.scale, self.init_a[m])
+
+    def tier_view(self, r, j):
+        m = self.modules[j]
+        a, b = best_rank_r(self.dw[m], r, self.scale, self.init_a[m])
+        return list(range(r)), a, b
 
 
 def _mask(indices: list[int]) -> int:

@@ -45,6 +45,39 @@ def canonical(name: str) -> str:
     return name
 
 
+# Canonical LoRA tensor names are "<module>.lora_A.weight" (rank x in) and "<module>.lora_B.weight" (out x rank).
+# Every method finds its LoRA pairs through these helpers rather than parsing names itself.
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def is_lora(name: str) -> bool:
+    """A LoRA factor (A or B); False for the head and other trained tensors."""
+    return name.endswith(_A) or name.endswith(_B)
+
+
+def is_lora_a(name: str) -> bool:
+    return name.endswith(_A)
+
+
+def lora_a(module: str) -> str:
+    return module + _A
+
+
+def lora_b(module: str) -> str:
+    return module + _B
+
+
+def lora_modules(names) -> list[str]:
+    """The adapted modules among ``names``, in their order: those with an A factor (and, checked, a B)."""
+    names = list(names)
+    present = set(names)
+    modules = [n[: -len(_A)] for n in names if n.endswith(_A)]
+    missing = [lora_b(m) for m in modules if lora_b(m) not in present]
+    if missing:
+        raise ModelError(f"LoRA A without its B: {missing[0]}")
+    return modules
+
+
 class TrainableView:
     """Maps canonical names to a model's trainable parameters (and back)."""
 

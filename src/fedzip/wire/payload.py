@@ -35,6 +35,13 @@ class Message:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # What the sender's ledger files this message under ("update", or e.g. FedBiOT's one-time
+    # "update+compressed_model"). Bookkeeping on the sending side: never encoded, so never sent or counted.
+    ledger_tag: str = "update"
+    # Simulation-only diagnostics a client returns beside its reply (e.g. CG-FedLLM's true update next to its
+    # compressed form). Never encoded: an in-process simulation hands them to the server's ``aggregate``
+    # on the decoded reply; a deployment drops them on the node.
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
