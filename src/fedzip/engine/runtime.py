@@ -33,6 +33,16 @@ class Runtime:
         return [len(p) for p in self.parts]
 
 
+def client_runtime(server: Runtime, method_cls) -> Runtime:
+    """The runtime of clients that run in the server's process: the same data and partitions (read-only),
+    and a model of their own, built as a deployed client builds its own (none where the method's client
+    builds a smaller one from what it receives). Nothing passes from server to client but message bytes."""
+    cfg = server.cfg
+    model = None if method_cls.client_builds_model else build_model(cfg, method_cls, server.task)
+    return Runtime(cfg=cfg, task=server.task, model=model, view=TrainableView(model) if model is not None else None,
+                   parts=server.parts, stats=server.stats, step_progress=server.step_progress, run_dir=server.run_dir)
+
+
 def build_task(cfg) -> Task:
     train, test = load_source(cfg.data, cfg.seed, cfg.data_root())
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.cache_dir)

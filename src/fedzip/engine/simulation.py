@@ -26,7 +26,7 @@ from fedzip.data.task import model_device
 from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
 from fedzip.engine.ledger import Ledger
 from fedzip.engine.memory import PeakMemory
-from fedzip.engine.runtime import build_runtime
+from fedzip.engine.runtime import build_runtime, client_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError, RunDirError
 from fedzip.methods.state import load_server_state, save_server_state
@@ -46,8 +46,9 @@ def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> lis
 class InProcessExchange:
     """Clients run in this process, one after another, each from the bytes it was sent.
 
-    They use their own Method instance, built like a deployed client's: nothing passes from the
-    server side to a client except the message bytes."""
+    They use their own Method instance on their own runtime (``client_runtime``: the same read-only data,
+    a model of their own), built like a deployed client's: nothing passes from the server side to a client
+    except the message bytes. The process holds a second copy of the trainable model for them."""
 
     def __init__(self, client_method, store: ClientStateStore, bar: RunProgress):
         self.method, self.store, self.bar = client_method, store, bar
@@ -157,7 +158,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     bar = RunProgress(cfg.rounds, start, enabled=progress)
     rt.step_progress = bar.step
     if exchange is None:
-        exchange = InProcessExchange(method_cls(cfg, rt), store, bar)
+        exchange = InProcessExchange(method_cls(cfg, client_runtime(rt, method_cls)), store, bar)
     t_start = time.time()
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         metrics_lines = sum(1 for _ in f)
