@@ -1,12 +1,16 @@
 """Shared test helpers."""
 
+import json
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from fedzip.config import load_config
+from fedzip.deploy.local import LocalFederation
 from fedzip.engine import run_experiment
+from fedzip.engine.ledger import read_ledger
 
 
 def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -31,3 +35,47 @@ def assert_resume_is_exact(tmp_path: Path, overrides: list[str], stop_after: int
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["bytes_up_total"] == full["bytes_up_total"] and resumed["final_metrics"] == full["final_metrics"]
     return full, resumed
+
+
+# -- Flower: a real SuperLink and SuperNodes on 127.0.0.1 ----------------------------------------------
+def simulate(tmp_path: Path, overrides: list[str]) -> Path:
+    return Path(run_experiment(load_config("quickstart", overrides), tmp_path / "sim", progress=False)["run_dir"])
+
+
+def flower_run(fed: LocalFederation, overrides, out: Path, resume=False, timeout=300.0, until=None) -> None:
+    """Submit a run and wait for it to end (or for ``until()`` to hold, then return)."""
+    proc = fed.submit("quickstart", overrides, out, resume)
+    end = time.time() + timeout
+    if until is not None:
+        while proc.poll() is None:
+            if until():
+                return
+            assert time.time() < end, f"Flower run timed out; logs in {fed.home}"
+            time.sleep(0.5)
+        return
+    assert fed.wait_for_run(proc, out, end), (fed.home / "flwr-run.log").read_text()[-3000:]
+
+
+def node_wire(fed: LocalFederation) -> dict[tuple[int, int], tuple[int, int]]:
+    """(round, client) -> (down, up) payload bytes as each SuperNode recorded them (the last attempt)."""
+    out = {}
+    for f in sorted(fed.home.glob("node*-state/*/wire.jsonl")):
+        for line in f.read_text().splitlines():
+            e = json.loads(line)
+            out[(e["round"], e["client"])] = (e["down"], e["up"])
+    return out
+
+
+def ledger_pairs(run_dir: Path) -> dict[tuple[int, int], tuple[int, int]]:
+    pairs: dict[tuple[int, int], dict[str, int]] = {}
+    for e in read_ledger(run_dir / "ledger.jsonl"):
+        if "status" not in e:
+            pairs.setdefault((e["round"], e["client"]), {})[e["direction"]] = e["bytes"]
+    return {k: (v["down"], v["up"]) for k, v in pairs.items() if "up" in v}
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert (ta[k] == tb[k]).all(), k

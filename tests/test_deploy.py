@@ -10,86 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import adapter_tensors
+from helpers import assert_same_adapter, flower_run, simulate
 
-from fedzip.config import load_config
 from fedzip.deploy.credentials import make_credentials
 from fedzip.deploy.local import LocalFederation
-from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
 
 pytestmark = pytest.mark.deploy
-
-
-def simulate(tmp_path: Path, overrides: list[str]) -> Path:
-    return Path(run_experiment(load_config("quickstart", overrides), tmp_path / "sim", progress=False)["run_dir"])
-
-
-def flower_run(fed: LocalFederation, overrides, out: Path, resume=False, timeout=300.0, until=None) -> None:
-    """Submit a run and wait for it to end (or for ``until()`` to hold, then return)."""
-    proc = fed.submit("quickstart", overrides, out, resume)
-    end = time.time() + timeout
-    if until is not None:
-        while proc.poll() is None:
-            if until():
-                return
-            assert time.time() < end, f"Flower run timed out; logs in {fed.home}"
-            time.sleep(0.5)
-        return
-    assert fed.wait_for_run(proc, out, end), (fed.home / "flwr-run.log").read_text()[-3000:]
-
-
-def node_wire(fed: LocalFederation) -> dict[tuple[int, int], tuple[int, int]]:
-    """(round, client) -> (down, up) payload bytes as each SuperNode recorded them (the last attempt)."""
-    out = {}
-    for f in sorted(fed.home.glob("node*-state/*/wire.jsonl")):
-        for line in f.read_text().splitlines():
-            e = json.loads(line)
-            out[(e["round"], e["client"])] = (e["down"], e["up"])
-    return out
-
-
-def ledger_pairs(run_dir: Path) -> dict[tuple[int, int], tuple[int, int]]:
-    pairs: dict[tuple[int, int], dict[str, int]] = {}
-    for e in read_ledger(run_dir / "ledger.jsonl"):
-        if "status" not in e:
-            pairs.setdefault((e["round"], e["client"]), {})[e["direction"]] = e["bytes"]
-    return {k: (v["down"], v["up"]) for k, v in pairs.items() if "up" in v}
-
-
-def assert_same_adapter(a: Path, b: Path) -> None:
-    ta, tb = adapter_tensors(a), adapter_tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert (ta[k] == tb[k]).all(), k
-
-
-FEDBIOT = ["method=fedbiot", "model.name=tiny-llama-8", "data.source=alpaca", "data.path=null", "data.max_length=48",
-           "data.max_test_examples=16", "method_options={prealign_steps: 2, align_steps: 1, align_batch: 2, "
-           "public_max_examples: 32}"]
-
-
-@pytest.mark.parametrize("method", [
-    ["method=fedit"],
-    ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.125}", "wire.up=int8+zstd"],
-    FEDBIOT,  # clients build the compressed model from a one-time message and never load the full model
-    ["method=hafl", "lora.rank=4", "lora.alpha=4",  # per-client ranks and frozen components kept on the nodes
-     "method_options={tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"],
-    ["method=cgfedllm", "lora.train_head=false",  # the TGAP round, then the autoencoder sent and used
-     "method_options={tgap_rounds: 1, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"],
-], ids=["fedit", "flasc_int8_zstd", "fedbiot", "hafl", "cgfedllm"])
-def test_flower_run_equals_simulation_and_ledger_equals_wire(tmp_path, tiny_cfg, method):
-    overrides = tiny_cfg + ["rounds=2", "num_clients=6", "clients_per_round=3"] + method
-    sim = simulate(tmp_path, overrides)
-    with LocalFederation(tmp_path / "flower", nodes=3) as fed:
-        flower_run(fed, overrides, tmp_path / "flower-run")
-        wire = node_wire(fed)
-    run = tmp_path / "flower-run"
-    assert_same_adapter(run, sim)
-    assert read_ledger(run / "ledger.jsonl") == read_ledger(sim / "ledger.jsonl")
-    assert ledger_pairs(run) == wire and len(wire) == 2 * 3  # every message, as the nodes counted it
-    assert json.loads((run / "summary.json").read_text())["final_metrics"] == \
-        json.loads((sim / "summary.json").read_text())["final_metrics"]
 
 
 def test_a_killed_supernode_fails_its_clients_and_rejoins_later(tmp_path, tiny_cfg):

@@ -7,18 +7,25 @@
 3. A resumed run ends exactly as an uninterrupted one.
 4. A client built on its own (its own runtime and model, as a deployed client is) sends the same reply,
    byte for byte, as the in-process client the simulation uses.
+5. A Flower federation (a real SuperLink and SuperNodes on 127.0.0.1) ends with the same adapter, ledger and
+   metrics as the simulation, and the ledger equals the bytes the nodes counted: once per method family
+   (``FAMILY`` maps every registered method to the one whose Flower run covers its exchange; deploy-marked).
 """
+
+import json
 
 import pytest
 import torch
-from helpers import assert_resume_is_exact
+from helpers import assert_resume_is_exact, assert_same_adapter, flower_run, ledger_pairs, node_wire, simulate
 
 from fedzip.config import load_config
+from fedzip.deploy.local import LocalFederation
 from fedzip.engine.client import run_client
+from fedzip.engine.ledger import read_ledger
 from fedzip.engine.runtime import build_runtime
 from fedzip.engine.simulation import sample_clients
 from fedzip.engine.state import ClientStateStore
-from fedzip.methods import METHODS
+from fedzip.methods import METHODS, Method
 from fedzip.methods.state import load_server_state, save_server_state
 from fedzip.wire import decode, encode
 
@@ -120,3 +127,48 @@ def test_a_client_built_on_its_own_replies_as_the_in_process_one(overrides, tmp_
 def test_a_resumed_run_ends_as_an_uninterrupted_one(overrides, tmp_path):
     torch.manual_seed(0)
     assert_resume_is_exact(tmp_path, overrides, stop_after=1)
+
+
+# -- 5. in-process == Flower, once per family ------------------------------------------------------------
+# method -> the family whose Flower run exercises its exchange (same message shapes, same client state)
+FAMILY = {"fedit": "fedit", "ffa_lora": "fedit", "full_ft": "fedit", "centralised": "fedit", "centralized": "fedit",
+          "cellm": "flasc", "flasc": "flasc", "hafl": "hafl", "hafl_truncate": "hafl", "hetlora": "hafl",
+          "flexlora": "hafl", "cgfedllm": "cgfedllm", "fedbiot": "fedbiot", "fedot": "fedbiot", "offsite_tuning": "fedbiot"}
+FLOWER_ROWS = {
+    "fedit": ["method=fedit"],
+    "flasc": ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.125}", "wire.up=int8+zstd"],
+    # clients build the compressed model from a one-time message and never load the full model
+    "fedbiot": ["method=fedbiot", "model.name=tiny-llama-8", "data.source=alpaca", "data.path=null", "data.max_length=48",
+                "data.max_test_examples=16", "method_options={prealign_steps: 2, align_steps: 1, align_batch: 2, "
+                "public_max_examples: 32}"],
+    # per-client ranks and frozen components kept on the nodes
+    "hafl": ["method=hafl", "lora.rank=4", "lora.alpha=4",
+             "method_options={tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"],
+    # the TGAP round, then the autoencoder sent and used
+    "cgfedllm": ["method=cgfedllm", "lora.train_head=false",
+                 "method_options={tgap_rounds: 1, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"],
+}
+
+
+def test_every_registered_method_has_a_flower_family():
+    assert set(FAMILY) == set(METHODS) and set(FAMILY.values()) == set(FLOWER_ROWS)
+    for method, family in FAMILY.items():  # a family's methods share its exchange code: the family's root class
+        mro = METHODS[family].__mro__
+        root = mro[mro.index(Method) - 1]
+        assert issubclass(METHODS[method], root), (method, family)
+
+
+@pytest.mark.deploy
+@pytest.mark.parametrize("family", sorted(FLOWER_ROWS))
+def test_a_flower_run_equals_the_simulation_and_its_ledger_equals_the_wire(tmp_path, tiny_cfg, family):
+    overrides = tiny_cfg + ["rounds=2", "num_clients=6", "clients_per_round=3"] + FLOWER_ROWS[family]
+    sim = simulate(tmp_path, overrides)
+    with LocalFederation(tmp_path / "flower", nodes=3) as fed:
+        flower_run(fed, overrides, tmp_path / "flower-run")
+        wire = node_wire(fed)
+    run = tmp_path / "flower-run"
+    assert_same_adapter(run, sim)
+    assert read_ledger(run / "ledger.jsonl") == read_ledger(sim / "ledger.jsonl")
+    assert ledger_pairs(run) == wire and len(wire) == 2 * 3  # every message, as the nodes counted it
+    assert json.loads((run / "summary.json").read_text())["final_metrics"] == \
+        json.loads((sim / "summary.json").read_text())["final_metrics"]
