@@ -35,7 +35,13 @@ class ClientContext:
 
 
 class Method:
-    """Base class. Subclasses set ``name`` and override what differs from FedAvg-style exchange."""
+    """Base class. Subclasses set ``name`` and override what differs from FedAvg-style exchange.
+
+    One class, two parts that never share an instance: the engine builds a server part on the server's
+    runtime and, for clients, another instance on a runtime of their own (a deployed client builds one from
+    its config alone). The server part holds the global state (``init_global`` .. ``evaluate``, ``up_spec``);
+    the client part knows only its config, its data, its on-disk store and the bytes it receives
+    (``down_spec``, ``down_optional``, ``fit``). The round is always passed in, never remembered."""
 
     name: ClassVar[str] = ""
     uses_lora: ClassVar[bool] = True
@@ -102,6 +108,11 @@ class Method:
         They join the round's metrics and, from the last round, the run's final metrics."""
         return {}
 
+    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
+        """Names and shapes the server accepts from client ``cid`` in round ``rnd``."""
+        raise NotImplementedError
+
+    # -- client side -------------------------------------------------------------------------------
     def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         """Names and shapes client ``cid`` accepts from the server in round ``rnd``, known from the client's side alone."""
         raise NotImplementedError
@@ -110,12 +121,8 @@ class Method:
         """Names in ``down_spec`` that a message may leave out (e.g. a codec sent only once)."""
         return set()
 
-    def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes the server accepts from client ``cid`` in round ``rnd``."""
-        raise NotImplementedError
-
-    # -- client side -------------------------------------------------------------------------------
     def fit(self, client: ClientContext, message: Message) -> Message:
+        """Train on ``client.indices`` from what ``message`` brought; the reply is all that leaves the client."""
         raise NotImplementedError
 
 
