@@ -67,6 +67,8 @@ def runs_for(profile: str) -> list[tuple[str, list[str], str]]:
 
 
 RUNS = runs_for("cpu")
+# (label, seed) of runs whose measured compute is inflated: other work shared the cores for part of the run
+SHARED_CORES = [("hafl", 2), ("hetlora", 2), ("flexlora", 2), ("cgfedllm_linear16", 2)]
 WHAT = {label: what for label, _, what in RUNS}
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, RUNS)
 
@@ -111,6 +113,12 @@ def write_board() -> dict | None:
                   + (f"Fewer so far: {', '.join(short)}. " if short else "")
                   + (f"Not run yet: {', '.join(missing)}. " if missing else "")
                   + "`python benchmarks/b1_cpu.py --commit` continues where the last run stopped.", ""]
+    shared = [f"{label} s{seed}" for label, seed in SHARED_CORES if any(r["label"] == label for r in board["rows"])]
+    if shared:
+        lines += ["**Timing caveat.** These runs shared the 2 cores with other work (tests, other pilots) for part "
+                  f"of their run: {', '.join(shared)}. Their accuracy and bytes are unaffected; their measured client "
+                  "compute, and so `client step s` and the hours to target, is inflated (those runs took 1690-1720 s "
+                  "against 1220-1480 s), which is what the larger std of those columns shows.", ""]
     lines += ["What each row runs:", ""]
     lines += [f"- `{r['label']}`: {r['what']}" for r in board["rows"]]
     lines += ["", f"Machines: {'; '.join(sorted({m for r in board['rows'] for m in r['machines']}))}.", ""]
