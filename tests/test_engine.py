@@ -204,7 +204,7 @@ GPU_FAMILIES = {  # method -> extra overrides; FedBiOT's GPU test is in test_fed
     "fedit": [], "ffa_lora": ["method=ffa_lora"],
     "flasc": ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.25, server_optimizer: sgd, server_lr: 1.0}"],
     "hafl": ["method=hafl", "lora.rank=4", "lora.alpha=4",
-             "method_options={mode: freeze, tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"],
+             "method_options={tiers: [{rank: 2, share: 0.5}, {rank: 4, share: 0.5}]}"],
     "cgfedllm": ["method=cgfedllm", "lora.train_head=false", "rounds=4",
                  "method_options={tgap_rounds: 2, ae_epochs: 3, ae_lr: 0.001, ae_gate: warn}"],
 }
