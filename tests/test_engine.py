@@ -210,6 +210,12 @@ GPU_FAMILIES = {  # method -> extra overrides; FedBiOT's GPU test is in test_fed
 }
 
 
+def test_the_gpu_matrix_configs_are_valid_here(tiny_cfg):
+    """The GPU tests are skipped without CUDA; their configs are checked everywhere, so they cannot rot unseen."""
+    for extra in GPU_FAMILIES.values():
+        load_config(None, tiny_cfg + ["rounds=3", "train.device=cpu"] + extra)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", list(GPU_FAMILIES))
 def test_cuda_run_matches_cpu_run(tmp_path, tiny_cfg, method, monkeypatch):
