@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, say  # noqa: E402
 from seeded import SeededBenchmark, figure_lines  # noqa: E402
 
+from fedzip.report.compact import load_compact  # noqa: E402
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
+from fedzip.report.targets import fixed_subset_curve, smoothed  # noqa: E402
 
 BENCH = "b1_cpu"
 CONFIG = "b1_fedit"
@@ -73,6 +75,24 @@ WHAT = {label: what for label, _, what in RUNS}
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, RUNS)
 
 
+def longer_runs(records: list[dict]) -> str:
+    """What FedIT did with more rounds (the plateau pilot, results/pilots/b1_cpu_200_rounds/), as a sentence."""
+    pilot = sorted((RESULTS / "pilots" / "b1_cpu_200_rounds").glob("fedit-s*.json"))
+    if not pilot:
+        return ""
+    ours = {r["seed"]: r for r in records if r["label"] == "fedit"}
+    parts = []
+    for path in pilot:
+        long = load_compact(path)
+        if long["seed"] in ours:
+            diff = smoothed(fixed_subset_curve(long["curve"], "accuracy"))[-1][1] - \
+                smoothed(fixed_subset_curve(ours[long["seed"]]["curve"], "accuracy"))[-1][1]
+            parts.append(f"seed {long['seed']} at {long['rounds']} rounds ends {diff * 100:+.1f} points from its "
+                         f"{ours[long['seed']]['rounds']}-round smoothed final")
+    return ("Does FedIT gain from more rounds? " + "; ".join(parts) + " ([pilots/b1_cpu_200_rounds.md]"
+            "(pilots/b1_cpu_200_rounds.md)). ") if parts else ""
+
+
 def write_board() -> dict | None:
     records = BENCHMARK.records()
     if not any(r["label"] == "fedit" for r in records):
@@ -98,7 +118,7 @@ def write_board() -> dict | None:
              f"FedIT's smoothed curve gains {gain['mean'] * 100:+.2f} ± {gain['std'] * 100:.2f} points over the "
              f"last 20% of rounds (seed by seed: {by_seed}); the protocol's plateau test (under 1 point) holds "
              f"for {sum(abs(g) < 0.01 for g in ref['plateau_gain_by_seed'].values())} of "
-             f"{len(ref['plateau_gain_by_seed'])} seeds. "
+             f"{len(ref['plateau_gain_by_seed'])} seeds. " + longer_runs(records) +
              "Target per seed: that seed's FedIT smoothed final accuracy minus 1 point. Mean ± sample std over "
              "seeds; bytes and hours to target are over the seeds that reached it; `bytes vs fedit` is FedIT's "
              "bytes to target divided by the run's, seed by seed. Hours to target: the ledger's bytes over each "
