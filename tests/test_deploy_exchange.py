@@ -58,7 +58,8 @@ def test_replies_reach_the_engine_and_nodes_get_their_own_clients():
     grid = FakeGrid(ok)
     ex = FlowerExchange(grid, cfg(), retry_pause_s=0)
     timing = {"compute_s": 0.0}
-    replies, failures = ex(3, {c: bytes([c]) for c in range(4)}, timing)
+    replies, failures, diagnostics = ex(3, {c: bytes([c]) for c in range(4)}, timing)
+    assert diagnostics == {}  # nothing but payloads crosses the network
     assert replies == {c: b"reply-" + bytes([c]) for c in range(4)} and failures == {}
     assert sorted(grid.sent) == [(11, 0, 3), (11, 2, 3), (12, 1, 3), (12, 3, 3)]
 
@@ -80,8 +81,9 @@ def test_bad_replies_are_failures_with_reasons():
     def mostly_ok(node, cid, rnd, payload):
         return answer(node, cid, rnd, payload) if cid in (0, 1, 2) else ok(node, cid, rnd, payload)
 
-    replies, failures = FlowerExchange(FakeGrid(mostly_ok), cfg(), retry_pause_s=0)(1, {c: b"m" for c in range(4)},
+    replies, failures, diagnostics = FlowerExchange(FakeGrid(mostly_ok), cfg(), retry_pause_s=0)(1, {c: b"m" for c in range(4)},
                                                                                      {"compute_s": 0.0})
+    assert diagnostics == {}  # nothing but payloads crosses the network
     assert list(replies) == [3]
     assert "exceeds wire.max_payload_bytes" in failures[0]
     assert "claims client 3" in failures[1]
@@ -96,14 +98,16 @@ def test_silent_clients_are_retried_then_the_round_proceeds_or_stops():
         return ok(node, cid, rnd, payload) if (cid != 1 or calls[cid] > 1) else None  # client 1 silent once
 
     grid = FakeGrid(flaky)
-    replies, failures = FlowerExchange(grid, cfg(min_reply_fraction=1.0, max_round_retries=1), retry_pause_s=0)(
+    replies, failures, diagnostics = FlowerExchange(grid, cfg(min_reply_fraction=1.0, max_round_retries=1), retry_pause_s=0)(
         2, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
+    assert diagnostics == {}  # nothing but payloads crosses the network
     assert set(replies) == {0, 1, 2, 3} and failures == {}
     assert calls == {0: 1, 1: 2, 2: 1, 3: 1}  # only the silent client was asked again
 
     dead = FakeGrid(lambda node, cid, rnd, payload: None if node == 11 else ok(node, cid, rnd, payload))
-    replies, failures = FlowerExchange(dead, cfg(min_reply_fraction=0.5), retry_pause_s=0)(
+    replies, failures, diagnostics = FlowerExchange(dead, cfg(min_reply_fraction=0.5), retry_pause_s=0)(
         2, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
+    assert diagnostics == {}  # nothing but payloads crosses the network
     assert set(replies) == {1, 3} and set(failures) == {0, 2} and "no reply" in failures[0]
     with pytest.raises(TooFewReplies, match="can be resumed"):
         FlowerExchange(dead, cfg(min_reply_fraction=0.75), retry_pause_s=0)(2, {c: b"m" for c in range(4)},
