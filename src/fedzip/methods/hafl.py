@@ -205,8 +205,8 @@ class HeteroRankLoRA(Method):
                 "tier_train_state_bytes": {str(r): 16 * (per_rank[r] + head) for r in tiers}}
 
     # -- what a variant decides --------------------------------------------------------------------
-    def components_for(self, cid: int, rnd: int) -> list[list[int]] | None:
-        """Step 1: per module, the components client ``cid`` gets; None: all R (the client chooses)."""
+    def components_for(self, cid: int, rnd: int) -> list[list[int]]:
+        """Step 1: per module, the components client ``cid`` gets (a ``client_chooses`` method sends all R)."""
         raise NotImplementedError
 
     def factors_for(self, cid: int, held: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -218,7 +218,7 @@ class HeteroRankLoRA(Method):
 
     def choose_locally(self, tracker: ImportanceTracker, global_scores: torch.Tensor, r: int,
                        client: ClientContext) -> list[list[int]]:
-        """Step 2, when ``components_for`` is None: the client's own r components per module."""
+        """Step 2, for a ``client_chooses`` method: the client's own r components per module."""
         raise NotImplementedError
 
     def merge(self, replies: dict[int, Message], weights: dict[int, int], held: dict[int, list[list[int]]]) -> None:
@@ -405,9 +405,6 @@ class Hafl(RankOneAveraging):
     name = "hafl"
     Options = HaflOptions
     client_chooses = True
-
-    def components_for(self, cid, rnd):
-        return None
 
     def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return self.shapes | {"scores": (len(self.modules), self.R)}
