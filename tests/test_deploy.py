@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_adapter, flower_run, simulate
+from helpers import assert_same_adapter, flower_run, node_file, simulate
 
 from fedzip.deploy.credentials import make_credentials
 from fedzip.deploy.local import LocalFederation
@@ -132,3 +132,22 @@ def test_the_documented_real_machine_commands_work(tmp_path, tiny_cfg):
         for p in procs:
             _kill(p)
     assert os.path.exists(tmp_path / "superlink.db")  # state kept for a restarted SuperLink
+
+
+def test_nodes_with_their_own_data_train_only_on_their_own_files(tmp_path, tiny_cfg):
+    """deploy.client_data: on_nodes: each SuperNode's clients split its data-file; the server learns only
+    the example counts the replies carry (here: node 0's clients share 40 examples, node 1's 70)."""
+    files = {0: node_file(tmp_path / "a.jsonl", 40, ["sport", "politics"]),
+             1: node_file(tmp_path / "b.jsonl", 70, ["tech", "sport"])}
+    overrides = tiny_cfg + ["deploy.client_data=on_nodes", "data.label_names=[sport, politics, tech]",
+                            "rounds=2", "clients_per_round=4"]
+    out = tmp_path / "run"
+    with LocalFederation(tmp_path / "flower", nodes=2, per_node={i: {"data-file": str(f)} for i, f in files.items()}
+                         ) as fed:
+        flower_run(fed, overrides, out)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        seen = row["client_examples"]
+        assert sorted(seen) == ["0", "1", "2", "3"]
+        assert seen["0"] + seen["2"] == 40 and seen["1"] + seen["3"] == 70
+    assert "on their SuperNodes" in (out / "partition.json").read_text()

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedzip.deploy import node_worker
 from fedzip.errors import FedzipError
 
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -57,12 +58,13 @@ class LocalFederation:
     """SuperLink + SuperNodes as child processes; every log goes to ``home``."""
 
     def __init__(self, home: Path, nodes: int, node_config: dict[str, str] | None = None,
-                 credentials: Path | None = None):
+                 credentials: Path | None = None, per_node: dict[int, dict] | None = None):
         if nodes < 1:
             raise FedzipError("a federation needs at least one SuperNode")
         self.home = Path(home).resolve()
         self.nodes = nodes
-        self.node_config = node_config or {}
+        self.node_config = node_config or {}  # every node's
+        self.per_node = per_node or {}  # node i's own settings on top, e.g. {0: {"data-file": ...}}
         # With credentials (fedzip deploy credentials): TLS everywhere and only registered SuperNodes.
         self.creds = Path(credentials).resolve() if credentials else None
         self.port = free_port()
@@ -105,8 +107,8 @@ class LocalFederation:
             raise FedzipError(f"registering {public_key.name} failed: {(res.stdout + res.stderr).strip()[-300:]}")
 
     def start_node(self, i: int) -> None:
-        cfg = {"partition-id": i, "num-partitions": self.nodes, "state-dir": str(self.home / f"node{i}-state"),
-               **self.node_config}
+        cfg = {"partition-id": i, "num-partitions": self.nodes, **self.node_config, **self.per_node.get(i, {}),
+               "state-dir": str(self.state_dir(i))}
         node_cfg = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
         security = (["--root-certificates", str(self.creds / "ca.crt"),
                      "--auth-supernode-private-key", str(self.creds / f"node{i}.key")] if self.creds else ["--insecure"])
@@ -167,9 +169,15 @@ class LocalFederation:
             time.sleep(0.5)
         return True
 
+    def state_dir(self, i: int) -> Path:
+        own = {**self.node_config, **self.per_node.get(i, {})}
+        return Path(str(own.get("state-dir") or self.home / f"node{i}-state"))
+
     def stop(self) -> None:
         for i in list(self.supernodes):
             self.kill_node(i)
+        for i in range(self.nodes):  # each node's worker (node_worker.py) outlives its ClientApps: stop it too
+            node_worker.stop(self.state_dir(i))
         if self.superlink is not None:
             _kill(self.superlink)
             self.superlink = None
