@@ -12,8 +12,6 @@ the node's long-lived worker (``fedzip.deploy.node_worker``), which keeps the mo
 
 from __future__ import annotations
 
-import time
-
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
