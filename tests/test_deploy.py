@@ -90,6 +90,13 @@ def test_the_documented_deploy_local_command_runs_a_federation(tmp_path, tiny_cf
     out = capsys.readouterr().out
     assert "on Flower (2 SuperNodes): 1 rounds" in out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert "round 1/1: up" in out and "Flower" in out.split("round 1/1: up")[1].splitlines()[0]  # the time split
+    traffic = json.loads((tmp_path / "run" / "flower_traffic.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert traffic["ledger_up_bytes"] == summary["bytes_up_total"] and traffic["down_messages"] == 2
+    # Flower's own count wraps every payload in an envelope: more bytes, but not many more a message
+    assert 0 < traffic["envelope_down_per_message"] < 100_000 and 0 < traffic["envelope_up_per_message"] < 100_000
+    assert "Flower's envelope is" in out
     assert main(["deploy", "app"]) == 0 and (Path(capsys.readouterr().out.strip()) / "pyproject.toml").exists()
 
 

@@ -6,6 +6,7 @@ For trying a deployment out and for tests; real machines run the same three comm
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -134,6 +135,16 @@ class LocalFederation:
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
                                 start_new_session=True)
 
+    def runs(self) -> list[dict]:
+        """The SuperLink's record of its runs (``flwr ls --format json``): status, and the run's network traffic
+        as Flower counts it (the protobuf messages and objects to and from SuperNodes, without gRPC framing)."""
+        try:
+            res = subprocess.run(["flwr", "ls", CONNECTION, "--format", "json"], env=self.env, cwd=self.home,
+                                 capture_output=True, text=True, timeout=120)
+            return json.loads(res.stdout).get("runs", [])
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
+            return []
+
     def kill_serverapps(self) -> int:
         """Kill the ServerApp processes (as a crash of the server would); returns how many."""
         mine = self.serverapp_pids()
@@ -239,6 +250,15 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
         finally:
             echo()
             _kill(run)
+        if (out / "summary.json").exists() and (out / "ledger.jsonl").exists():
+            runs = fed.runs()
+            if runs:
+                traffic = flower_traffic(max(runs, key=lambda r: int(r["run-id"])), out / "ledger.jsonl")
+                (out / "flower_traffic.json").write_text(json.dumps(traffic, indent=1) + "\n")
+                print(f"fedzip: Flower counted {traffic['flower_down_bytes']:,} B down and "
+                      f"{traffic['flower_up_bytes']:,} B up; the ledger {traffic['ledger_down_bytes']:,} and "
+                      f"{traffic['ledger_up_bytes']:,}: Flower's envelope is {traffic['envelope_down_per_message']:.0f} "
+                      f"B a message down, {traffic['envelope_up_per_message']:.0f} B up", flush=True)
     if not (out / "summary.json").exists():
         raise FedzipError(f"the Flower run ended without a summary in {out}; see {home}/flwr-run.log "
                           "(an interrupted run continues with --resume)")
@@ -256,3 +276,22 @@ def _echo_new(log: Path, shown: int) -> int:
         sys.stdout.write(data.decode(errors="replace"))
         sys.stdout.flush()
     return shown + len(data)
+
+
+def flower_traffic(run: dict, ledger_path: Path) -> dict:
+    """Flower's byte count of one run beside fedzip's ledger. The ledger counts payloads (what a method sends);
+    Flower counts its messages and objects on the SuperLink, so the difference is Flower's envelope: record
+    framing, message metadata, and the few ``query`` messages that ask each node which clients it hosts. It
+    is shared out over the payload messages of each direction."""
+    from fedzip.engine.ledger import read_ledger
+
+    entries = [e for e in read_ledger(ledger_path) if "status" not in e]  # failed sends may not have crossed
+    down = [e["bytes"] for e in entries if e["direction"] == "down"]
+    up = [e["bytes"] for e in entries if e["direction"] == "up"]
+    traffic = run.get("network-traffic", {})
+    out = {"run_id": run.get("run-id"), "flower_down_bytes": int(traffic.get("outbound-bytes", 0)),
+           "flower_up_bytes": int(traffic.get("inbound-bytes", 0)), "ledger_down_bytes": sum(down),
+           "ledger_up_bytes": sum(up), "down_messages": len(down), "up_messages": len(up)}
+    out["envelope_down_per_message"] = (out["flower_down_bytes"] - out["ledger_down_bytes"]) / max(len(down), 1)
+    out["envelope_up_per_message"] = (out["flower_up_bytes"] - out["ledger_up_bytes"]) / max(len(up), 1)
+    return out
