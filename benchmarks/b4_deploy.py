@@ -80,7 +80,8 @@ def main() -> None:
         print(f"[{label}] in-process", flush=True)
         sim = Path(run_experiment(load_config("b1_fedit", ov), base / f"{label}-inprocess", progress=False)["run_dir"])
         a = load_file(str(sim / "adapter" / "adapter_model.safetensors"))
-        legs = [(n, True) for n in nodes] + ([] if args.no_per_message else [(max(nodes), False)])
+        # the per-message leg (Flower's plain model, the "before") once: it costs most and says the same for each
+        legs = [(n, True) for n in nodes] + ([] if args.no_per_message or results else [(max(nodes), False)])
         for n, worker in legs:
             out, flower = flower_leg(label, ov, base, n, worker)
             b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
