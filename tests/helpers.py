@@ -79,3 +79,12 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys()
     for k in ta:
         assert (ta[k] == tb[k]).all(), k
+
+
+def node_file(path: Path, rows: int, labels: list[str]) -> Path:
+    """A SuperNode's own JSONL training file: ``rows`` texts cycling through ``labels``."""
+    with open(path, "w") as f:
+        for i in range(rows):
+            label = labels[i % len(labels)]
+            f.write(json.dumps({"text": f"node text {i} {label}", "label": label}) + "\n")
+    return path

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_adapter, flower_run, simulate
+from helpers import assert_same_adapter, flower_run, node_file, simulate
 
 from fedzip.deploy.credentials import make_credentials
 from fedzip.deploy.local import LocalFederation
@@ -90,6 +90,13 @@ def test_the_documented_deploy_local_command_runs_a_federation(tmp_path, tiny_cf
     out = capsys.readouterr().out
     assert "on Flower (2 SuperNodes): 1 rounds" in out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert "round 1/1: up" in out and "Flower" in out.split("round 1/1: up")[1].splitlines()[0]  # the time split
+    traffic = json.loads((tmp_path / "run" / "flower_traffic.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert traffic["ledger_up_bytes"] == summary["bytes_up_total"] and traffic["down_messages"] == 2
+    # Flower's own count wraps every payload in an envelope: more bytes, but not many more a message
+    assert 0 < traffic["envelope_down_per_message"] < 100_000 and 0 < traffic["envelope_up_per_message"] < 100_000
+    assert "Flower's envelope is" in out
     assert main(["deploy", "app"]) == 0 and (Path(capsys.readouterr().out.strip()) / "pyproject.toml").exists()
 
 
@@ -132,3 +139,22 @@ def test_the_documented_real_machine_commands_work(tmp_path, tiny_cfg):
         for p in procs:
             _kill(p)
     assert os.path.exists(tmp_path / "superlink.db")  # state kept for a restarted SuperLink
+
+
+def test_nodes_with_their_own_data_train_only_on_their_own_files(tmp_path, tiny_cfg):
+    """deploy.client_data: on_nodes: each SuperNode's clients split its data-file; the server learns only
+    the example counts the replies carry (here: node 0's clients share 40 examples, node 1's 70)."""
+    files = {0: node_file(tmp_path / "a.jsonl", 40, ["sport", "politics"]),
+             1: node_file(tmp_path / "b.jsonl", 70, ["tech", "sport"])}
+    overrides = tiny_cfg + ["deploy.client_data=on_nodes", "data.label_names=[sport, politics, tech]",
+                            "rounds=2", "clients_per_round=4"]
+    out = tmp_path / "run"
+    with LocalFederation(tmp_path / "flower", nodes=2, per_node={i: {"data-file": str(f)} for i, f in files.items()}
+                         ) as fed:
+        flower_run(fed, overrides, out)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        seen = row["client_examples"]
+        assert sorted(seen) == ["0", "1", "2", "3"]
+        assert seen["0"] + seen["2"] == 40 and seen["1"] + seen["3"] == 70
+    assert "on their SuperNodes" in (out / "partition.json").read_text()

@@ -1,5 +1,7 @@
 """The Flower exchange against a fake Grid: bad replies are rejected with a reason, never fatal."""
 
+import time
+
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -62,6 +64,20 @@ def test_replies_reach_the_engine_and_nodes_get_their_own_clients():
     assert diagnostics == {}  # nothing but payloads crosses the network
     assert replies == {c: b"reply-" + bytes([c]) for c in range(4)} and failures == {}
     assert sorted(grid.sent) == [(11, 0, 3), (11, 2, 3), (12, 1, 3), (12, 3, 3)]
+
+
+def test_a_round_splits_into_the_nodes_client_time_and_what_flower_adds():
+    def timed(node, cid, rnd, payload):  # client c says it trained (c + 1) / 100 s; client 3 sends nonsense
+        time.sleep(0.1)  # the transport's share
+        seconds = "slow" if cid == 3 else (cid + 1) / 100
+        return RecordDict({RECORD: ConfigRecord({"payload": b"r", "cid": cid, "round": rnd, "client_s": seconds})})
+
+    timing = {"compute_s": 0.0}
+    replies, _, _ = FlowerExchange(FakeGrid(timed), cfg(), retry_pause_s=0)(1, {c: b"x" for c in range(4)}, timing)
+    assert len(replies) == 4
+    assert timing["client_compute_s"] == {"0": 0.01, "1": 0.02, "2": 0.03}  # an unreadable timing is left out
+    # nodes train in parallel, a node's clients one after another: the longest chain is node 11's, 0.01 + 0.03 s
+    assert timing["compute_s"] >= 0.4 and timing["flower_s"] == pytest.approx(timing["compute_s"] - 0.04)
 
 
 def test_bad_replies_are_failures_with_reasons():

@@ -184,7 +184,9 @@ def cmd_deploy_supernode(args) -> int:
     from fedzip.deploy.local import toml_value
 
     node_cfg = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
-    for key in ("data_root", "model_cache", "state_dir", "threads"):
+    if not args.worker:
+        node_cfg["worker"] = False
+    for key in ("data_root", "model_cache", "state_dir", "threads", "data_file", "worker_idle_s"):
         if getattr(args, key) is not None:
             node_cfg[key.replace("_", "-")] = getattr(args, key)
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port),
@@ -265,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--model-cache", help="where this machine caches models")
     sn.add_argument("--state-dir", help="where client state lives between rounds")
     sn.add_argument("--threads", type=int, help="torch threads for local training")
+    sn.add_argument("--data-file", help="this node's own training data (jsonl/csv/tsv/parquet), split among the "
+                    "clients it hosts; the run must say deploy.client_data=on_nodes and list data.label_names")
+    sn.add_argument("--worker-idle-s", type=float, help="the node worker (model and data kept loaded between "
+                    "messages) exits after this many idle seconds (default 900)")
+    sn.add_argument("--no-worker", dest="worker", action="store_false", help="load the model in every ClientApp "
+                    "process instead of keeping it in a node worker (slower)")
     sn.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (trying out only)")
     sn.set_defaults(func=cmd_deploy_supernode)
     ap = dsub.add_parser("app", help="print the folder of fedzip's Flower App (for `flwr run`)")

@@ -40,6 +40,8 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_examples: int | None = Field(None, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
+    label_names: list[str] | None = Field(None, description="the label space every party agrees on, in label-id "
+                                          "order; needed when clients bring their own data (deploy.client_data)")
 
 
 class PartitionConfig(Section):
@@ -134,6 +136,10 @@ class DeployConfig(Section):
     min_reply_fraction: float = Field(0.5, gt=0, le=1, description="share of sampled clients that must reply "
                                       "for the round to count; otherwise it is retried")
     max_round_retries: int = Field(2, ge=0, description="retries of a round with too few replies before stopping")
+    client_data: Literal["shared", "on_nodes"] = Field(
+        "shared", description="shared: every node derives its clients' shards from the run's data and seed (a "
+        "benchmark federation); on_nodes: each SuperNode's clients split the file named by its node config "
+        "(data-file) and the run's data is the server's evaluation data only")
 
 
 class ExperimentConfig(Section):

@@ -247,11 +247,13 @@ def rows_to_data(rows: list[dict], cfg, where: Path, label_names: list[str] | No
                      for c in (cfg.text_column if isinstance(cfg.text_column, list) else [cfg.text_column])]
         label_col = resolve_column(cfg.label_column, cols, where, "label_column")
         raw = [str(r[label_col]) for r in rows]
-        names = label_names or sorted(set(raw), key=lambda s: (len(s), s) if s.isdigit() else (0, s))
+        agreed = label_names or cfg.label_names  # the training data's, else the run's agreed label space
+        names = agreed or sorted(set(raw), key=lambda s: (len(s), s) if s.isdigit() else (0, s))
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(raw) - set(index))
         if unknown:
-            raise DataError(f"{where}: labels {unknown[:5]} do not appear in the training data")
+            known = "data.label_names" if cfg.label_names and not label_names else "the training data"
+            raise DataError(f"{where}: labels {unknown[:5]} are not in {known} {list(names)[:8]}")
         texts = ["\n".join(str(r[c]) for c in text_cols if r[c] is not None) for r in rows]
         data = TextData(texts=texts, labels=[index[x] for x in raw], label_names=names)
     elif has(cfg.prompt_column) and has(cfg.answer_column):
@@ -293,9 +295,36 @@ def load_source(cfg, seed: int, root: Path) -> tuple[TextData, TextData]:
             test = rows_to_data(table_rows(test_path, src, cfg.header), cfg, test_path, train.label_names)
         else:
             train, test = split_train_test(train, cfg.test_fraction, seed)
+    if cfg.label_names and train.is_classification and train.label_names != list(cfg.label_names):
+        raise DataError(f"data.label_names {list(cfg.label_names)[:8]} differ from {src}'s labels "
+                        f"{train.label_names[:8]} (same names, same order)")
     train = _cap(train, cfg.max_train_examples, seed)
     test = _cap(test, cfg.max_test_examples, seed + 1)
     return train, test
+
+
+SUFFIX_SOURCE = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
+                 ".parquet": "parquet"}
+
+
+def load_node_data(path: Path, cfg) -> TextData:
+    """A SuperNode's own training file (``data-file`` in its node config), read with the run's column and
+    label settings. Its labels must lie in the run's ``data.label_names``: that list, not the file, fixes
+    which label id means what, so every node's head agrees with the server's."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"node data-file {path} not found")
+    src = SUFFIX_SOURCE.get(path.suffix.lower())
+    if src is None:
+        raise DataError(f"node data-file {path}: unknown type {path.suffix!r}; one of {sorted(SUFFIX_SOURCE)}")
+    data = rows_to_data(table_rows(path, src, cfg.header), cfg, path)
+    if data.is_classification and not cfg.label_names:
+        raise DataError("a node with its own classification data needs data.label_names in the run config "
+                        "(the label space all nodes agree on)")
+    if cfg.label_names and not data.is_classification:
+        raise DataError(f"node data-file {path} has prompt/answer columns, but the run is a classification "
+                        f"task with data.label_names")
+    return data
 
 
 def _cap(data: TextData, cap: int | None, seed: int) -> TextData:

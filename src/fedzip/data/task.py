@@ -38,6 +38,8 @@ class Task:
 
     # -- tokenization ------------------------------------------------------------------------------
     def _encode(self, data: TextData) -> Encoded:
+        if len(data) == 0:  # e.g. a deployed node's test split: it evaluates nothing
+            return Encoded([], [])
         tok = self.tokenizer
         if self.kind == "classification":
             ids = tok(data.texts, truncation=True, max_length=self.max_length)["input_ids"]

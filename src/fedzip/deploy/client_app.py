@@ -2,53 +2,32 @@
 
 Node config (``flower-supernode --node-config``): ``partition-id`` and ``num-partitions`` (the node
 serves clients with ``cid % num-partitions == partition-id``), and optionally ``data-root``,
-``model-cache``, ``threads`` and ``state-dir`` (where client state such as optimiser moments or
-error-feedback residuals lives between rounds).
+``model-cache``, ``threads``, ``state-dir`` (where client state such as optimiser moments or
+error-feedback residuals lives between rounds, and the node worker's socket and log), ``worker`` (false:
+each message loads the model in its own ClientApp process) and ``worker-idle-s``.
+
+Flower starts one ClientApp process per message; this one checks the message and relays its payload to
+the node's long-lived worker (``fedzip.deploy.node_worker``), which keeps the model and data loaded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from pathlib import Path
-
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedzip.config import dump_config
+from fedzip.deploy import node_worker
 from fedzip.deploy.task import RECORD, experiment_config, hosted_clients
-from fedzip.engine.client import run_client
-from fedzip.engine.runtime import build_runtime
-from fedzip.engine.state import ClientStateStore
-from fedzip.errors import PayloadError
-from fedzip.registry import method_class
+from fedzip.errors import FedzipError, PayloadError
 
 app = ClientApp()
-_cache: dict[str, object] = {}  # config text -> client-side method (a ClientApp process may serve many messages)
 
 
-def _client_method(cfg):
-    key = dump_config(cfg)
-    if key not in _cache:
-        method_cls = method_class(cfg.method)
-        cfg = method_cls.adjust_config(cfg)
-        _cache.clear()
-        _cache[key] = method_cls(cfg, build_runtime(cfg, method_cls, with_model=not method_cls.client_builds_model))
-    return _cache[key]
-
-
-def _store(cfg, context: Context) -> ClientStateStore:
-    root = Path(str(context.node_config.get("state-dir") or Path.home() / ".fedzip" / "client-state")).expanduser()
-    run_key = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]  # the same experiment resumes its state
-    return ClientStateStore(root / run_key)
-
-
-def _note_wire(store: ClientStateStore, rnd: int, cid: int, down: int, up: int) -> None:
-    """The node's own record of the payload bytes it received and sent: audits the server's ledger."""
-    store.root.mkdir(parents=True, exist_ok=True)
-    with open(store.root / "wire.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"round": rnd, "client": cid, "down": down, "up": up}) + "\n")
+def _flag(value, default: bool) -> bool:
+    if value in (None, ""):
+        return default
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() not in ("false", "0", "no", "off")
 
 
 @app.query()
@@ -60,20 +39,21 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    t0 = time.time()
-    cfg = experiment_config(context.run_config, context.node_config)
     rec = msg.content.config_records.get(RECORD)
     if rec is None:
         raise PayloadError(f"message has no {RECORD!r} record")
     cid, rnd, down = rec.get("cid"), rec.get("round"), rec.get("payload")
     if not isinstance(cid, int) or not isinstance(rnd, int) or rnd < 1 or not isinstance(down, bytes):
         raise PayloadError("message needs int 'cid', int 'round' >= 1 and bytes 'payload'")
-    if cid not in hosted_clients(context.node_config, cfg.num_clients):
-        raise PayloadError(f"client {cid} is not hosted on this SuperNode")
-    store = _store(cfg, context)
-    store.rollback(rnd - 1, cid)  # drop state from an attempt at this round the server never completed
-    store.commit(rnd - 1, cid)
-    up = run_client(_client_method(cfg), store, rnd, cid, down).up  # diagnostics stay on the node
-    _note_wire(store, rnd, cid, len(down), len(up))
+    node = context.node_config
+    request = {"op": "train", "cid": cid, "round": rnd, "run_config": dict(context.run_config),
+               "node_config": {k: v for k, v in node.items()}}
+    if _flag(node.get("worker"), True):
+        idle = float(node.get("worker-idle-s") or node_worker.DEFAULT_IDLE_S)
+        reply, up = node_worker.call(node_worker.state_dir_of(node), request, down, idle_s=idle)
+    else:
+        reply, up = node_worker.NodeWorker().handle(request, down)
+    if "error" in reply:  # the worker's error, raised here so that Flower returns it to the server
+        raise (PayloadError if reply.get("kind") == "PayloadError" else FedzipError)(reply["error"])
     return Message(RecordDict({RECORD: ConfigRecord({"payload": up, "cid": cid, "round": rnd,
-                                                     "client_s": time.time() - t0})}), reply_to=msg)
+                                                     "client_s": float(reply["client_s"])})}), reply_to=msg)

@@ -67,10 +67,11 @@ class FlowerExchange:
         need = math.ceil(self.cfg.deploy.min_reply_fraction * len(downs))
         replies: dict[int, bytes] = {}
         failures: dict[int, str] = {}
+        client_s: dict[int, float] = {}  # each client's own compute, as its node measured it
         t0 = time.time()
         for attempt in range(self.cfg.deploy.max_round_retries + 1):
             pending = {cid: b for cid, b in downs.items() if cid not in replies}
-            got, failed = self._send(rnd, pending)
+            got, failed = self._send(rnd, pending, client_s)
             replies |= got
             failures = {c: r for c, r in (failures | failed).items() if c not in replies}
             if len(replies) >= need or attempt == self.cfg.deploy.max_round_retries:
@@ -78,7 +79,16 @@ class FlowerExchange:
             log.warning("round %d: %d of %d clients replied (need %d); asking the others again",
                         rnd, len(replies), len(downs), need)
             time.sleep(self.retry_pause_s)
-        timing["compute_s"] += time.time() - t0  # round trip: transfer + client work
+        round_trip = time.time() - t0
+        timing["compute_s"] += round_trip  # transfer + client work
+        timing["client_compute_s"] = {str(c): s for c, s in sorted(client_s.items()) if c in replies}
+        # What Flower adds: the round trip less the longest chain of client work (a node's clients train one
+        # after another, nodes in parallel). Not a byte count: Flower's framing is on the SuperLink's record.
+        per_node: dict[int, float] = {}
+        for c, s in client_s.items():
+            if c in replies:
+                per_node[self.owner(c)] = per_node.get(self.owner(c), 0.0) + s
+        timing["flower_s"] = max(0.0, round_trip - max(per_node.values(), default=0.0))
         if len(replies) < need:
             raise TooFewReplies(f"round {rnd}: only {len(replies)} of {len(downs)} sampled clients replied "
                                 f"(deploy.min_reply_fraction needs {need}); the run stopped after its last "
@@ -87,7 +97,8 @@ class FlowerExchange:
             log.warning("round %d: client %d failed: %s", rnd, cid, reason)
         return replies, failures, {}  # no diagnostics cross the network
 
-    def _send(self, rnd: int, downs: dict[int, bytes]) -> tuple[dict[int, bytes], dict[int, str]]:
+    def _send(self, rnd: int, downs: dict[int, bytes], client_s: dict[int, float]
+              ) -> tuple[dict[int, bytes], dict[int, str]]:
         self.refresh_nodes()
         failures: dict[int, str] = {}
         messages, sent = [], {}
@@ -111,6 +122,9 @@ class FlowerExchange:
                 failures[cid] = reason
             else:
                 replies[cid] = payload
+                seconds = reply.content.config_records[RECORD].get("client_s")
+                if isinstance(seconds, float) and 0 <= seconds < 1e7:  # the node's own timing: shown, never trusted
+                    client_s[cid] = seconds
         for cid in sent:
             if cid not in replies and cid not in failures:
                 failures[cid] = f"no reply within {self.cfg.deploy.round_timeout_s:g} s"

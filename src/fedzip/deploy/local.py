@@ -6,6 +6,7 @@ For trying a deployment out and for tests; real machines run the same three comm
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedzip.deploy import node_worker
 from fedzip.errors import FedzipError
 
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -57,12 +59,13 @@ class LocalFederation:
     """SuperLink + SuperNodes as child processes; every log goes to ``home``."""
 
     def __init__(self, home: Path, nodes: int, node_config: dict[str, str] | None = None,
-                 credentials: Path | None = None):
+                 credentials: Path | None = None, per_node: dict[int, dict] | None = None):
         if nodes < 1:
             raise FedzipError("a federation needs at least one SuperNode")
         self.home = Path(home).resolve()
         self.nodes = nodes
-        self.node_config = node_config or {}
+        self.node_config = node_config or {}  # every node's
+        self.per_node = per_node or {}  # node i's own settings on top, e.g. {0: {"data-file": ...}}
         # With credentials (fedzip deploy credentials): TLS everywhere and only registered SuperNodes.
         self.creds = Path(credentials).resolve() if credentials else None
         self.port = free_port()
@@ -105,8 +108,8 @@ class LocalFederation:
             raise FedzipError(f"registering {public_key.name} failed: {(res.stdout + res.stderr).strip()[-300:]}")
 
     def start_node(self, i: int) -> None:
-        cfg = {"partition-id": i, "num-partitions": self.nodes, "state-dir": str(self.home / f"node{i}-state"),
-               **self.node_config}
+        cfg = {"partition-id": i, "num-partitions": self.nodes, **self.node_config, **self.per_node.get(i, {}),
+               "state-dir": str(self.state_dir(i))}
         node_cfg = " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())
         security = (["--root-certificates", str(self.creds / "ca.crt"),
                      "--auth-supernode-private-key", str(self.creds / f"node{i}.key")] if self.creds else ["--insecure"])
@@ -131,6 +134,16 @@ class LocalFederation:
         return subprocess.Popen(["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_cfg)],
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
                                 start_new_session=True)
+
+    def runs(self) -> list[dict]:
+        """The SuperLink's record of its runs (``flwr ls --format json``): status, and the run's network traffic
+        as Flower counts it (the protobuf messages and objects to and from SuperNodes, without gRPC framing)."""
+        try:
+            res = subprocess.run(["flwr", "ls", CONNECTION, "--format", "json"], env=self.env, cwd=self.home,
+                                 capture_output=True, text=True, timeout=120)
+            return json.loads(res.stdout).get("runs", [])
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
+            return []
 
     def kill_serverapps(self) -> int:
         """Kill the ServerApp processes (as a crash of the server would); returns how many."""
@@ -167,9 +180,15 @@ class LocalFederation:
             time.sleep(0.5)
         return True
 
+    def state_dir(self, i: int) -> Path:
+        own = {**self.node_config, **self.per_node.get(i, {})}
+        return Path(str(own.get("state-dir") or self.home / f"node{i}-state"))
+
     def stop(self) -> None:
         for i in list(self.supernodes):
             self.kill_node(i)
+        for i in range(self.nodes):  # each node's worker (node_worker.py) outlives its ClientApps: stop it too
+            node_worker.stop(self.state_dir(i))
         if self.superlink is not None:
             _kill(self.superlink)
             self.superlink = None
@@ -231,6 +250,15 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
         finally:
             echo()
             _kill(run)
+        if (out / "summary.json").exists() and (out / "ledger.jsonl").exists():
+            runs = fed.runs()
+            if runs:
+                traffic = flower_traffic(max(runs, key=lambda r: int(r["run-id"])), out / "ledger.jsonl")
+                (out / "flower_traffic.json").write_text(json.dumps(traffic, indent=1) + "\n")
+                print(f"fedzip: Flower counted {traffic['flower_down_bytes']:,} B down and "
+                      f"{traffic['flower_up_bytes']:,} B up; the ledger {traffic['ledger_down_bytes']:,} and "
+                      f"{traffic['ledger_up_bytes']:,}: Flower's envelope is {traffic['envelope_down_per_message']:.0f} "
+                      f"B a message down, {traffic['envelope_up_per_message']:.0f} B up", flush=True)
     if not (out / "summary.json").exists():
         raise FedzipError(f"the Flower run ended without a summary in {out}; see {home}/flwr-run.log "
                           "(an interrupted run continues with --resume)")
@@ -248,3 +276,22 @@ def _echo_new(log: Path, shown: int) -> int:
         sys.stdout.write(data.decode(errors="replace"))
         sys.stdout.flush()
     return shown + len(data)
+
+
+def flower_traffic(run: dict, ledger_path: Path) -> dict:
+    """Flower's byte count of one run beside fedzip's ledger. The ledger counts payloads (what a method sends);
+    Flower counts its messages and objects on the SuperLink, so the difference is Flower's envelope: record
+    framing, message metadata, and the few ``query`` messages that ask each node which clients it hosts. It
+    is shared out over the payload messages of each direction."""
+    from fedzip.engine.ledger import read_ledger
+
+    entries = [e for e in read_ledger(ledger_path) if "status" not in e]  # failed sends may not have crossed
+    down = [e["bytes"] for e in entries if e["direction"] == "down"]
+    up = [e["bytes"] for e in entries if e["direction"] == "up"]
+    traffic = run.get("network-traffic", {})
+    out = {"run_id": run.get("run-id"), "flower_down_bytes": int(traffic.get("outbound-bytes", 0)),
+           "flower_up_bytes": int(traffic.get("inbound-bytes", 0)), "ledger_down_bytes": sum(down),
+           "ledger_up_bytes": sum(up), "down_messages": len(down), "up_messages": len(up)}
+    out["envelope_down_per_message"] = (out["flower_down_bytes"] - out["ledger_down_bytes"]) / max(len(down), 1)
+    out["envelope_up_per_message"] = (out["flower_up_bytes"] - out["ledger_up_bytes"]) / max(len(up), 1)
+    return out

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedzip.data import Task, load_source, partition, partition_stats
+from fedzip.data import Task, TextData, load_source, partition, partition_stats
 from fedzip.models import TrainableView, inject_lora, load_base_model, load_tokenizer
 from fedzip.models.device import resolve_device  # noqa: F401  (re-exported: tests and apps import it here)
 
@@ -43,10 +43,19 @@ def client_runtime(server: Runtime, method_cls) -> Runtime:
                    parts=server.parts, stats=server.stats, step_progress=server.step_progress, run_dir=server.run_dir)
 
 
-def build_task(cfg) -> Task:
+def build_task(cfg, own_train: TextData | None = None) -> Task:
+    """``own_train``: a deployed node's own training data; it evaluates nothing, so no test data is loaded."""
+    if own_train is not None:
+        tokenizer = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
+        return Task(own_train, own_train.subset([]), tokenizer, cfg.data.max_length)
     train, test = load_source(cfg.data, cfg.seed, cfg.data_root())
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
     task = Task(train, test, tokenizer, cfg.data.max_length)
+    if cfg.deploy.client_data == "on_nodes" and task.kind == "classification" and not cfg.data.label_names:
+        from fedzip.errors import ConfigError
+
+        raise ConfigError("deploy.client_data: on_nodes needs data.label_names (the label space every node's data "
+                          "is read with)")
     if cfg.model.task != "auto" and cfg.model.task != task.kind:
         from fedzip.errors import ConfigError
 
@@ -83,20 +92,28 @@ def build_model(cfg, method_cls, task: Task):
     return model.to(resolve_device(cfg, method_cls))
 
 
-def build_runtime(cfg, method_cls, with_model: bool = True) -> Runtime:
-    """``with_model=False``: a client of a method that builds its own model (no full model loaded)."""
+def build_runtime(cfg, method_cls, with_model: bool = True, own_train: TextData | None = None,
+                  hosted: list[int] | None = None) -> Runtime:
+    """``with_model=False``: a client of a method that builds its own model (no full model loaded).
+
+    ``own_train`` and ``hosted``: a deployed node with data of its own, split among the clients it hosts with
+    the run's partition scheme; the other clients' shards are empty here."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    task = build_task(cfg)
+    task = build_task(cfg, own_train)
     labels = task.train_data.labels
     field_values = task.train_data.fields.get(cfg.partition.field) if cfg.partition.field else None
     if cfg.partition.scheme == "field" and field_values is None:
         from fedzip.errors import DataError
 
         raise DataError(f"partition.field {cfg.partition.field!r} is not a column of the training data")
-    parts = partition(cfg.partition.scheme, len(task.train_data), cfg.num_clients, np.random.default_rng(cfg.seed),
+    owners = list(range(cfg.num_clients)) if hosted is None else list(hosted)
+    split = partition(cfg.partition.scheme, len(task.train_data), len(owners), np.random.default_rng(cfg.seed),
                       labels=labels, alpha=cfg.partition.alpha, shards_per_client=cfg.partition.shards_per_client,
                       field_values=field_values, min_examples=cfg.partition.min_examples)
+    parts = [np.zeros(0, dtype=np.int64) for _ in range(cfg.num_clients)]
+    for cid, shard in zip(owners, split):
+        parts[cid] = shard
     stats = partition_stats(parts, labels, task.train_data.label_names)
     model = build_model(cfg, method_cls, task) if with_model else None
     return Runtime(cfg=cfg, task=task, model=model, view=TrainableView(model) if model is not None else None,

@@ -28,7 +28,7 @@ from fedzip.engine.ledger import Ledger
 from fedzip.engine.memory import PeakMemory
 from fedzip.engine.runtime import build_runtime, client_runtime
 from fedzip.engine.state import ClientStateStore
-from fedzip.errors import PayloadError, RunDirError
+from fedzip.errors import ConfigError, PayloadError, RunDirError
 from fedzip.methods.state import load_server_state, save_server_state
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
@@ -125,6 +125,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     """
     method_cls = method_class(cfg.method)
     cfg = method_cls.adjust_config(cfg)
+    if cfg.deploy.client_data == "on_nodes" and exchange is None:
+        raise ConfigError("deploy.client_data: on_nodes means clients read files on their SuperNodes; "
+                          "run it on Flower (fedzip deploy), or use shared data in a simulation")
     out = prepare_run_dir(Path(out), resume)
     ckpt_dir = out / "checkpoints"
     if resume:
@@ -135,7 +138,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
 
     rt = build_runtime(cfg, method_cls)
     rt.run_dir = out
-    (out / "partition.json").write_text(json.dumps(rt.stats, indent=1))
+    # With data on the nodes the server's own partition is of its evaluation data, not of any client's.
+    (out / "partition.json").write_text(json.dumps(rt.stats if cfg.deploy.client_data == "shared" else {
+        "clients": "on their SuperNodes (deploy.client_data: on_nodes); the server sees only the example "
+                   "counts their replies carry"}, indent=1))
     method = method_cls(cfg, rt)
     method.init_global()
     (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe()}, indent=1))
@@ -217,7 +223,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     timing["encode_s"] += time.time() - t0
 
     ups, failures, diagnostics = exchange(rnd, downs, timing)
-    replies, losses, rejected, client_steps = {}, [], [], 0
+    replies, losses, rejected, client_steps, client_examples = {}, [], [], 0, {}
     for cid in cids:
         kind = messages[cid].ledger_tag  # e.g. a one-time model inside the message
         if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
@@ -238,6 +244,9 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         replies[cid].diagnostics = diagnostics.get(cid, {})
         if isinstance(replies[cid].meta.get("train_loss"), (int, float)):
             losses.append(float(replies[cid].meta["train_loss"]))
+        examples = replies[cid].meta.get("num_examples")
+        if isinstance(examples, int) and not isinstance(examples, bool):
+            client_examples[str(cid)] = examples  # what weighting uses: all a server learns of a client's data
         steps = replies[cid].meta.get("steps")
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
             client_steps += steps
@@ -250,6 +259,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
            "bytes_up_per_client": up_b / len(cids), "bytes_down_per_client": down_b / len(cids),
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected,
            "client_steps": client_steps,  # local steps the replies report: compute_s / client_steps = step time
+           "client_examples": client_examples,
            **({"failed": sorted(failures)} if failures else {}), **timing, **extra}
     row["round_s"] = time.time() - t_round
     return row
