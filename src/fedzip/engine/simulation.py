@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 
+from fedzip import privacy
 from fedzip.config import ExperimentConfig, dump_config
 from fedzip.data.task import model_device
 from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
@@ -144,7 +145,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                    "counts their replies carry"}, indent=1))
     method = method_cls(cfg, rt)
     method.init_global()
-    (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe()}, indent=1))
+    (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe(),
+                                                 **({"privacy": privacy.describe(cfg)} if privacy.enabled(cfg) else {})},
+                                                indent=1))
     store = ClientStateStore(out / "client_state")
 
     start, elapsed_before = 1, 0.0
@@ -208,7 +211,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
 
 def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange) -> dict:
     t_round = time.time()
-    cids = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+    # Under client-level DP each client joins independently (Poisson), as the accountant assumes; a round may
+    # then sample no one, and the model stays as it was.
+    cids = (privacy.poisson_cohort(cfg.seed, rnd, cfg.num_clients, privacy.sampling_rate(cfg)) if privacy.enabled(cfg)
+            else sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round))
     bar.round_start(rnd, len(cids))
     timing = dict.fromkeys(("compute_s", "encode_s", "decode_s", "aggregate_s"), 0.0)
     messages = method.configure(rnd, cids)
@@ -256,11 +262,13 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     timing["aggregate_s"] = time.time() - t0
     up_b, down_b = ledger.round_bytes[rnd]["up"], ledger.round_bytes[rnd]["down"]
     row = {"round": rnd, "clients": cids, "bytes_up": up_b, "bytes_down": down_b,
-           "bytes_up_per_client": up_b / len(cids), "bytes_down_per_client": down_b / len(cids),
+           "bytes_up_per_client": up_b / max(len(cids), 1), "bytes_down_per_client": down_b / max(len(cids), 1),
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected,
            "client_steps": client_steps,  # local steps the replies report: compute_s / client_steps = step time
            "client_examples": client_examples,
            **({"failed": sorted(failures)} if failures else {}), **timing, **extra}
+    if privacy.enabled(cfg):
+        row["epsilon"] = privacy.run_epsilon(cfg, rnd)  # the guarantee after this round, at the run's delta
     row["round_s"] = time.time() - t_round
     return row
 
@@ -318,5 +326,7 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
         # what a method flagged while going on (e.g. a learned codec below its quality gate): every report repeats it
         "warnings": [f"round {r['round']}: {r['warning']}" for r in rows if r.get("warning")],
     }
+    if privacy.enabled(cfg):
+        summary["privacy"] = privacy.describe(cfg) | {"epsilon": rows[-1].get("epsilon") if rows else 0.0}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
