@@ -138,3 +138,50 @@ def test_a_private_run_resumes_to_the_same_adapter(tmp_path, tiny_cfg):
     assert run_experiment(cfg, tmp_path / "split", progress=False, stop_after=1)["interrupted_after"] == 1
     run_experiment(cfg, tmp_path / "split", resume=True, progress=False)
     assert_same_adapter(tmp_path / "whole", tmp_path / "split")
+
+
+RECORDS = ["privacy.records.noise_multiplier=1.1", "privacy.records.clip=0.5", "rounds=2", "train.max_steps=4",
+           "train.batch_size=8"]
+
+
+def test_record_level_dp_sgd_reports_each_clients_epsilon_from_opacus(tmp_path, tiny_cfg):
+    from opacus.accountants import RDPAccountant
+
+    summary = run_experiment(load_config("quickstart", tiny_cfg + RECORDS), tmp_path / "run", progress=False)
+    assert summary["rounds_completed"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        for cid, eps in row["client_record_epsilon"].items():
+            n = row["client_examples"][cid]
+            accountant = RDPAccountant()  # 4 steps a round at rate 8 / n, every round so far, delta 1 / n
+            accountant.history = [(1.1, 8 / n, 4 * row["round"])]
+            assert eps == pytest.approx(accountant.get_epsilon(1 / n), rel=1e-9)
+        assert row["record_epsilon_max"] == max(row["client_record_epsilon"].values())
+    assert rows[1]["record_epsilon_max"] > rows[0]["record_epsilon_max"]
+
+
+def test_dp_sgd_clips_each_examples_gradient_and_leaves_the_model_clean(tmp_path, tiny_cfg):
+    """With no noise to speak of, a step moves the weights by at most lr * clip (the mean of clipped
+    per-example gradients), however large the raw gradients; afterwards no Opacus hook is left behind."""
+    cfg = load_config("quickstart", tiny_cfg + ["privacy.records.noise_multiplier=1e-9", "privacy.records.clip=1e-3",
+                                                "train.max_steps=1", "train.optimizer=sgd", "train.momentum=0",
+                                                "train.lr=1.0", "train.batch_size=64"])
+    cls = METHODS[cfg.method]
+    rt = build_runtime(cfg, cls)
+    client = cls(cfg, rt)
+    start = rt.view.get()
+    from fedzip.methods.base import ClientContext
+    from fedzip.wire import Message
+
+    reply = client.fit(ClientContext(cid=0, round=1, indices=rt.parts[0], store=ClientStateStore(tmp_path), seed=1),
+                       Message(tensors=start, meta={}))
+    moved = privacy.l2_norm({n: reply.tensors[n] - start[n] for n in start})
+    n, rate = len(rt.parts[0]), min(1.0, 64 / len(rt.parts[0]))
+    assert 0 < moved <= 1e-3 * n * rate / 64 * 3  # the sum of at most ~n*rate clipped gradients over the expected batch
+    assert not rt.model._forward_hooks and all(not m._forward_hooks for m in rt.model.modules())
+    assert all(getattr(p, "grad_sample", None) is None for p in rt.view.params.values())
+
+
+def test_record_level_dp_is_refused_where_clients_use_data_outside_dp_sgd(tiny_cfg):
+    with pytest.raises(ConfigError, match="record-level DP does not hold"):
+        load_config("quickstart", tiny_cfg + ["privacy.records.noise_multiplier=1", "method=hafl"])

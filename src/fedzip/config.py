@@ -142,6 +142,14 @@ class DeployConfig(Section):
         "(data-file) and the run's data is the server's evaluation data only")
 
 
+class RecordPrivacyConfig(Section):
+    """Record-level DP-SGD on each client (Opacus): per-example clipping and noise in every local step."""
+
+    noise_multiplier: float | None = Field(None, gt=0, description="off unless set; noise std / clip per step")
+    clip: float = Field(1.0, gt=0, description="L2 bound on each example's gradient")
+    delta: float | None = Field(None, gt=0, lt=1, description="default 1 / (the client's example count)")
+
+
 class PrivacyConfig(Section):
     """Client-level differential privacy (``fedzip.privacy``); off unless ``mode`` says otherwise."""
 
@@ -154,6 +162,7 @@ class PrivacyConfig(Section):
                                          "ends at this epsilon")
     delta: float | None = Field(None, gt=0, lt=1, description="default 1 / num_clients")
     accountant: Literal["rdp", "pld"] = "rdp"
+    records: RecordPrivacyConfig = Field(default_factory=RecordPrivacyConfig)
     secure_noise: bool = Field(False, description="noise from OS entropy instead of the run's seed (a deployment "
                                                   "whose noise no one may replay; the run is then not reproducible)")
 
@@ -194,6 +203,9 @@ class ExperimentConfig(Section):
             method_cls = method_class(self.method)
         except KeyError as exc:
             raise ValueError(f"method: {exc.args[0]}") from None
+        if self.privacy.records.noise_multiplier is not None and not method_cls.record_dp:
+            raise ValueError(f"privacy.records: {self.method}'s clients use their data outside the local training "
+                             "steps DP-SGD protects (or have no clients), so record-level DP does not hold")
         if self.privacy.mode != "off":
             if not method_cls.client_dp:
                 raise ValueError(f"privacy: method {self.method} does not support client-level DP as implemented "

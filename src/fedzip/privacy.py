@@ -177,3 +177,32 @@ def _generator(cfg, rnd: int, who: int) -> torch.Generator:
         g.manual_seed(int.from_bytes(__import__("os").urandom(8), "little") & (2**63 - 1))
         return g
     return noise_generator(cfg.seed, rnd, who)
+
+
+# -- record level (DP-SGD on each client, Opacus) ----------------------------------------------------------
+def records(cfg):
+    """``privacy.records`` when record-level DP-SGD is on, else None (what ``train_locally`` takes)."""
+    if cfg.privacy.records.noise_multiplier is None:
+        return None
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise ConfigError("privacy.records needs Opacus: pip install 'fedzip[dp]'") from None
+    return cfg.privacy.records
+
+
+def record_epsilon(cfg, num_examples: int, steps: int, rnd: int) -> float:
+    """A client's record-level epsilon after round ``rnd``, by Opacus's RDP accountant, bounded as if it had
+    trained in every round so far (``steps`` DP-SGD steps at rate batch_size / n each time): the client keeps
+    no count of its rounds, and the server's sampling gives no amplification against the server."""
+    from opacus.accountants import RDPAccountant
+
+    rec = cfg.privacy.records
+    accountant = RDPAccountant()
+    accountant.history = [(rec.noise_multiplier, min(1.0, cfg.train.batch_size / num_examples), steps * rnd)]
+    return float(accountant.get_epsilon(rec.delta if rec.delta is not None else 1.0 / num_examples))
+
+
+def record_meta(cfg, num_examples: int, steps: int, rnd: int) -> dict:
+    """What a reply says about its client's record-level guarantee (nothing when DP-SGD is off)."""
+    return {"record_epsilon": record_epsilon(cfg, num_examples, steps, rnd)} if records(cfg) is not None else {}

@@ -229,7 +229,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     timing["encode_s"] += time.time() - t0
 
     ups, failures, diagnostics = exchange(rnd, downs, timing)
-    replies, losses, rejected, client_steps, client_examples = {}, [], [], 0, {}
+    replies, losses, rejected, client_steps, client_examples, record_epsilon = {}, [], [], 0, {}, {}
     for cid in cids:
         kind = messages[cid].ledger_tag  # e.g. a one-time model inside the message
         if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
@@ -253,6 +253,9 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         examples = replies[cid].meta.get("num_examples")
         if isinstance(examples, int) and not isinstance(examples, bool):
             client_examples[str(cid)] = examples  # what weighting uses: all a server learns of a client's data
+        record_eps = replies[cid].meta.get("record_epsilon")
+        if isinstance(record_eps, float):  # record-level DP-SGD: the client's own accountant
+            record_epsilon[str(cid)] = record_eps
         steps = replies[cid].meta.get("steps")
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
             client_steps += steps
@@ -266,6 +269,8 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected,
            "client_steps": client_steps,  # local steps the replies report: compute_s / client_steps = step time
            "client_examples": client_examples,
+           **({"client_record_epsilon": record_epsilon, "record_epsilon_max": max(record_epsilon.values())}
+              if record_epsilon else {}),
            **({"failed": sorted(failures)} if failures else {}), **timing, **extra}
     if privacy.enabled(cfg):
         row["epsilon"] = privacy.run_epsilon(cfg, rnd)  # the guarantee after this round, at the run's delta

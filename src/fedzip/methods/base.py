@@ -63,6 +63,9 @@ class Method:
     # nothing beyond its (noisy) values, so local noise protects it too (not so for top-k positions).
     client_dp: ClassVar[bool] = False
     local_dp: ClassVar[bool] = False
+    # Record-level DP-SGD (``privacy.records``): True when a client reads its data only in ``train_locally``'s
+    # steps (which then run under Opacus), so everything it sends is post-processing of DP-SGD's output.
+    record_dp: ClassVar[bool] = False
 
     def __init__(self, cfg, runtime):
         self.cfg = cfg

@@ -28,7 +28,7 @@ from fedzip.wire import Message
 class FedIT(Method):
     name = "fedit"
     runs_on_accelerator = True
-    client_dp = local_dp = True
+    client_dp = local_dp = record_dp = True
 
     def init_global(self) -> None:
         self.global_ = self.rt.view.get()
@@ -58,7 +58,7 @@ class FedIT(Method):
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state=client.store.load(client.cid) if self.cfg.train.persist_optimizer_state else None,
-            progress=self.rt.step_progress)
+            progress=self.rt.step_progress, records=privacy.records(self.cfg))
         if self.cfg.train.persist_optimizer_state:
             client.store.save(client.cid, client.round, opt_state)
         trained = view.get()
@@ -67,7 +67,8 @@ class FedIT(Method):
             update = privacy.private_update(self.cfg, {n: trained[n] - start[n] for n in trained}, client.round,
                                             client.cid)
             trained = {n: start[n] + update[n] for n in trained}
-        return Message(tensors=trained, meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+        return Message(tensors=trained, meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
+                             **privacy.record_meta(self.cfg, client.num_examples, steps, client.round)})
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         if not privacy.enabled(self.cfg):
@@ -114,6 +115,7 @@ class Centralised(FedIT):
 
     name = "centralised"
     client_dp = local_dp = False  # one client holding all the data: client-level DP protects no one
+    record_dp = True  # record-level DP-SGD is what protects it
 
     @classmethod
     def adjust_config(cls, cfg):

@@ -102,6 +102,7 @@ class Flasc(Method):
     Options = FlascOptions
     client_dp = True  # the sparse upload is clipped after top-k: the bound holds for what is sent
     local_dp = False  # but which entries top-k kept is itself data: local noise on the values would not hide it
+    record_dp = True  # top-k, error feedback and clipping act on DP-SGD's output: post-processing
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -232,7 +233,7 @@ class Flasc(Method):
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state={k[5:]: v for k, v in stored.items() if k.startswith("opt::")},
-            grad_hook=grad_hook, progress=self.rt.step_progress)
+            grad_hook=grad_hook, progress=self.rt.step_progress, records=privacy.records(self.cfg))
         trained = view.get()
         delta = {n: trained[n] - start[n] for n in start}
         if opts.client_freeze and opts.d_dl < 1:  # weight decay or momentum must not leak outside the mask
@@ -251,4 +252,5 @@ class Flasc(Method):
         if to_store:
             client.store.save(client.cid, client.round, to_store)
         return Message(tensors={"delta": flatten(sent)},
-                       meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+                       meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
+                             **privacy.record_meta(self.cfg, client.num_examples, steps, client.round)})
