@@ -61,6 +61,10 @@ def cmd_run(args) -> int:
     print(f"bytes up {summary['bytes_up_total']:,} ({summary['bytes_up_total'] / 1e6:.2f} MB), "
           f"down {summary['bytes_down_total']:,} ({summary['bytes_down_total'] / 1e6:.2f} MB), "
           f"{summary['wall_seconds']:.0f} s")
+    if "privacy" in summary:
+        p = summary["privacy"]
+        print(f"client-level DP ({p['mode']}): epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} "
+              f"(noise multiplier {p['noise_multiplier']:.3g}, clip {p['clip']:g})")
     print(f"run directory: {run_dir}")
     print(f"report: {report_path}")
     return 0

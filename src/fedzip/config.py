@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedzip.errors import ConfigError, FedzipError
 from fedzip.paths import default_data_root
-from fedzip.registry import method_class
+from fedzip.registry import method_class, method_names
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -142,6 +142,37 @@ class DeployConfig(Section):
         "(data-file) and the run's data is the server's evaluation data only")
 
 
+class RecordPrivacyConfig(Section):
+    """Record-level DP-SGD on each client (Opacus): per-example clipping and noise in every local step."""
+
+    noise_multiplier: float | None = Field(None, gt=0, description="off unless set; noise std / clip per step")
+    clip: float = Field(1.0, gt=0, description="L2 bound on each example's gradient")
+    delta: float | None = Field(None, gt=0, lt=1, description="default 1 / (the client's example count)")
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy (``fedzip.privacy``); off unless ``mode`` says otherwise."""
+
+    mode: Literal["off", "central", "local"] = Field(
+        "off", description="central: clients clip, the (trusted) server adds the noise; local: each client "
+                           "adds its own noise too, a guarantee against the server at a large cost in accuracy")
+    clip: float = Field(1.0, gt=0, description="L2 bound on each client's update (all its tensors together)")
+    noise_multiplier: float | None = Field(None, ge=0, description="noise std / clip; or give target_epsilon")
+    target_epsilon: float | None = Field(None, gt=0, description="calibrate noise_multiplier so the whole run "
+                                         "ends at this epsilon")
+    delta: float | None = Field(None, gt=0, lt=1, description="default 1 / num_clients")
+    accountant: Literal["rdp", "pld"] = "rdp"
+    records: RecordPrivacyConfig = Field(default_factory=RecordPrivacyConfig)
+    secure_noise: bool = Field(False, description="noise from OS entropy instead of the run's seed (a deployment "
+                                                  "whose noise no one may replay; the run is then not reproducible)")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> "PrivacyConfig":
+        if self.mode != "off" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
 class ExperimentConfig(Section):
     name: str | None = None
     method: str = "fedit"
@@ -157,6 +188,7 @@ class ExperimentConfig(Section):
     wire: WireConfig = Field(default_factory=WireConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     method_options: dict[str, Any] = Field(default_factory=dict, description="options read by the method")
 
     @model_validator(mode="after")
@@ -171,6 +203,18 @@ class ExperimentConfig(Section):
             method_cls = method_class(self.method)
         except KeyError as exc:
             raise ValueError(f"method: {exc.args[0]}") from None
+        if self.privacy.records.noise_multiplier is not None and not method_cls.record_dp:
+            raise ValueError(f"privacy.records: {self.method}'s clients use their data outside the local training "
+                             "steps DP-SGD protects (or have no clients), so record-level DP does not hold")
+        if self.privacy.mode != "off":
+            if not method_cls.client_dp:
+                raise ValueError(f"privacy: method {self.method} does not support client-level DP as implemented "
+                                 f"(methods that do: {', '.join(n for n in method_names() if method_class(n).client_dp)})")
+            if self.privacy.mode == "local" and not method_cls.local_dp:
+                raise ValueError(f"privacy.mode local: {self.method}'s upload reveals more than its noisy values "
+                                 "(e.g. which entries top-k kept), so local noise does not protect it; use central")
+            if self.num_clients < 2:
+                raise ValueError("privacy: client-level DP needs more than one client")
         options = method_cls.Options
         if options is None and self.method_options:
             raise ValueError(f"method_options: method {self.method} takes no options")

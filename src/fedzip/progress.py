@@ -42,7 +42,7 @@ class RunProgress:
             self._bar.advance(self._clients)
 
     def round_done(self, rnd: int, row: dict) -> None:
-        shown = {k: row[k] for k in ("accuracy", "loss", "perplexity") if k in row}
+        shown = {k: row[k] for k in ("accuracy", "loss", "perplexity", "epsilon") if k in row}
         text = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
         split = ""
         if "flower_s" in row:  # a deployed round: where its time went

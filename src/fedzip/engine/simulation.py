@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 
+from fedzip import privacy
 from fedzip.config import ExperimentConfig, dump_config
 from fedzip.data.task import model_device
 from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
@@ -144,7 +145,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                    "counts their replies carry"}, indent=1))
     method = method_cls(cfg, rt)
     method.init_global()
-    (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe()}, indent=1))
+    (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe(),
+                                                 **({"privacy": privacy.describe(cfg)} if privacy.enabled(cfg) else {})},
+                                                indent=1))
     store = ClientStateStore(out / "client_state")
 
     start, elapsed_before = 1, 0.0
@@ -208,7 +211,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
 
 def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange) -> dict:
     t_round = time.time()
-    cids = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+    # Under client-level DP each client joins independently (Poisson), as the accountant assumes; a round may
+    # then sample no one, and the model stays as it was.
+    cids = (privacy.poisson_cohort(cfg.seed, rnd, cfg.num_clients, privacy.sampling_rate(cfg)) if privacy.enabled(cfg)
+            else sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round))
     bar.round_start(rnd, len(cids))
     timing = dict.fromkeys(("compute_s", "encode_s", "decode_s", "aggregate_s"), 0.0)
     messages = method.configure(rnd, cids)
@@ -223,7 +229,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     timing["encode_s"] += time.time() - t0
 
     ups, failures, diagnostics = exchange(rnd, downs, timing)
-    replies, losses, rejected, client_steps, client_examples = {}, [], [], 0, {}
+    replies, losses, rejected, client_steps, client_examples, record_epsilon = {}, [], [], 0, {}, {}
     for cid in cids:
         kind = messages[cid].ledger_tag  # e.g. a one-time model inside the message
         if cid in failures:  # never reached the client, or no reply in time: logged, not fatal
@@ -247,6 +253,9 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         examples = replies[cid].meta.get("num_examples")
         if isinstance(examples, int) and not isinstance(examples, bool):
             client_examples[str(cid)] = examples  # what weighting uses: all a server learns of a client's data
+        record_eps = replies[cid].meta.get("record_epsilon")
+        if isinstance(record_eps, float):  # record-level DP-SGD: the client's own accountant
+            record_epsilon[str(cid)] = record_eps
         steps = replies[cid].meta.get("steps")
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
             client_steps += steps
@@ -256,11 +265,15 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     timing["aggregate_s"] = time.time() - t0
     up_b, down_b = ledger.round_bytes[rnd]["up"], ledger.round_bytes[rnd]["down"]
     row = {"round": rnd, "clients": cids, "bytes_up": up_b, "bytes_down": down_b,
-           "bytes_up_per_client": up_b / len(cids), "bytes_down_per_client": down_b / len(cids),
+           "bytes_up_per_client": up_b / max(len(cids), 1), "bytes_down_per_client": down_b / max(len(cids), 1),
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected,
            "client_steps": client_steps,  # local steps the replies report: compute_s / client_steps = step time
            "client_examples": client_examples,
+           **({"client_record_epsilon": record_epsilon, "record_epsilon_max": max(record_epsilon.values())}
+              if record_epsilon else {}),
            **({"failed": sorted(failures)} if failures else {}), **timing, **extra}
+    if privacy.enabled(cfg):
+        row["epsilon"] = privacy.run_epsilon(cfg, rnd)  # the guarantee after this round, at the run's delta
     row["round_s"] = time.time() - t_round
     return row
 
@@ -318,5 +331,7 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
         # what a method flagged while going on (e.g. a learned codec below its quality gate): every report repeats it
         "warnings": [f"round {r['round']}: {r['warning']}" for r in rows if r.get("warning")],
     }
+    if privacy.enabled(cfg):
+        summary["privacy"] = privacy.describe(cfg) | {"epsilon": rows[-1].get("epsilon") if rows else 0.0}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

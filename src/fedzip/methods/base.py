@@ -57,6 +57,15 @@ class Method:
     # ``method_options`` keys a resumed run may change: ones that act only on work not yet checkpointed
     # (e.g. how CG-FedLLM trains its autoencoder, whose gate may have stopped the run before that round).
     resumable_options: ClassVar[frozenset[str]] = frozenset()
+    # Client-level DP (``fedzip.privacy``): True when the method's server moves the model by a mean of client
+    # updates that the client clips (``privacy.private_update``) and the server averages with
+    # ``privacy.private_mean``, so the sensitivity bound holds for what is sent. ``local_dp``: the upload reveals
+    # nothing beyond its (noisy) values, so local noise protects it too (not so for top-k positions).
+    client_dp: ClassVar[bool] = False
+    local_dp: ClassVar[bool] = False
+    # Record-level DP-SGD (``privacy.records``): True when a client reads its data only in ``train_locally``'s
+    # steps (which then run under Opacus), so everything it sends is post-processing of DP-SGD's output.
+    record_dp: ClassVar[bool] = False
 
     def __init__(self, cfg, runtime):
         self.cfg = cfg

@@ -5,13 +5,18 @@ FedIT (ALGORITHMS.md section 1), per round t:
     client k: theta_k <- local training from theta_t on its data; reply theta_k and n_k
     server: theta_{t+1} = sum_k (n_k / sum_j n_j) * theta_k
 The variants change only which tensors are trainable and exchanged, or how many clients there are.
+
+With client-level DP (``privacy.mode``, fedzip.privacy) the update theta_k - theta_t is clipped on the client
+and sent as theta_t + its clipped update; the server averages the updates with ``private_mean`` (clipped
+again, noised, a fixed denominator) instead of weighting by n_k.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedzip.methods.base import ClientContext, Method, one_client, weighted_average
+from fedzip import privacy
+from fedzip.methods.base import ClientContext, Method, one_client, reply_weight, weighted_average
 from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
 from fedzip.models.lora import canonical, is_lora_a
@@ -23,6 +28,7 @@ from fedzip.wire import Message
 class FedIT(Method):
     name = "fedit"
     runs_on_accelerator = True
+    client_dp = local_dp = record_dp = True
 
     def init_global(self) -> None:
         self.global_ = self.rt.view.get()
@@ -52,14 +58,29 @@ class FedIT(Method):
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state=client.store.load(client.cid) if self.cfg.train.persist_optimizer_state else None,
-            progress=self.rt.step_progress)
+            progress=self.rt.step_progress, records=privacy.records(self.cfg))
         if self.cfg.train.persist_optimizer_state:
             client.store.save(client.cid, client.round, opt_state)
-        return Message(tensors=view.get(), meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+        trained = view.get()
+        if privacy.enabled(self.cfg):  # what leaves is the received model plus a clipped (and noised) update
+            start = message.tensors
+            update = privacy.private_update(self.cfg, {n: trained[n] - start[n] for n in trained}, client.round,
+                                            client.cid)
+            trained = {n: start[n] + update[n] for n in trained}
+        return Message(tensors=trained, meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
+                             **privacy.record_meta(self.cfg, client.num_examples, steps, client.round)})
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
-        self.global_ = weighted_average(replies, self.rt.view.names())
-        return {}
+        if not privacy.enabled(self.cfg):
+            self.global_ = weighted_average(replies, self.rt.view.names())
+            return {}
+        for r in replies.values():
+            reply_weight(r)  # validated as without DP, though DP weighs every client alike
+        names = self.rt.view.names()
+        updates = [{n: r.tensors[n] - self.global_[n] for n in names} for r in replies.values()]
+        mean, stats = privacy.private_mean(self.cfg, updates, rnd)
+        self.global_ = {n: self.global_[n] + mean[n] for n in names}
+        return stats
 
 
 @register_method
@@ -93,6 +114,8 @@ class Centralised(FedIT):
     """The reference: all training data on one client, which trains every round."""
 
     name = "centralised"
+    client_dp = local_dp = False  # one client holding all the data: client-level DP protects no one
+    record_dp = True  # record-level DP-SGD is what protects it
 
     @classmethod
     def adjust_config(cls, cfg):

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedzip import privacy
 from fedzip.methods.base import ClientContext, Method, reply_weight
 from fedzip.methods.state import ServerState
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
@@ -99,6 +100,9 @@ class Flasc(Method):
     name = "cellm"
     runs_on_accelerator = True
     Options = FlascOptions
+    client_dp = True  # the sparse upload is clipped after top-k: the bound holds for what is sent
+    local_dp = False  # but which entries top-k kept is itself data: local noise on the values would not hide it
+    record_dp = True  # top-k, error feedback and clipping act on DP-SGD's output: post-processing
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -195,14 +199,20 @@ class Flasc(Method):
             n = reply_weight(r)  # validates the reply either way
             weights[cid] = n if self.opts.weighting == "samples" else 1
         total = sum(weights.values())
+        stats = {}
+        if privacy.enabled(self.cfg):  # clipped again, summed, noised (dense), divided by the expected cohort
+            mean, stats = privacy.private_mean(self.cfg, [{"delta": r.tensors["delta"]} for r in replies.values()], rnd)
+            mean_delta = unflatten(mean["delta"], self.rt.view.shapes())
+        else:
+            mean_delta = unflatten(sum(replies[cid].tensors["delta"] * (w / total) for cid, w in weights.items()),
+                                   self.rt.view.shapes())
         self.opt.zero_grad(set_to_none=True)
-        mean_delta = unflatten(sum(replies[cid].tensors["delta"] * (w / total) for cid, w in weights.items()),
-                               self.rt.view.shapes())
         for n, p in self.theta.items():
             p.grad = -mean_delta[n]
         self.opt.step()
         self.next_round = rnd + 1
-        return {"density_dl": self.density(self.opts.d_dl, rnd), "density_ul": self.density(self.opts.d_ul, rnd)}
+        return {"density_dl": self.density(self.opts.d_dl, rnd), "density_ul": self.density(self.opts.d_ul, rnd),
+                **stats}
 
     # -- client ------------------------------------------------------------------------------------
     def fit(self, client: ClientContext, message: Message) -> Message:
@@ -223,7 +233,7 @@ class Flasc(Method):
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state={k[5:]: v for k, v in stored.items() if k.startswith("opt::")},
-            grad_hook=grad_hook, progress=self.rt.step_progress)
+            grad_hook=grad_hook, progress=self.rt.step_progress, records=privacy.records(self.cfg))
         trained = view.get()
         delta = {n: trained[n] - start[n] for n in start}
         if opts.client_freeze and opts.d_dl < 1:  # weight decay or momentum must not leak outside the mask
@@ -234,10 +244,13 @@ class Flasc(Method):
         if opts.d_ul < 1:
             masks = global_topk_masks(delta, self.k_for(opts.d_ul, client.round))
             sent = {n: d * masks[n] for n, d in delta.items()}
+        if privacy.enabled(self.cfg):  # clip what is sent (after top-k); error feedback keeps what clipping cut
+            sent = privacy.private_update(self.cfg, sent, client.round, client.cid)
         to_store = {f"opt::{k}": v for k, v in opt_state.items()}
         if opts.error_feedback:
             to_store.update({f"ef::{n}": delta[n] - sent[n] for n in delta})
         if to_store:
             client.store.save(client.cid, client.round, to_store)
         return Message(tensors={"delta": flatten(sent)},
-                       meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
+                       meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
+                             **privacy.record_meta(self.cfg, client.num_examples, steps, client.round)})

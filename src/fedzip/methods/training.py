@@ -59,9 +59,27 @@ def load_optimizer_state(opt, names: list[str], tensors: dict[str, torch.Tensor]
     opt.load_state_dict(sd)
 
 
+def local_steps(task, n: int, train_cfg) -> int:
+    total = task.steps_per_epoch(n, train_cfg.batch_size) * train_cfg.local_epochs
+    return min(total, train_cfg.max_steps) if train_cfg.max_steps else total
+
+
+def poisson_batches(task, indices: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator):
+    """DP-SGD's batches: each example joins each step independently with probability batch_size / n, as
+    the accountant assumes. An empty draw is a step that releases nothing: it is skipped (and still counted)."""
+    rate = min(1.0, batch_size / len(indices))
+    for _ in range(steps):
+        chosen = indices[rng.random(len(indices)) < rate]
+        yield task.collate(task.train, chosen) if len(chosen) else None
+
+
 def train_locally(model, params: dict[str, torch.nn.Parameter], task, indices: np.ndarray, train_cfg, seed: int,
-                  opt_state: dict[str, torch.Tensor] | None = None, extra_loss=None, grad_hook=None, progress=None):
-    """Train ``params`` in place. Returns (steps, mean loss, optimizer state as named tensors)."""
+                  opt_state: dict[str, torch.Tensor] | None = None, extra_loss=None, grad_hook=None, progress=None,
+                  records=None):
+    """Train ``params`` in place. Returns (steps, mean loss, optimizer state as named tensors).
+
+    ``records`` (``privacy.records`` with a noise multiplier): DP-SGD with Opacus, per-example gradients clipped
+    to ``records.clip`` and Gaussian noise added by its DPOptimizer, on Poisson-sampled batches."""
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
     names = list(params)
@@ -71,13 +89,43 @@ def train_locally(model, params: dict[str, torch.nn.Parameter], task, indices: n
     model.train()
     device = model_device(model)
     steps, loss_sum = 0, 0.0
-    total = task.steps_per_epoch(len(indices), train_cfg.batch_size) * train_cfg.local_epochs
-    if train_cfg.max_steps:
-        total = min(total, train_cfg.max_steps)
+    total = local_steps(task, len(indices), train_cfg)
+    forward, epochs, batches = model, train_cfg.local_epochs, None
+    if records is not None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        forward = GradSampleModule(model)  # hooks that keep each example's gradient of every trainable tensor
+        noise = torch.Generator(device=device)
+        noise.manual_seed(seed)
+        opt = DPOptimizer(opt, noise_multiplier=records.noise_multiplier, max_grad_norm=records.clip,
+                          expected_batch_size=train_cfg.batch_size, generator=noise)
+        epochs, batches = 1, poisson_batches(task, indices, train_cfg.batch_size, total, rng)
     # bf16 autocast (GPU only): matmuls in bfloat16, weights, gradients and optimizer state stay fp32
     autocast = train_cfg.precision == "bf16" and device.type == "cuda"
-    for _ in range(train_cfg.local_epochs):
-        for batch in task.train_batches(indices, train_cfg.batch_size, rng):
+    try:
+        steps, loss_sum = _steps(forward, opt, task, indices, train_cfg, rng, device, autocast, total, epochs, batches,
+                                 extra_loss, grad_hook, progress)
+    finally:
+        if records is not None:  # the model is reused (next client, evaluation): take Opacus's hooks off it
+            forward._close()
+            for p in params.values():
+                p.grad_sample = None
+    state = optimizer_state_to_tensors(opt.original_optimizer if records is not None else opt, names) \
+        if train_cfg.persist_optimizer_state else {}
+    return steps, loss_sum / max(steps, 1), state
+
+
+def _steps(model, opt, task, indices, train_cfg, rng, device, autocast, total, epochs, batches, extra_loss,
+           grad_hook, progress):
+    steps, loss_sum = 0, 0.0
+    for _ in range(epochs):
+        for batch in batches if batches is not None else task.train_batches(indices, train_cfg.batch_size, rng):
+            if batch is None:  # an empty Poisson draw
+                steps += 1
+                if steps >= total:
+                    break
+                continue
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 out = model(**to_device(batch, device))
                 loss = out.loss.float()
@@ -96,5 +144,4 @@ def train_locally(model, params: dict[str, torch.nn.Parameter], task, indices: n
                 break
         if steps >= total:
             break
-    state = optimizer_state_to_tensors(opt, names) if train_cfg.persist_optimizer_state else {}
-    return steps, loss_sum / max(steps, 1), state
+    return steps, loss_sum
