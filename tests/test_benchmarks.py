@@ -44,3 +44,21 @@ def test_a_bytes_claim_holds_only_when_every_seed_reaches_the_target_with_enough
     assert ratio_verdict(row(9.0, 8.0, 12.0), 10).startswith("does not hold: 9.7x")
     assert ratio_verdict(row(30.0, None, 30.0), 10) == "does not hold: reaches the target on 2 of 3 seeds"
     assert ratio_verdict(row(30.0), 10) == "provisional (1 of 3 seeds)"
+
+
+def test_every_privacy_row_is_a_valid_config_with_a_calibrated_noise():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b5_privacy import CONFIG, EPSILONS, PROFILE, rows
+
+    from fedzip import privacy
+    from fedzip.config import load_config
+
+    table = rows(0.3)
+    assert len(table) == 3 * (1 + len(EPSILONS))
+    for label, overrides, _ in table:
+        cfg = load_config(CONFIG, [*PROFILE, *overrides])
+        if label.endswith("_none"):
+            assert not privacy.enabled(cfg)
+            continue
+        eps = float(label.rsplit("eps", 1)[1])
+        assert privacy.run_epsilon(cfg, cfg.rounds) == pytest.approx(eps, rel=0.01) and cfg.privacy.clip == 0.3

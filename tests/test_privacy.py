@@ -109,11 +109,11 @@ def test_noise_has_the_configured_scale(tiny_cfg, mode, expected_std):
         mean, _ = privacy.private_mean(cfg, [zero, zero, zero], rnd=1)
         sample = mean["w"]
     else:  # a client's own noise on its clipped update
-        sample = privacy.private_update(cfg, zero, rnd=1, cid=3)["w"]
+        sample = privacy.private_update(cfg, zero, rnd=1, cid=3)[0]["w"]
     # with 200k draws the sample std is within 0.5% of the true one (std error 0.16%): a fixed-seed check
     assert float(sample.std()) == pytest.approx(expected_std, rel=5e-3) and abs(float(sample.mean())) < 1e-3
     replay = privacy.private_mean(cfg, [zero, zero, zero], rnd=1)[0]["w"] if mode == "central" else \
-        privacy.private_update(cfg, zero, rnd=1, cid=3)["w"]
+        privacy.private_update(cfg, zero, rnd=1, cid=3)[0]["w"]
     assert torch.equal(replay, sample)  # seeded by (seed, round, who): a resumed run draws the same noise
 
 
@@ -185,3 +185,35 @@ def test_dp_sgd_clips_each_examples_gradient_and_leaves_the_model_clean(tmp_path
 def test_record_level_dp_is_refused_where_clients_use_data_outside_dp_sgd(tiny_cfg):
     with pytest.raises(ConfigError, match="record-level DP does not hold"):
         load_config("quickstart", tiny_cfg + ["privacy.records.noise_multiplier=1", "method=hafl"])
+
+
+@pytest.mark.parametrize("start,direction", [(1e-5, 1), (1e5, -1)])
+def test_adaptive_clipping_moves_the_bound_towards_the_quantile(tmp_path, tiny_cfg, start, direction):
+    """A bound far below every update norm grows each round, one far above shrinks; clients clip to the bound
+    the server sent, and a resumed run ends where an uninterrupted one does."""
+    overrides = tiny_cfg + DP + ["rounds=4", f"privacy.clip={start}", "privacy.clip_quantile=0.5",
+                                 "privacy.clip_lr=1.0", "privacy.noise_multiplier=0.3"]
+    cfg = load_config("quickstart", overrides)
+    run_experiment(cfg, tmp_path / "whole", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    bounds = [r["dp_clip"] for r in rows if "dp_clip" in r]
+    assert bounds[0] == start and len(bounds) >= 2
+    assert all(direction * (b - a) > 0 for a, b in zip(bounds, bounds[1:]))
+    described = json.loads((tmp_path / "whole" / "method.json").read_text())["privacy"]["adaptive_clip"]
+    assert described["update_noise_multiplier"] > 0.3  # the count takes part of the budget: more noise on the update
+    run_experiment(cfg, tmp_path / "split", progress=False, stop_after=2)
+    run_experiment(cfg, tmp_path / "split", resume=True, progress=False)
+    assert_same_adapter(tmp_path / "whole", tmp_path / "split")
+
+
+def test_adaptive_clipping_is_refused_in_local_mode_and_a_bad_bound_in_a_message(tiny_cfg):
+    with pytest.raises(ConfigError, match="adaptive clipping needs the server"):
+        load_config("quickstart", tiny_cfg + ["privacy.mode=local", "privacy.noise_multiplier=1",
+                                              "privacy.clip_quantile=0.5"])
+    cfg = load_config("quickstart", tiny_cfg + DP + ["privacy.clip_quantile=0.5"])
+    from fedzip.errors import PayloadError
+
+    assert privacy.client_bound(cfg, {"dp_clip": 0.25}) == 0.25
+    for bad in ({}, {"dp_clip": -1.0}, {"dp_clip": "big"}):
+        with pytest.raises(PayloadError, match="dp_clip"):
+            privacy.client_bound(cfg, bad)

@@ -162,6 +162,11 @@ class PrivacyConfig(Section):
                                          "ends at this epsilon")
     delta: float | None = Field(None, gt=0, lt=1, description="default 1 / num_clients")
     accountant: Literal["rdp", "pld"] = "rdp"
+    clip_quantile: float | None = Field(None, gt=0, lt=1, description="adaptive clipping (central mode): move the "
+                                        "clip each round towards this quantile of the update norms, from `clip`")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive clipping: the geometric step")
+    clip_count_noise: float | None = Field(None, gt=0, description="adaptive clipping: std of the noise on the "
+                                           "count of unclipped updates (default: expected cohort / 20)")
     records: RecordPrivacyConfig = Field(default_factory=RecordPrivacyConfig)
     secure_noise: bool = Field(False, description="noise from OS entropy instead of the run's seed (a deployment "
                                                   "whose noise no one may replay; the run is then not reproducible)")
@@ -170,6 +175,9 @@ class PrivacyConfig(Section):
     def _one_noise_setting(self) -> "PrivacyConfig":
         if self.mode != "off" and (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        if self.mode == "local" and self.clip_quantile is not None:
+            raise ValueError("clip_quantile: adaptive clipping needs the server's count of unclipped updates, "
+                             "which local mode does not trust it with; use central")
         return self
 
 

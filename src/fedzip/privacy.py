@@ -107,6 +107,9 @@ def describe(cfg) -> dict:
     """What a run records about its guarantee (``method.json``, ``summary.json``)."""
     z = noise_multiplier(cfg)
     return {"mode": cfg.privacy.mode, "unit": "client", "clip": cfg.privacy.clip, "noise_multiplier": z,
+            "adaptive_clip": {"quantile": cfg.privacy.clip_quantile, "lr": cfg.privacy.clip_lr,
+                              "count_noise": count_noise(cfg), "update_noise_multiplier": update_noise_multiplier(cfg)}
+            if adaptive(cfg) else None,
             "sampling": "poisson", "sampling_rate": sampling_rate(cfg), "delta": target_delta(cfg),
             "accountant": cfg.privacy.accountant, "target_epsilon": cfg.privacy.target_epsilon,
             "accounted_rate": accounted_rate(cfg),
@@ -135,28 +138,105 @@ def gaussian(like: dict[str, torch.Tensor], std: float, generator: torch.Generat
             for n, t in like.items()}
 
 
-def noise_generator(seed: int, rnd: int, who: int) -> torch.Generator:
+def noise_generator(seed: int, rnd: int, who: int, stream: int = 0xD7) -> torch.Generator:
     """Seeded noise (reproducible runs, resumable); ``who`` is -1 for the server, else the client id.
     A deployment that wants noise no one can replay sets ``privacy.secure_noise`` (OS entropy)."""
     g = torch.Generator()
-    g.manual_seed(int(np.random.default_rng([seed, rnd, who + 1, 0xD7]).integers(2**63)))
+    g.manual_seed(int(np.random.default_rng([seed, rnd, who + 1, stream]).integers(2**63)))
     return g
 
 
-def private_update(cfg, update: dict[str, torch.Tensor], rnd: int, cid: int) -> dict[str, torch.Tensor]:
-    """A client's side: its update clipped to ``privacy.clip``, with its own noise in local mode."""
-    clipped, _ = clip(update, cfg.privacy.clip)
+def adaptive(cfg) -> bool:
+    return cfg.privacy.clip_quantile is not None
+
+
+def count_noise(cfg) -> float:
+    """Std of the noise on the count of unclipped updates: ``privacy.clip_count_noise``, else the expected
+    cohort / 20 (Andrew et al. 2021's suggestion)."""
+    p = cfg.privacy
+    return p.clip_count_noise if p.clip_count_noise is not None else sampling_rate(cfg) * cfg.num_clients / 20
+
+
+def update_noise_multiplier(cfg) -> float:
+    """The noise multiplier of the update itself. With adaptive clipping part of the privacy budget goes to
+    the count: two Gaussian mechanisms with multipliers z_u and 2 sigma_b compose like one with
+    z = (z_u^-2 + (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, Thm. 1), so z_u is what is left of the accounted z."""
+    z = noise_multiplier(cfg)
+    if not adaptive(cfg) or z == 0:
+        return z
+    twice = 2 * count_noise(cfg)
+    if twice <= z:
+        raise ConfigError(f"privacy.clip_count_noise {count_noise(cfg):g} must exceed half the noise multiplier "
+                          f"({z:.3g}) for adaptive clipping to leave noise for the update")
+    return (z ** -2 - twice ** -2) ** -0.5
+
+
+class ClipBound:
+    """The server's L2 bound for the round: fixed (``privacy.clip``), or, with ``privacy.clip_quantile``,
+    moved each round towards that quantile of the clients' update norms by a geometric step on a noised
+    count (Andrew et al., "Differentially private learning with adaptive clipping", 2021):
+        b = (#{k : ||Delta_k|| <= C} + N(0, sigma_b^2)) / (q N);   C <- C * exp(-clip_lr * (b - quantile))
+    Clients learn each round's bound from the server's message (``dp_clip``)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.value = cfg, float(cfg.privacy.clip)
+
+    def meta(self) -> dict:
+        return {"dp_clip": self.value} if adaptive(self.cfg) else {}
+
+    def facts(self) -> dict:
+        return {"dp_clip": self.value} if adaptive(self.cfg) else {}
+
+    def load(self, facts: dict) -> None:
+        if adaptive(self.cfg):
+            self.value = float(facts["dp_clip"])
+
+    def after_round(self, below_bits: list, rnd: int) -> dict:
+        """``below_bits``: each reply's ``dp_below``; anything but True counts as above the bound."""
+        if not adaptive(self.cfg):
+            return {}
+        p, used = self.cfg.privacy, self.value
+        g = _generator(self.cfg, rnd, -1, stream=0xD8)  # the server's count noise: a stream of its own
+        noise = float(torch.randn((), generator=g, dtype=torch.float64)) * count_noise(self.cfg)
+        below = sum(b is True for b in below_bits) + noise
+        share = below / (sampling_rate(self.cfg) * self.cfg.num_clients)
+        self.value = used * math.exp(-p.clip_lr * (share - p.clip_quantile))
+        return {"dp_clip": used, "dp_unclipped_share_noised": share}
+
+
+def client_bound(cfg, meta: dict) -> float:
+    """The bound a client clips to: the server's of this round with adaptive clipping, else ``privacy.clip``."""
+    if not adaptive(cfg):
+        return float(cfg.privacy.clip)
+    bound = meta.get("dp_clip")
+    if not isinstance(bound, float) or not 0 < bound < 1e12:
+        from fedzip.errors import PayloadError
+
+        raise PayloadError(f"message meta 'dp_clip' must be a positive number, got {bound!r}")
+    return bound
+
+
+def private_update(cfg, update: dict[str, torch.Tensor], rnd: int, cid: int,
+                   bound: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A client's side: its update clipped to ``bound`` (default ``privacy.clip``), with its own noise in local
+    mode, and the reply meta DP adds: with adaptive clipping, whether the update was within the bound before
+    clipping (``dp_below``: the bit the server's noised count sums; only the client knows it)."""
+    bound = float(cfg.privacy.clip) if bound is None else bound
+    clipped, norm = clip(update, bound)
     if cfg.privacy.mode == "local":
-        std = noise_multiplier(cfg) * cfg.privacy.clip
+        std = noise_multiplier(cfg) * bound
         noise = gaussian(clipped, std, _generator(cfg, rnd, cid))
         clipped = {n: t + noise[n] for n, t in clipped.items()}
-    return clipped
+    return clipped, ({"dp_below": norm <= bound} if adaptive(cfg) else {})
 
 
-def private_mean(cfg, updates: list[dict[str, torch.Tensor]], rnd: int) -> tuple[dict[str, torch.Tensor], dict]:
+def private_mean(cfg, updates: list[dict[str, torch.Tensor]], rnd: int, clip_bound: ClipBound | None = None,
+                 below_bits: list | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The server's side: every update clipped to the bound (again), summed, noised in central mode, and
-    divided by the expected cohort q N. Returns the mean and the round's numbers for ``metrics.jsonl``."""
-    bound, m = cfg.privacy.clip, sampling_rate(cfg) * cfg.num_clients
+    divided by the expected cohort q N; ``clip_bound`` (adaptive clipping) then moves for the next round.
+    Returns the mean and the round's numbers for ``metrics.jsonl``."""
+    bound = clip_bound.value if clip_bound is not None else float(cfg.privacy.clip)
+    m = sampling_rate(cfg) * cfg.num_clients
     if cfg.privacy.mode == "local":  # the noise is in the updates: clipping it again would bias the average
         clipped, norms = updates, [l2_norm(u) for u in updates]
     else:
@@ -164,19 +244,21 @@ def private_mean(cfg, updates: list[dict[str, torch.Tensor]], rnd: int) -> tuple
         clipped, norms = [p[0] for p in pairs], [p[1] for p in pairs]
     total = {n: sum(u[n] for u in clipped) for n in updates[0]} if updates else {}
     if cfg.privacy.mode == "central" and total:
-        noise = gaussian(total, noise_multiplier(cfg) * bound, _generator(cfg, rnd, -1))
+        noise = gaussian(total, update_noise_multiplier(cfg) * bound, _generator(cfg, rnd, -1))
         total = {n: t + noise[n] for n, t in total.items()}
     stats = {"dp_clipped_share": float(np.mean([n > bound for n in norms])) if norms else 0.0,
              "dp_update_norm": float(np.median(norms)) if norms else 0.0}
+    if clip_bound is not None:
+        stats |= clip_bound.after_round(below_bits or [], rnd)
     return {n: t / m for n, t in total.items()}, stats
 
 
-def _generator(cfg, rnd: int, who: int) -> torch.Generator:
+def _generator(cfg, rnd: int, who: int, stream: int = 0xD7) -> torch.Generator:
     if cfg.privacy.secure_noise:
         g = torch.Generator()
         g.manual_seed(int.from_bytes(__import__("os").urandom(8), "little") & (2**63 - 1))
         return g
-    return noise_generator(cfg.seed, rnd, who)
+    return noise_generator(cfg.seed, rnd, who, stream)
 
 
 # -- record level (DP-SGD on each client, Opacus) ----------------------------------------------------------

@@ -32,12 +32,14 @@ class FedIT(Method):
 
     def init_global(self) -> None:
         self.global_ = self.rt.view.get()
+        self.clip_bound = privacy.ClipBound(self.cfg)  # read only under DP
 
     def server_state(self) -> ServerState:
-        return ServerState({"global": dict(self.global_)})
+        return ServerState({"global": dict(self.global_)}, self.clip_bound.facts())
 
     def load_server_state(self, state: ServerState) -> None:
         self.global_ = {n: state.group("global")[n].clone() for n in self.rt.view.names()}
+        self.clip_bound.load(state.facts)
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.global_
@@ -49,7 +51,7 @@ class FedIT(Method):
         return self.rt.view.shapes()
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
-        msg = Message(tensors=self.global_, meta={"round": rnd})
+        msg = Message(tensors=self.global_, meta={"round": rnd, **self.clip_bound.meta()})
         return {cid: msg for cid in cids}  # one object: the engine encodes it once, counts it per client
 
     def fit(self, client: ClientContext, message: Message) -> Message:
@@ -64,11 +66,14 @@ class FedIT(Method):
         trained = view.get()
         if privacy.enabled(self.cfg):  # what leaves is the received model plus a clipped (and noised) update
             start = message.tensors
-            update = privacy.private_update(self.cfg, {n: trained[n] - start[n] for n in trained}, client.round,
-                                            client.cid)
+            update, dp_meta = privacy.private_update(self.cfg, {n: trained[n] - start[n] for n in trained},
+                                                     client.round, client.cid, privacy.client_bound(self.cfg, message.meta))
             trained = {n: start[n] + update[n] for n in trained}
+        else:
+            dp_meta = {}
         return Message(tensors=trained, meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
-                             **privacy.record_meta(self.cfg, client.num_examples, steps, client.round)})
+                                              **dp_meta, **privacy.record_meta(self.cfg, client.num_examples, steps,
+                                                                                client.round)})
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         if not privacy.enabled(self.cfg):
@@ -78,7 +83,8 @@ class FedIT(Method):
             reply_weight(r)  # validated as without DP, though DP weighs every client alike
         names = self.rt.view.names()
         updates = [{n: r.tensors[n] - self.global_[n] for n in names} for r in replies.values()]
-        mean, stats = privacy.private_mean(self.cfg, updates, rnd)
+        mean, stats = privacy.private_mean(self.cfg, updates, rnd, self.clip_bound,
+                                           [r.meta.get("dp_below") for r in replies.values()])
         self.global_ = {n: self.global_[n] + mean[n] for n in names}
         return stats
 

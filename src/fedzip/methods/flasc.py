@@ -139,11 +139,12 @@ class Flasc(Method):
             self.opt = torch.optim.SGD(params, lr=self.opts.server_lr, weight_decay=self.opts.server_weight_decay)
         self.fixed_mask: dict[str, torch.Tensor] | None = None
         self.next_round = 1
+        self.clip_bound = privacy.ClipBound(self.cfg)  # read only under DP
 
     def server_state(self) -> ServerState:
         state = ServerState({"theta": {n: p.detach().clone() for n, p in self.theta.items()},
                              "optimizer": optimizer_state_to_tensors(self.opt, list(self.theta))},
-                            {"next_round": self.next_round})
+                            {"next_round": self.next_round, **self.clip_bound.facts()})
         if self.fixed_mask is not None:
             state.tensors["mask"] = {n: m.to(torch.uint8) for n, m in self.fixed_mask.items()}
         return state
@@ -155,6 +156,7 @@ class Flasc(Method):
         load_optimizer_state(self.opt, list(self.theta), state.group("optimizer"))
         self.fixed_mask = {n: m.bool() for n, m in state.group("mask").items()} or None
         self.next_round = int(state.facts["next_round"])
+        self.clip_bound.load(state.facts)
 
     def dense_theta(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.theta.items()}
@@ -190,7 +192,7 @@ class Flasc(Method):
             if self.opts.server_freeze:
                 self.fixed_mask = mask
             theta = {n: t * mask[n] for n, t in theta.items()}
-        msg = Message(tensors={"theta": flatten(theta)}, meta={"round": rnd})
+        msg = Message(tensors={"theta": flatten(theta)}, meta={"round": rnd, **self.clip_bound.meta()})
         return {cid: msg for cid in cids}
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
@@ -201,7 +203,8 @@ class Flasc(Method):
         total = sum(weights.values())
         stats = {}
         if privacy.enabled(self.cfg):  # clipped again, summed, noised (dense), divided by the expected cohort
-            mean, stats = privacy.private_mean(self.cfg, [{"delta": r.tensors["delta"]} for r in replies.values()], rnd)
+            mean, stats = privacy.private_mean(self.cfg, [{"delta": r.tensors["delta"]} for r in replies.values()], rnd,
+                                               self.clip_bound, [r.meta.get("dp_below") for r in replies.values()])
             mean_delta = unflatten(mean["delta"], self.rt.view.shapes())
         else:
             mean_delta = unflatten(sum(replies[cid].tensors["delta"] * (w / total) for cid, w in weights.items()),
@@ -245,12 +248,15 @@ class Flasc(Method):
             masks = global_topk_masks(delta, self.k_for(opts.d_ul, client.round))
             sent = {n: d * masks[n] for n, d in delta.items()}
         if privacy.enabled(self.cfg):  # clip what is sent (after top-k); error feedback keeps what clipping cut
-            sent = privacy.private_update(self.cfg, sent, client.round, client.cid)
+            sent, dp_meta = privacy.private_update(self.cfg, sent, client.round, client.cid,
+                                                   privacy.client_bound(self.cfg, message.meta))
+        else:
+            dp_meta = {}
         to_store = {f"opt::{k}": v for k, v in opt_state.items()}
         if opts.error_feedback:
             to_store.update({f"ef::{n}": delta[n] - sent[n] for n in delta})
         if to_store:
             client.store.save(client.cid, client.round, to_store)
         return Message(tensors={"delta": flatten(sent)},
-                       meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
+                       meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss, **dp_meta,
                              **privacy.record_meta(self.cfg, client.num_examples, steps, client.round)})

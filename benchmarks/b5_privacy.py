@@ -1,0 +1,139 @@
+"""B5: what client-level differential privacy costs: accuracy against epsilon for FedIT, FFA-LoRA and FLASC.
+
+Every row is B1's task (20 Newsgroups, MiniLM, LoRA r=16 on q/k/v) over a population of 500 clients, of
+which each round samples 4% by Poisson sampling (20 expected), client SGD-momentum with a cosine decay, and
+central DP-FedAvg (``privacy.mode: central``): clients clip their update to ``CLIP`` and the server adds the
+noise. The noise multiplier of each row is calibrated so that the whole run ends at its epsilon, at delta
+1/500 (the population), by dp-accounting's RDP accountant. ``none`` rows run the same profile without DP
+(the same Poisson cohorts are not used there: without DP the engine samples a fixed 20).
+
+FLASC runs at 1/16 both ways, its server as plain FedAvg; its sparse upload is clipped after top-k.
+
+    python benchmarks/b5_privacy.py --clip-pilot       # FedIT, no noise: the clients' update norms -> CLIP
+    python benchmarks/b5_privacy.py --commit           # every row x seeds 0,1,2 not done yet
+    python benchmarks/b5_privacy.py --board            # rebuild results/b5_privacy.{md,json,png}
+
+A population this size is what makes epsilon small at all: with 20 of 20 clients a round (q = 1), no
+sampling amplification is left and epsilon 8 would need about 8 times the noise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, run_one, say  # noqa: E402
+from seeded import SeededBenchmark, commit_file, figure_lines  # noqa: E402
+
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
+from fedzip.report.targets import fixed_subset_curve, smoothed  # noqa: E402
+
+BENCH = "b5_privacy"
+CONFIG = "b1_fedit"
+PROFILE = ["rounds=60", "num_clients=500", "clients_per_round=20", "partition.alpha=1.0", "data.max_length=48",
+           "eval.every=6", "eval.max_examples=800", "data.max_test_examples=2000", "train.max_steps=2",
+           "train.optimizer=sgd", "train.momentum=0.9", "train.lr_schedule=cosine", "train.lr=0.5",
+           "partition.min_examples=4"]
+EPSILONS = (8, 3, 1)
+PILOT = RESULTS / "pilots" / "b5_clip.json"
+CLIP_QUANTILE = 0.5  # the clip is the median update norm of the pilot's clients (McMahan et al. 2018 clip near it)
+
+
+def chosen_clip() -> float | None:
+    return json.loads(PILOT.read_text())["clip"] if PILOT.exists() else None
+
+
+METHODS = {
+    "fedit": ("FedIT", []),
+    "ffa_lora": ("FFA-LoRA", ["method=ffa_lora"]),
+    "flasc_1_16": ("FLASC 1/16 both ways", ["method=flasc", "method_options={server_optimizer: sgd, server_lr: 1.0, "
+                                                             "weighting: uniform, d_dl: 0.0625, d_ul: 0.0625}"]),
+}
+
+
+def rows(clip: float | None) -> list[tuple[str, list[str], str]]:
+    out = []
+    for key, (name, overrides) in METHODS.items():
+        out.append((f"{key}_none", overrides, f"{name}, no DP"))
+        if clip is None:
+            continue
+        for eps in EPSILONS:
+            out.append((f"{key}_eps{eps}", [*overrides, "privacy.mode=central", f"privacy.clip={clip}",
+                                            f"privacy.target_epsilon={eps}"],
+                        f"{name}, central DP, epsilon {eps} at delta 1/500, clip {clip}"))
+    return out
+
+
+BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, rows(chosen_clip()), references=["fedit_none"])
+
+
+def clip_pilot(commit: bool) -> None:
+    """FedIT with DP's clipping and Poisson sampling but no noise and a clip no update reaches, 6 rounds,
+    seed 0: the median of the clients' update norms (``dp_update_norm``) becomes every DP row's clip."""
+    out = ROOT / "runs" / BENCH / "clip_pilot"
+    run_one("clip_pilot", f"configs/{CONFIG}.yaml", [*PROFILE, "rounds=6", "privacy.mode=central",
+                                                      "privacy.clip=1e6", "privacy.noise_multiplier=0", "seed=0"],
+            out, threads=2)
+    norms = [json.loads(x)["dp_update_norm"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    norms = [n for n in norms if n > 0]
+    clip = round(sorted(norms)[len(norms) // 2], 3)
+    PILOT.parent.mkdir(parents=True, exist_ok=True)
+    PILOT.write_text(json.dumps({"rounds": 6, "seed": 0, "median_update_norm_per_round": norms, "clip": clip},
+                                indent=1) + "\n")
+    say(f"clip = {clip} (median of the per-round median update norms {norms})")
+    if commit:
+        commit_file(PILOT, "b5_privacy: clip pilot")
+
+
+def final_accuracy(record: dict) -> float | None:
+    curve = smoothed(fixed_subset_curve(record["curve"], "accuracy"))
+    return curve[-1][1] if curve else None
+
+
+def write_board() -> None:
+    records = BENCHMARK.records()
+    lines = ["# B5: accuracy against client-level epsilon (central DP-FedAvg)", "",
+             "Rebuilt by `python benchmarks/b5_privacy.py --board` from [runs/b5_privacy/](runs/b5_privacy/); "
+             "the profile and the mechanism are in the script's docstring and the README (\"Differential "
+             "privacy\").", ""]
+    if chosen_clip() is not None:
+        lines += [f"Clip {chosen_clip()} (the clip pilot's median update norm, "
+                  f"[pilots/b5_clip.json](pilots/b5_clip.json)).", ""]
+    if not records:
+        (RESULTS / "b5_privacy.md").write_text("\n".join(lines + ["No finished run yet.", ""]))
+        return
+    by = {}
+    for r in records:
+        by.setdefault(r["label"], []).append(r)
+    lines += ["Smoothed final accuracy (fixed test subset), mean ± std over seeds (n):", "",
+              "| method | no DP | " + " | ".join(f"epsilon {e}" for e in EPSILONS) + " |",
+              "|---|---|" + "---|" * len(EPSILONS)]
+    for key, (name, _) in METHODS.items():
+        cells = []
+        for suffix in ["none", *(f"eps{e}" for e in EPSILONS)]:
+            values = [v for v in (final_accuracy(r) for r in by.get(f"{key}_{suffix}", [])) if v is not None]
+            if not values:
+                cells.append("-")
+                continue
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+            cells.append(f"{mean:.3f} ± {std:.3f} ({len(values)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    board = build_leaderboard(records, reference="fedit_none") if "fedit_none" in by else None
+    if board:
+        lines += ["", "## Every row against FedIT without DP", "", *leaderboard_markdown(board), ""]
+        (RESULTS / "b5_privacy.json").write_text(json.dumps(board, indent=1) + "\n")
+        lines += figure_lines(board, records, "b5_privacy.png", "B5: smoothed accuracy, mean over seeds", "b5")
+    (RESULTS / "b5_privacy.md").write_text("\n".join(lines) + "\n")
+    say("\n".join(lines))
+
+
+def main() -> None:
+    BENCHMARK.main(__doc__.split("\n")[0], write_board, modes={
+        "--clip-pilot": ("FedIT without noise, 6 rounds: the clients' update norms choose the clip", clip_pilot)})
+
+
+if __name__ == "__main__":
+    main()
