@@ -8,7 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedzip.config import ExperimentConfig
 from fedzip.deploy.exchange import FlowerExchange, TooFewReplies
-from fedzip.deploy.task import RECORD, hosted_clients
+from fedzip.deploy.task import RECORD, client_record, hosted_clients
 from fedzip.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ class FakeGrid:
     """Nodes 11 and 12 host clients by ``cid % 2``; ``answer(node, cid, rnd, payload)`` builds each reply."""
 
     def __init__(self, answer):
-        self.answer, self.sent = answer, []
+        self.answer, self.sent, self.train_messages = answer, [], 0
 
     def get_node_ids(self):
         return [11, 12]
@@ -39,11 +39,19 @@ class FakeGrid:
                 out.append(Message(RecordDict({RECORD: ConfigRecord({"clients": [0, 2] if node == 11 else [1, 3]})}),
                                    reply_to=m))
                 continue
-            rec = m.content.config_records[RECORD]
-            self.sent.append((node, rec["cid"], rec["round"]))
-            content = self.answer(node, rec["cid"], rec["round"], rec["payload"])
-            if content is not None:
-                out.append(Message(content, reply_to=m))  # content: a RecordDict or an Error
+            self.train_messages += 1
+            records, error = {}, None  # one reply per node message, one record per client in it
+            for rec in m.content.config_records.values():
+                self.sent.append((node, rec["cid"], rec["round"]))
+                got = self.answer(node, rec["cid"], rec["round"], rec["payload"])
+                if isinstance(got, Error):  # the whole node message fails
+                    error = got
+                elif got is not None:  # {record name: ConfigRecord}; None: the client is left out
+                    records |= got
+            if error is not None:
+                out.append(Message(error, reply_to=m))
+            elif records:
+                out.append(Message(RecordDict(records), reply_to=m))
         return out
 
 
@@ -52,8 +60,12 @@ def cfg(**deploy):
                             deploy={"min_reply_fraction": 0.25, "max_round_retries": 0, **deploy})
 
 
+def record(name_cid, **fields):
+    return {client_record(name_cid): ConfigRecord(fields)}
+
+
 def ok(node, cid, rnd, payload):
-    return RecordDict({RECORD: ConfigRecord({"payload": b"reply-" + payload, "cid": cid, "round": rnd})})
+    return record(cid, payload=b"reply-" + payload, cid=cid, round=rnd)
 
 
 def test_replies_reach_the_engine_and_nodes_get_their_own_clients():
@@ -64,13 +76,14 @@ def test_replies_reach_the_engine_and_nodes_get_their_own_clients():
     assert diagnostics == {}  # nothing but payloads crosses the network
     assert replies == {c: b"reply-" + bytes([c]) for c in range(4)} and failures == {}
     assert sorted(grid.sent) == [(11, 0, 3), (11, 2, 3), (12, 1, 3), (12, 3, 3)]
+    assert grid.train_messages == 2  # one message per node and round, with each of its clients' payloads
 
 
 def test_a_round_splits_into_the_nodes_client_time_and_what_flower_adds():
     def timed(node, cid, rnd, payload):  # client c says it trained (c + 1) / 100 s; client 3 sends nonsense
         time.sleep(0.1)  # the transport's share
         seconds = "slow" if cid == 3 else (cid + 1) / 100
-        return RecordDict({RECORD: ConfigRecord({"payload": b"r", "cid": cid, "round": rnd, "client_s": seconds})})
+        return record(cid, payload=b"r", cid=cid, round=rnd, client_s=seconds)
 
     timing = {"compute_s": 0.0}
     replies, _, _ = FlowerExchange(FakeGrid(timed), cfg(), retry_pause_s=0)(1, {c: b"x" for c in range(4)}, timing)
@@ -83,12 +96,12 @@ def test_a_round_splits_into_the_nodes_client_time_and_what_flower_adds():
 def test_bad_replies_are_failures_with_reasons():
     def answer(node, cid, rnd, payload):
         if cid == 0:
-            return RecordDict({RECORD: ConfigRecord({"payload": b"x" * 65, "cid": cid, "round": rnd})})  # oversized
+            return record(cid, payload=b"x" * 65, cid=cid, round=rnd)  # oversized
         if cid == 1:
-            return RecordDict({RECORD: ConfigRecord({"payload": b"x", "cid": 3, "round": rnd})})  # claims another client
+            return record(cid, payload=b"x", cid=3, round=rnd)  # claims another client
         if cid == 2:
-            return Error(code=0, reason="CUDA out of memory")
-        return RecordDict({RECORD: ConfigRecord({"payload": "not bytes", "cid": cid, "round": rnd})})
+            return record(cid, cid=cid, round=rnd, error="DataError: labels ['weather'] are not in data.label_names")
+        return record(cid, payload="not bytes", cid=cid, round=rnd)
 
     ex = FlowerExchange(FakeGrid(answer), cfg(min_reply_fraction=0.01), retry_pause_s=0)
     with pytest.raises(TooFewReplies):  # no valid reply at all: the round cannot count
@@ -97,13 +110,27 @@ def test_bad_replies_are_failures_with_reasons():
     def mostly_ok(node, cid, rnd, payload):
         return answer(node, cid, rnd, payload) if cid in (0, 1, 2) else ok(node, cid, rnd, payload)
 
-    replies, failures, diagnostics = FlowerExchange(FakeGrid(mostly_ok), cfg(), retry_pause_s=0)(1, {c: b"m" for c in range(4)},
-                                                                                     {"compute_s": 0.0})
+    replies, failures, diagnostics = FlowerExchange(FakeGrid(mostly_ok), cfg(), retry_pause_s=0)(
+        1, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
     assert diagnostics == {}  # nothing but payloads crosses the network
     assert list(replies) == [3]
     assert "exceeds wire.max_payload_bytes" in failures[0]
     assert "claims client 3" in failures[1]
-    assert "CUDA out of memory" in failures[2]
+    assert "labels ['weather'] are not in data.label_names" in failures[2]
+
+    def node_crash(node, cid, rnd, payload):  # node 11's ClientApp raised: both its clients fail with the reason
+        return Error(code=0, reason="CUDA out of memory") if node == 11 else ok(node, cid, rnd, payload)
+
+    replies, failures, _ = FlowerExchange(FakeGrid(node_crash), cfg(), retry_pause_s=0)(
+        1, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
+    assert set(replies) == {1, 3} and all("CUDA out of memory" in failures[c] for c in (0, 2))
+
+    def leaves_one_out(node, cid, rnd, payload):
+        return None if cid == 2 else ok(node, cid, rnd, payload)
+
+    replies, failures, _ = FlowerExchange(FakeGrid(leaves_one_out), cfg(), retry_pause_s=0)(
+        1, {c: b"m" for c in range(4)}, {"compute_s": 0.0})
+    assert set(replies) == {0, 1, 3} and "no record for client 2" in failures[2]
 
 
 def test_silent_clients_are_retried_then_the_round_proceeds_or_stops():

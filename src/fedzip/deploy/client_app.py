@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedzip.deploy import node_worker
-from fedzip.deploy.task import RECORD, experiment_config, hosted_clients
-from fedzip.errors import FedzipError, PayloadError
+from fedzip.deploy.task import RECORD, client_record, experiment_config, hosted_clients
+from fedzip.errors import PayloadError
 
 app = ClientApp()
 
@@ -39,21 +39,33 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    rec = msg.content.config_records.get(RECORD)
-    if rec is None:
-        raise PayloadError(f"message has no {RECORD!r} record")
-    cid, rnd, down = rec.get("cid"), rec.get("round"), rec.get("payload")
-    if not isinstance(cid, int) or not isinstance(rnd, int) or rnd < 1 or not isinstance(down, bytes):
-        raise PayloadError("message needs int 'cid', int 'round' >= 1 and bytes 'payload'")
+    """Each client record of the message in turn (the node's clients train one after another, as in a
+    simulation); a client that fails gets an ``error`` in its reply record and the others go on."""
     node = context.node_config
-    request = {"op": "train", "cid": cid, "round": rnd, "run_config": dict(context.run_config),
-               "node_config": {k: v for k, v in node.items()}}
-    if _flag(node.get("worker"), True):
-        idle = float(node.get("worker-idle-s") or node_worker.DEFAULT_IDLE_S)
-        reply, up = node_worker.call(node_worker.state_dir_of(node), request, down, idle_s=idle)
-    else:
-        reply, up = node_worker.NodeWorker().handle(request, down)
-    if "error" in reply:  # the worker's error, raised here so that Flower returns it to the server
-        raise (PayloadError if reply.get("kind") == "PayloadError" else FedzipError)(reply["error"])
-    return Message(RecordDict({RECORD: ConfigRecord({"payload": up, "cid": cid, "round": rnd,
-                                                     "client_s": float(reply["client_s"])})}), reply_to=msg)
+    names = [n for n in msg.content.config_records if n.startswith(RECORD + ".")]
+    if not names:
+        raise PayloadError(f"train message has no {RECORD}.<cid> record")
+    out = {}
+    for name in names:
+        rec = msg.content.config_records[name]
+        cid, rnd, down = rec.get("cid"), rec.get("round"), rec.get("payload")
+        if not isinstance(cid, int) or name != client_record(cid) or not isinstance(rnd, int) or rnd < 1 \
+                or not isinstance(down, bytes):
+            raise PayloadError(f"record {name}: needs int 'cid' (its name's), int 'round' >= 1 and bytes 'payload'")
+        request = {"op": "train", "cid": cid, "round": rnd, "run_config": dict(context.run_config),
+                   "node_config": dict(node.items())}
+        if _flag(node.get("worker"), True):
+            idle = float(node.get("worker-idle-s") or node_worker.DEFAULT_IDLE_S)
+            reply, up = node_worker.call(node_worker.state_dir_of(node), request, down, idle_s=idle)
+        else:
+            reply, up = _local_worker.handle(request, down)
+        if "error" in reply:  # reported for this client; the server logs it and counts the client as failed
+            out[name] = ConfigRecord({"cid": cid, "round": rnd, "error": f"{reply.get('kind')}: {reply['error']}"})
+        else:
+            out[name] = ConfigRecord({"payload": up, "cid": cid, "round": rnd, "client_s": float(reply["client_s"])})
+    return Message(RecordDict(out), reply_to=msg)
+
+
+# With ``worker = false``: the work runs in this process (Flower starts one per message, so it holds one
+# message's clients; they share the model this process loads once).
+_local_worker = node_worker.NodeWorker()

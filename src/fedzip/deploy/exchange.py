@@ -16,7 +16,7 @@ import time
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedzip.deploy.task import RECORD
+from fedzip.deploy.task import RECORD, client_record
 from fedzip.errors import FedzipError
 
 log = logging.getLogger(__name__)
@@ -99,54 +99,62 @@ class FlowerExchange:
 
     def _send(self, rnd: int, downs: dict[int, bytes], client_s: dict[int, float]
               ) -> tuple[dict[int, bytes], dict[int, str]]:
+        """One Flower message per node, carrying the payloads of all its sampled clients: Flower 1.41 handles a
+        node's messages one after another and starts a process for each, so per-client messages would pay that
+        start and the node's polling once per client instead of once per node (B4)."""
         self.refresh_nodes()
         failures: dict[int, str] = {}
-        messages, sent = [], {}
+        by_node: dict[int, dict[int, bytes]] = {}
         for cid, payload in downs.items():
             node = self.owner(cid)
             if node is None:
                 failures[cid] = "no SuperNode hosts this client"
                 continue
-            msg = Message(RecordDict({RECORD: ConfigRecord({"payload": payload, "cid": cid, "round": rnd})}),
-                          dst_node_id=node, message_type="train")
-            messages.append(msg)
-            sent[cid] = node
+            by_node.setdefault(node, {})[cid] = payload
+        messages = [Message(RecordDict({client_record(cid): ConfigRecord({"payload": p, "cid": cid, "round": rnd})
+                                        for cid, p in batch.items()}), dst_node_id=node, message_type="train")
+                    for node, batch in by_node.items()]
         replies: dict[int, bytes] = {}
         answers = list(self.grid.send_and_receive(messages, timeout=self.cfg.deploy.round_timeout_s)) if messages else []
-        asked = {m.metadata.message_id: cid for m, cid in zip(messages, sent)}  # ids are set when pushed
+        asked = {m.metadata.message_id: node for m, node in zip(messages, by_node)}  # ids are set when pushed
         for reply in answers:
-            cid, payload, reason = self._read_reply(reply, rnd, sent, asked.get(reply.metadata.reply_to_message_id))
-            if cid is None:
-                log.warning("round %d: reply dropped: %s", rnd, reason)
-            elif reason:
-                failures[cid] = reason
-            else:
+            node = asked.get(reply.metadata.reply_to_message_id)
+            if node is None or reply.metadata.src_node_id != node:
+                log.warning("round %d: reply dropped: SuperNode %s sent a reply to no message of this round",
+                            rnd, reply.metadata.src_node_id)
+                continue
+            for cid in by_node[node]:
+                payload, seconds, reason = self._read_reply(reply, rnd, cid)
+                if reason:
+                    failures[cid] = reason
+                    continue
                 replies[cid] = payload
-                seconds = reply.content.config_records[RECORD].get("client_s")
                 if isinstance(seconds, float) and 0 <= seconds < 1e7:  # the node's own timing: shown, never trusted
                     client_s[cid] = seconds
-        for cid in sent:
+        for cid in (c for batch in by_node.values() for c in batch):
             if cid not in replies and cid not in failures:
                 failures[cid] = f"no reply within {self.cfg.deploy.round_timeout_s:g} s"
         return replies, failures
 
-    def _read_reply(self, reply, rnd: int, sent: dict[int, int], asked_cid: int | None):
-        """(cid, payload, failure reason): a reply is checked before the engine decodes its payload."""
+    def _read_reply(self, reply, rnd: int, cid: int):
+        """(payload, client seconds, failure reason) for client ``cid`` in its node's reply, checked before the
+        engine decodes the payload."""
         node = reply.metadata.src_node_id
-        if asked_cid is None or sent.get(asked_cid) != node:
-            return None, None, f"SuperNode {node} sent a reply to no message of this round"
         if reply.has_error():
-            return asked_cid, None, f"client error on SuperNode {node}: {reply.error.reason}"
-        rec = reply.content.config_records.get(RECORD) if reply.content else None
+            return None, None, f"client error on SuperNode {node}: {reply.error.reason}"
+        records = reply.content.config_records if reply.content else {}
+        rec = records.get(client_record(cid))
         if rec is None:
-            return asked_cid, None, f"reply has no {RECORD!r} record"
-        cid, r, payload = rec.get("cid"), rec.get("round"), rec.get("payload")
-        if cid != asked_cid:
-            return asked_cid, None, f"reply claims client {cid!r}"
+            return None, None, f"SuperNode {node}'s reply has no record for client {cid}"
+        if isinstance(rec.get("error"), str):
+            return None, None, f"client error on SuperNode {node}: {rec['error']}"
+        got_cid, r, payload = rec.get("cid"), rec.get("round"), rec.get("payload")
+        if got_cid != cid:
+            return None, None, f"reply claims client {got_cid!r}"
         if r != rnd:
-            return cid, None, f"reply is for round {r!r}, not {rnd}"
+            return None, None, f"reply is for round {r!r}, not {rnd}"
         if not isinstance(payload, bytes):
-            return cid, None, "reply payload is not bytes"
+            return None, None, "reply payload is not bytes"
         if len(payload) > self.cfg.wire.max_payload_bytes:
-            return cid, None, f"reply of {len(payload)} bytes exceeds wire.max_payload_bytes"
-        return cid, payload, None
+            return None, None, f"reply of {len(payload)} bytes exceeds wire.max_payload_bytes"
+        return payload, rec.get("client_s"), None

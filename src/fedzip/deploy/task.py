@@ -1,7 +1,9 @@
 """What the Flower ServerApp and ClientApp share: the experiment config and the message layout.
 
-Every fedzip message travels as one ConfigRecord named ``fedzip``: ``payload`` (the FZP1 bytes that
-the ledger counts), ``cid`` (the logical client) and ``round``. Nothing in it is pickled.
+A ``train`` message carries one ConfigRecord per logical client of the node it goes to, named
+``fedzip.<cid>``: ``payload`` (the FZP1 bytes that the ledger counts), ``cid`` and ``round``; the reply has one
+per client too, with the reply's ``payload`` and the client's ``client_s``, or an ``error``. ``query``
+messages use one record named ``fedzip``. Nothing in them is pickled.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from fedzip.config import ExperimentConfig, load_config
 from fedzip.errors import ConfigError
 
 RECORD = "fedzip"
+
+
+def client_record(cid: int) -> str:
+    return f"{RECORD}.{cid}"
 
 
 def split_overrides(text: str) -> list[str]:
