@@ -7,7 +7,7 @@ Every row shares the cpu profile of ``b1_cpu.py`` (client SGD-momentum 0.9 with 
   1.1% of the entries rather than 3.4%) with the head outside the download mask (the paper's
   heterogeneous-client code), at densities 1/4 and 1/16 both ways, with fp32 values and with int8 + zstd.
   Its reference is FedIT with the same LoRA (``fedit_al``); the client learning rate of all these rows is
-  chosen on ``fedit_al`` seed 0 by ``--lr-pilot`` and then fixed.
+  chosen on ``fedit_al`` seed 0 by ``--lr-pilot`` among the rates stable on every seed tried, then fixed.
 * **CG-FedLLM** trains its autoencoder to the quality gate (early stopping on held-out TGAP maps; the run
   stops if the gate fails) and is set against FedIT and against top-k on the uplink at the same ratio
   (``topk_up_1_16``). Its reference is B1-cpu's FedIT (``results/runs/b1_cpu/fedit-s*.json``, the same profile).
@@ -49,9 +49,13 @@ PILOT = RESULTS / "pilots" / "b1_all_linear_lr.json"
 
 
 def chosen_lr() -> float | None:
+    """The best smoothed final accuracy of the pilot among the rates that stayed stable on every seed tried
+    (the pilot's ``unstable``: lr 0.5 won on seed 0 and then diverged on seed 1 in the rows, round ~20)."""
     if not PILOT.exists():
         return None
-    results = [r for r in json.loads(PILOT.read_text())["results"] if r["smoothed_final_accuracy"] is not None]
+    pilot = json.loads(PILOT.read_text())
+    unstable = set(pilot.get("unstable", []))
+    results = [r for r in pilot["results"] if r["smoothed_final_accuracy"] is not None and r["lr"] not in unstable]
     return max(results, key=lambda r: r["smoothed_final_accuracy"])["lr"] if results else None
 
 
