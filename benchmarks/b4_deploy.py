@@ -43,7 +43,7 @@ def summarise(run_dir: Path) -> dict:
 
 
 def flower_leg(label: str, ov: list[str], base: Path, nodes: int, worker: bool) -> tuple[Path, dict]:
-    from fedzip.deploy.local import LocalFederation, flower_traffic
+    from fedzip.deploy.local import LocalFederation
 
     name = f"{label}-flower-{'worker' if worker else 'per-message'}-{nodes}n"
     out = base / name
@@ -51,10 +51,9 @@ def flower_leg(label: str, ov: list[str], base: Path, nodes: int, worker: bool) 
           flush=True)
     with LocalFederation(base / f"{name}-home", nodes, node_config=None if worker else {"worker": False}) as fed:
         fed.wait_for_run(fed.submit("b1_fedit", ov, out), out)
-        runs = fed.runs()
-    if not (out / "summary.json").exists():
-        raise SystemExit(f"[{label}] the Flower run failed; see {base / f'{name}-home'}")
-    traffic = flower_traffic(runs[-1], out / "ledger.jsonl") if runs else None
+        if not (out / "summary.json").exists():
+            raise SystemExit(f"[{label}] the Flower run failed; see {base / f'{name}-home'}")
+        traffic = fed.traffic(out / "ledger.jsonl")
     return out, summarise(out) | {"nodes": nodes, "worker": worker, "traffic": traffic}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -217,11 +218,12 @@ def client_bound(cfg, meta: dict) -> float:
 
 
 def private_update(cfg, update: dict[str, torch.Tensor], rnd: int, cid: int,
-                   bound: float | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """A client's side: its update clipped to ``bound`` (default ``privacy.clip``), with its own noise in local
-    mode, and the reply meta DP adds: with adaptive clipping, whether the update was within the bound before
-    clipping (``dp_below``: the bit the server's noised count sums; only the client knows it)."""
-    bound = float(cfg.privacy.clip) if bound is None else bound
+                   received_meta: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A client's side: its update clipped to the round's bound (``client_bound`` of the server's message meta),
+    with its own noise in local mode, and the reply meta DP adds: with adaptive clipping, whether the update was
+    within the bound before clipping (``dp_below``: the bit the server's noised count sums; only the client
+    knows it)."""
+    bound = client_bound(cfg, received_meta or {})
     clipped, norm = clip(update, bound)
     if cfg.privacy.mode == "local":
         std = noise_multiplier(cfg) * bound
@@ -231,7 +233,7 @@ def private_update(cfg, update: dict[str, torch.Tensor], rnd: int, cid: int,
 
 
 def private_mean(cfg, updates: list[dict[str, torch.Tensor]], rnd: int, clip_bound: ClipBound | None = None,
-                 below_bits: list | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                 reply_metas: list[dict] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The server's side: every update clipped to the bound (again), summed, noised in central mode, and
     divided by the expected cohort q N; ``clip_bound`` (adaptive clipping) then moves for the next round.
     Returns the mean and the round's numbers for ``metrics.jsonl``."""
@@ -249,14 +251,14 @@ def private_mean(cfg, updates: list[dict[str, torch.Tensor]], rnd: int, clip_bou
     stats = {"dp_clipped_share": float(np.mean([n > bound for n in norms])) if norms else 0.0,
              "dp_update_norm": float(np.median(norms)) if norms else 0.0}
     if clip_bound is not None:
-        stats |= clip_bound.after_round(below_bits or [], rnd)
+        stats |= clip_bound.after_round([m.get("dp_below") for m in reply_metas or []], rnd)
     return {n: t / m for n, t in total.items()}, stats
 
 
 def _generator(cfg, rnd: int, who: int, stream: int = 0xD7) -> torch.Generator:
     if cfg.privacy.secure_noise:
         g = torch.Generator()
-        g.manual_seed(int.from_bytes(__import__("os").urandom(8), "little") & (2**63 - 1))
+        g.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
         return g
     return noise_generator(cfg.seed, rnd, who, stream)
 

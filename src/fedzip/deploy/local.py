@@ -145,6 +145,11 @@ class LocalFederation:
         except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
             return []
 
+    def traffic(self, ledger_path: Path) -> dict | None:
+        """:func:`flower_traffic` of this federation's latest run, or None when the SuperLink gave no record."""
+        runs = self.runs()
+        return flower_traffic(max(runs, key=lambda r: int(r["run-id"])), ledger_path) if runs else None
+
     def kill_serverapps(self) -> int:
         """Kill the ServerApp processes (as a crash of the server would); returns how many."""
         mine = self.serverapp_pids()
@@ -251,9 +256,8 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
             echo()
             _kill(run)
         if (out / "summary.json").exists() and (out / "ledger.jsonl").exists():
-            runs = fed.runs()
-            if runs:
-                traffic = flower_traffic(max(runs, key=lambda r: int(r["run-id"])), out / "ledger.jsonl")
+            traffic = fed.traffic(out / "ledger.jsonl")
+            if traffic:
                 (out / "flower_traffic.json").write_text(json.dumps(traffic, indent=1) + "\n")
                 print(f"fedzip: Flower counted {traffic['flower_down_bytes']:,} B down and "
                       f"{traffic['flower_up_bytes']:,} B up; the ledger {traffic['ledger_down_bytes']:,} and "

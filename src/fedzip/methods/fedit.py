@@ -67,7 +67,7 @@ class FedIT(Method):
         if privacy.enabled(self.cfg):  # what leaves is the received model plus a clipped (and noised) update
             start = message.tensors
             update, dp_meta = privacy.private_update(self.cfg, {n: trained[n] - start[n] for n in trained},
-                                                     client.round, client.cid, privacy.client_bound(self.cfg, message.meta))
+                                                     client.round, client.cid, message.meta)
             trained = {n: start[n] + update[n] for n in trained}
         else:
             dp_meta = {}
@@ -83,8 +83,7 @@ class FedIT(Method):
             reply_weight(r)  # validated as without DP, though DP weighs every client alike
         names = self.rt.view.names()
         updates = [{n: r.tensors[n] - self.global_[n] for n in names} for r in replies.values()]
-        mean, stats = privacy.private_mean(self.cfg, updates, rnd, self.clip_bound,
-                                           [r.meta.get("dp_below") for r in replies.values()])
+        mean, stats = privacy.private_mean(self.cfg, updates, rnd, self.clip_bound, [r.meta for r in replies.values()])
         self.global_ = {n: self.global_[n] + mean[n] for n in names}
         return stats
 

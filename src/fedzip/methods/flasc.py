@@ -204,7 +204,7 @@ class Flasc(Method):
         stats = {}
         if privacy.enabled(self.cfg):  # clipped again, summed, noised (dense), divided by the expected cohort
             mean, stats = privacy.private_mean(self.cfg, [{"delta": r.tensors["delta"]} for r in replies.values()], rnd,
-                                               self.clip_bound, [r.meta.get("dp_below") for r in replies.values()])
+                                               self.clip_bound, [r.meta for r in replies.values()])
             mean_delta = unflatten(mean["delta"], self.rt.view.shapes())
         else:
             mean_delta = unflatten(sum(replies[cid].tensors["delta"] * (w / total) for cid, w in weights.items()),
@@ -248,8 +248,7 @@ class Flasc(Method):
             masks = global_topk_masks(delta, self.k_for(opts.d_ul, client.round))
             sent = {n: d * masks[n] for n, d in delta.items()}
         if privacy.enabled(self.cfg):  # clip what is sent (after top-k); error feedback keeps what clipping cut
-            sent, dp_meta = privacy.private_update(self.cfg, sent, client.round, client.cid,
-                                                   privacy.client_bound(self.cfg, message.meta))
+            sent, dp_meta = privacy.private_update(self.cfg, sent, client.round, client.cid, message.meta)
         else:
             dp_meta = {}
         to_store = {f"opt::{k}": v for k, v in opt_state.items()}
