@@ -297,6 +297,7 @@ def _checkpoint(ckpt_dir: Path, method, rnd: int, ledger_lines: int, metrics_lin
 
 
 def export_model(model, method_cls, out: Path) -> None:
+    method_cls.before_export(model)
     if method_cls.uses_lora:
         save_adapter(model, out / "adapter")
     else:

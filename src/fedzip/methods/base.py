@@ -86,6 +86,10 @@ class Method:
     def prepare_model(cls, model, cfg) -> None:
         """Freeze or unfreeze parameters before the trainable view is built."""
 
+    @classmethod
+    def before_export(cls, model) -> None:
+        """Put the model in the form it is saved in (e.g. fold a method's own parametrisation into plain LoRA)."""
+
     def describe(self) -> dict[str, Any]:
         """Facts about the method's set-up worth keeping with the run (written to ``method.json``)."""
         return {}
