@@ -54,6 +54,8 @@ ROWS = {
     "offsite_tuning": (True, ["method_options={drop: 0.5}"]),
     "fedsb": (False, []),
     "fed_sb": (False, ["method_options={init: random}"]),
+    "fedsa_lora": (False, ["eval.personal_clients=2", "eval.personal_examples=8"]),
+    "fedsa": (False, ["method_options={local_head: false}"]),
 }
 
 
@@ -136,7 +138,7 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(overrides, tmp_path):
 FAMILY = {"fedit": "fedit", "ffa_lora": "fedit", "full_ft": "fedit", "centralised": "fedit", "centralized": "fedit",
           "cellm": "flasc", "flasc": "flasc", "hafl": "hafl", "hafl_truncate": "hafl", "hetlora": "hafl",
           "flexlora": "hafl", "cgfedllm": "cgfedllm", "fedbiot": "fedbiot", "fedot": "fedbiot", "offsite_tuning": "fedbiot",
-          "fedsb": "fedsb", "fed_sb": "fedsb"}
+          "fedsb": "fedsb", "fed_sb": "fedsb", "fedsa_lora": "fedsa_lora", "fedsa": "fedsa_lora"}
 FLOWER_ROWS = {
     "fedit": ["method=fedit"],
     "flasc": ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.125}", "wire.up=int8+zstd"],
@@ -152,6 +154,9 @@ FLOWER_ROWS = {
                  "method_options={tgap_rounds: 1, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"],
     # the gradient round, then the basis sent once and kept on the nodes
     "fedsb": ["method=fedsb"],
+    # A travels, B stays on the nodes; client models are not evaluated there (personalised evaluation needs
+    # the clients' state), so both sides evaluate nothing
+    "fedsa_lora": ["method=fedsa_lora", "eval.personal_clients=0"],
 }
 
 
