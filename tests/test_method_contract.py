@@ -56,6 +56,8 @@ ROWS = {
     "fed_sb": (False, ["method_options={init: random}"]),
     "fedsa_lora": (False, ["eval.personal_clients=2", "eval.personal_examples=8"]),
     "fedsa": (False, ["method_options={local_head: false}"]),
+    "fedkseed": (False, ["method_options={num_seeds: 16}", "train.lr=0.0001"]),
+    "fed_kseed": (True, ["method_options={num_seeds: 8, eps: 0.01}", "train.lr=0.00001"]),
 }
 
 
@@ -138,7 +140,8 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(overrides, tmp_path):
 FAMILY = {"fedit": "fedit", "ffa_lora": "fedit", "full_ft": "fedit", "centralised": "fedit", "centralized": "fedit",
           "cellm": "flasc", "flasc": "flasc", "hafl": "hafl", "hafl_truncate": "hafl", "hetlora": "hafl",
           "flexlora": "hafl", "cgfedllm": "cgfedllm", "fedbiot": "fedbiot", "fedot": "fedbiot", "offsite_tuning": "fedbiot",
-          "fedsb": "fedsb", "fed_sb": "fedsb", "fedsa_lora": "fedsa_lora", "fedsa": "fedsa_lora"}
+          "fedsb": "fedsb", "fed_sb": "fedsb", "fedsa_lora": "fedsa_lora", "fedsa": "fedsa_lora",
+          "fedkseed": "fedkseed", "fed_kseed": "fedkseed"}
 FLOWER_ROWS = {
     "fedit": ["method=fedit"],
     "flasc": ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.125}", "wire.up=int8+zstd"],
@@ -157,6 +160,8 @@ FLOWER_ROWS = {
     # A travels, B stays on the nodes; client models are not evaluated there (personalised evaluation needs
     # the clients' state), so both sides evaluate nothing
     "fedsa_lora": ["method=fedsa_lora", "eval.personal_clients=0"],
+    # seeds and scalars only; each client replays the rounds it missed from its own synchronised model
+    "fedkseed": ["method=fedkseed", "method_options={num_seeds: 16}", "train.lr=0.0001"],
 }
 
 
