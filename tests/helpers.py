@@ -75,7 +75,8 @@ def ledger_pairs(run_dir: Path) -> dict[tuple[int, int], tuple[int, int]]:
 
 
 def assert_same_adapter(a: Path, b: Path) -> None:
-    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    """The same export (a peft adapter, or the whole model), bit for bit."""
+    ta, tb = exported_tensors(a), exported_tensors(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert (ta[k] == tb[k]).all(), k

@@ -52,6 +52,12 @@ ROWS = {
     "fedbiot": (True, [f"method_options={BIOT}"]),
     "fedot": (True, ["method_options={drop: 0.5}"]),
     "offsite_tuning": (True, ["method_options={drop: 0.5}"]),
+    "fedsb": (False, []),
+    "fed_sb": (False, ["method_options={init: random}"]),
+    "fedsa_lora": (False, ["eval.personal_clients=2", "eval.personal_examples=8"]),
+    "fedsa": (False, ["method_options={local_head: false}"]),
+    "fedkseed": (False, ["method_options={num_seeds: 16}", "train.lr=0.0001"]),
+    "fed_kseed": (True, ["method_options={num_seeds: 8, eps: 0.01}", "train.lr=0.00001"]),
 }
 
 
@@ -133,7 +139,9 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(overrides, tmp_path):
 # method -> the family whose Flower run exercises its exchange (same message shapes, same client state)
 FAMILY = {"fedit": "fedit", "ffa_lora": "fedit", "full_ft": "fedit", "centralised": "fedit", "centralized": "fedit",
           "cellm": "flasc", "flasc": "flasc", "hafl": "hafl", "hafl_truncate": "hafl", "hetlora": "hafl",
-          "flexlora": "hafl", "cgfedllm": "cgfedllm", "fedbiot": "fedbiot", "fedot": "fedbiot", "offsite_tuning": "fedbiot"}
+          "flexlora": "hafl", "cgfedllm": "cgfedllm", "fedbiot": "fedbiot", "fedot": "fedbiot", "offsite_tuning": "fedbiot",
+          "fedsb": "fedsb", "fed_sb": "fedsb", "fedsa_lora": "fedsa_lora", "fedsa": "fedsa_lora",
+          "fedkseed": "fedkseed", "fed_kseed": "fedkseed"}
 FLOWER_ROWS = {
     "fedit": ["method=fedit"],
     "flasc": ["method=flasc", "method_options={d_dl: 0.25, d_ul: 0.125}", "wire.up=int8+zstd"],
@@ -147,6 +155,13 @@ FLOWER_ROWS = {
     # the TGAP round, then the autoencoder sent and used
     "cgfedllm": ["method=cgfedllm", "lora.train_head=false",
                  "method_options={tgap_rounds: 1, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"],
+    # the gradient round, then the basis sent once and kept on the nodes
+    "fedsb": ["method=fedsb"],
+    # A travels, B stays on the nodes; client models are not evaluated there (personalised evaluation needs
+    # the clients' state), so both sides evaluate nothing
+    "fedsa_lora": ["method=fedsa_lora", "eval.personal_clients=0"],
+    # seeds and scalars only; each client replays the rounds it missed from its own synchronised model
+    "fedkseed": ["method=fedkseed", "method_options={num_seeds: 16}", "train.lr=0.0001"],
 }
 
 

@@ -127,6 +127,11 @@ class EvalConfig(Section):
     exact_match_examples: int = Field(0, ge=0, description="causal LM: greedy exact match of the final number "
                                       "(GSM8K style) on this many fixed test examples; 0 = off")
     max_new_tokens: int = Field(256, ge=1, description="generation length for exact match")
+    personal_clients: int | None = Field(
+        None, ge=0, description="clients whose own model is evaluated on test examples drawn like their training "
+        "labels (personalised evaluation, simulation only); unset: 10 (at most every client) for methods whose "
+        "clients keep a model of their own, 0 (off) for the others")
+    personal_examples: int = Field(100, ge=1, description="test examples a client's own test set holds")
 
 
 class DeployConfig(Section):

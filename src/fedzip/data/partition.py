@@ -91,3 +91,23 @@ def partition_stats(parts: list[np.ndarray], labels=None, label_names=None) -> d
     sizes = [c["num_examples"] for c in clients]
     return {"num_clients": len(parts), "sizes": {"min": min(sizes), "max": max(sizes), "mean": float(np.mean(sizes))},
             "label_names": label_names, "clients": clients}
+
+
+def client_test_indices(train_labels, part: np.ndarray, test_labels, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A client's own test set: ``size`` test examples whose labels follow the client's training labels.
+
+    Personalised federated learning judges a client's model on data distributed like the client's; the test
+    split is shared, so each client gets a draw from it that matches its label histogram (without labels: a
+    uniform draw). Draws of different clients may overlap; a test example never trains anyone."""
+    n_test = len(test_labels) if test_labels is not None else 0
+    if train_labels is None or test_labels is None or len(part) == 0:
+        return np.sort(rng.choice(n_test, min(size, n_test), replace=False))
+    test_labels = np.asarray(test_labels)
+    train = np.asarray(train_labels)[part]
+    classes, counts = np.unique(train, return_counts=True)
+    wanted = rng.multinomial(size, counts / counts.sum())
+    chosen = []
+    for c, k in zip(classes, wanted):
+        pool = np.flatnonzero(test_labels == c)
+        chosen.append(rng.choice(pool, min(k, len(pool)), replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)

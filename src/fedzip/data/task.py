@@ -92,10 +92,12 @@ class Task:
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model, batch_size: int = 64, max_examples: int | None = None, seed: int = 0) -> dict[str, float]:
+    def evaluate(self, model, batch_size: int = 64, max_examples: int | None = None, seed: int = 0,
+                 indices=None) -> dict[str, float]:
+        """On the test set, a fixed random subset of ``max_examples`` of it, or the test ``indices`` given."""
         n = len(self.test.input_ids)
-        idx = np.arange(n)
-        if max_examples is not None and max_examples < n:
+        idx = np.arange(n) if indices is None else np.asarray(indices)
+        if indices is None and max_examples is not None and max_examples < n:
             idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_examples])
         idx = sorted(idx, key=lambda i: len(self.test.input_ids[i]))  # length-sorted: little padding
         was_training = model.training

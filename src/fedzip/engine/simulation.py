@@ -23,6 +23,7 @@ import yaml
 
 from fedzip import privacy
 from fedzip.config import ExperimentConfig, dump_config
+from fedzip.data.partition import client_test_indices
 from fedzip.data.task import model_device
 from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
 from fedzip.engine.ledger import Ledger
@@ -69,6 +70,57 @@ class InProcessExchange:
             timing["client_compute_s"][str(cid)] = timing["compute_s"] - before
             self.bar.client_done()
         return replies, {}, diagnostics  # (replies, failures: cid -> reason, diagnostics)
+
+
+def personal_clients(cfg, method_cls) -> int:
+    if cfg.eval.personal_clients is not None:
+        return min(cfg.eval.personal_clients, cfg.num_clients)
+    return min(10, cfg.num_clients) if method_cls.personalised else 0
+
+
+class PersonalEvaluation:
+    """Client models judged on test sets of their own (personalised FL), in simulation.
+
+    A fixed sample of clients (``eval.personal_clients``), each with ``eval.personal_examples`` test examples
+    drawn like its training labels (``client_test_indices``). Each client's model is what it holds: the global
+    tensors plus whatever its method keeps on it (``Method.personal_tensors``, from the client's store). The row
+    gets ``personal_accuracy`` (mean over the clients, on their own test sets) and its spread. For a method
+    without one global model (``Method.personalised``) the row's ``accuracy`` / ``loss`` are the same client
+    models' means on the shared test set (``accuracy_of: client_models``), so that its curve compares with
+    others'. Needs the clients' stores: the in-process exchange only."""
+
+    def __init__(self, cfg, rt, method, exchange: InProcessExchange):
+        self.cfg, self.rt, self.method, self.exchange = cfg, rt, method, exchange
+        n = personal_clients(cfg, type(method))
+        self.cids = sorted(int(c) for c in np.random.default_rng([cfg.seed, 7]).permutation(cfg.num_clients)[:n])
+        train_labels, test_labels = rt.task.train_data.labels, rt.task.test_data.labels
+        self.tests = {cid: client_test_indices(train_labels, rt.parts[cid], test_labels, cfg.eval.personal_examples,
+                                               np.random.default_rng([cfg.seed, 11, cid])) for cid in self.cids}
+
+    def __call__(self, rnd: int, full: bool, own: bool = True) -> dict:
+        cfg, task = self.cfg, self.rt.task
+        glob = self.method.global_tensors()
+        own_rows, shared_rows = [], []
+        for cid in self.cids:
+            self.rt.view.set(self.exchange.method.personal_tensors(cid, self.exchange.store, glob))
+            if own:
+                own_rows.append(task.evaluate(self.rt.model, cfg.eval.batch_size, indices=self.tests[cid]))
+            if type(self.method).personalised:
+                shared_rows.append(task.evaluate(self.rt.model, cfg.eval.batch_size,
+                                                 None if full else cfg.eval.max_examples, seed=cfg.seed))
+        self.rt.view.set(glob)
+        row: dict = {}
+        if own_rows:
+            key = "accuracy" if "accuracy" in own_rows[0] else "loss"
+            values = [r[key] for r in own_rows]
+            row |= {f"personal_{key}": float(np.mean(values)), f"personal_{key}_min": float(np.min(values)),
+                    f"personal_{key}_max": float(np.max(values)), "personal_clients": self.cids,
+                    "personal_examples": int(sum(r["eval_examples"] for r in own_rows))}
+        if shared_rows:
+            row |= {k: float(np.mean([r[k] for r in shared_rows])) for k in shared_rows[0]
+                    if k != "eval_examples" and isinstance(shared_rows[0][k], float)}
+            row |= {"eval_examples": shared_rows[0]["eval_examples"], "accuracy_of": "client_models"}
+        return row
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -168,6 +220,19 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     rt.step_progress = bar.step
     if exchange is None:
         exchange = InProcessExchange(method_cls(cfg, client_runtime(rt, method_cls)), store, bar)
+    personal = None
+    if personal_clients(cfg, method_cls):
+        if isinstance(exchange, InProcessExchange):
+            personal = PersonalEvaluation(cfg, rt, method, exchange)
+        elif cfg.eval.personal_clients:
+            raise ConfigError("eval.personal_clients: personalised evaluation reads the clients' own state, which "
+                              "stays on their nodes in a deployment; set it to 0")
+        else:
+            log.warning("%s: the clients keep models of their own on their nodes; a deployment evaluates none of "
+                        "them (personalised evaluation runs in simulation)", cfg.method)
+    elif method_cls.personalised:
+        log.warning("%s: its clients keep models of their own and eval.personal_clients is 0: nothing is evaluated",
+                    cfg.method)
     t_start = time.time()
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         metrics_lines = sum(1 for _ in f)
@@ -176,14 +241,19 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
             row = run_round(cfg, method, ledger, rnd, bar, exchange)
             if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                 t0 = time.time()
-                rt.view.set(method.global_tensors())
                 full = rnd == cfg.rounds
-                row.update(rt.task.evaluate(rt.model, cfg.eval.batch_size, None if full else cfg.eval.max_examples,
-                                            seed=cfg.seed))
+                if not method_cls.personalised:
+                    rt.view.set(method.global_tensors())
+                    row.update(rt.task.evaluate(rt.model, cfg.eval.batch_size, None if full else cfg.eval.max_examples,
+                                                seed=cfg.seed))
+                if personal is not None:
+                    row.update(personal(rnd, full))
                 if full and cfg.eval.max_examples and cfg.eval.max_examples < row.get("eval_examples", 0):
                     # the last round on the fixed subset too, so the run's curve ends where the run ends
-                    row["fixed_subset"] = rt.task.evaluate(rt.model, cfg.eval.batch_size, cfg.eval.max_examples,
-                                                           seed=cfg.seed)
+                    rt.view.set(method.global_tensors())
+                    row["fixed_subset"] = (personal(rnd, False, own=False) if method_cls.personalised else
+                                           rt.task.evaluate(rt.model, cfg.eval.batch_size, cfg.eval.max_examples,
+                                                            seed=cfg.seed))
                 own = method.evaluate(rnd, None if full else cfg.eval.max_examples)
                 if own:
                     row.update(own)
@@ -297,6 +367,7 @@ def _checkpoint(ckpt_dir: Path, method, rnd: int, ledger_lines: int, metrics_lin
 
 
 def export_model(model, method_cls, out: Path) -> None:
+    method_cls.before_export(model)
     if method_cls.uses_lora:
         save_adapter(model, out / "adapter")
     else:

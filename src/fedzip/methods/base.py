@@ -66,6 +66,9 @@ class Method:
     # Record-level DP-SGD (``privacy.records``): True when a client reads its data only in ``train_locally``'s
     # steps (which then run under Opacus), so everything it sends is post-processing of DP-SGD's output.
     record_dp: ClassVar[bool] = False
+    # True when each client keeps a model of its own (e.g. FedSA-LoRA's B never leaves the client): there is no
+    # one global model to evaluate, so the engine evaluates client models (``personal_tensors``) instead.
+    personalised: ClassVar[bool] = False
 
     def __init__(self, cfg, runtime):
         self.cfg = cfg
@@ -85,6 +88,10 @@ class Method:
     @classmethod
     def prepare_model(cls, model, cfg) -> None:
         """Freeze or unfreeze parameters before the trainable view is built."""
+
+    @classmethod
+    def before_export(cls, model) -> None:
+        """Put the model in the form it is saved in (e.g. fold a method's own parametrisation into plain LoRA)."""
 
     def describe(self) -> dict[str, Any]:
         """Facts about the method's set-up worth keeping with the run (written to ``method.json``)."""
@@ -133,6 +140,11 @@ class Method:
     def fit(self, client: ClientContext, message: Message) -> Message:
         """Train on ``client.indices`` from what ``message`` brought; the reply is all that leaves the client."""
         raise NotImplementedError
+
+    def personal_tensors(self, cid: int, store, global_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Client side, for evaluation: client ``cid``'s own model given the global tensors (default: the global
+        model itself; a personalised method adds what the client keeps in its ``store``)."""
+        return dict(global_tensors)
 
 
 def one_client(cfg):

@@ -1,0 +1,86 @@
+"""FedSA-LoRA (B never leaves the client) and the personalised evaluation of client models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedzip.config import load_config
+from fedzip.data.partition import client_test_indices
+from fedzip.engine import run_experiment
+from fedzip.engine.runtime import build_runtime, client_runtime
+from fedzip.engine.simulation import sample_clients
+from fedzip.engine.state import ClientStateStore
+from fedzip.errors import PayloadError
+from fedzip.methods import METHODS, ClientContext
+from fedzip.models.lora import is_lora, is_lora_a
+from fedzip.wire import Message, decode, encode
+
+
+def setup(overrides):
+    cfg = load_config(None, overrides)
+    cls = METHODS[cfg.method]
+    rt = build_runtime(cfg, cls)
+    server, client = cls(cfg, rt), cls(cfg, client_runtime(rt, cls))
+    server.init_global()
+    return cfg, rt, server, client
+
+
+def test_b_and_the_head_never_leave_the_client(tiny_cfg, tmp_path):
+    cfg, rt, server, client = setup(tiny_cfg + ["method=fedsa_lora"])
+    store = ClientStateStore(tmp_path / "store")
+    names = rt.view.names()
+    assert set(server.up_spec(0, 1)) == set(server.down_spec(0, 1)) == {n for n in names if is_lora_a(n)}
+    initial = {n: t.clone() for n, t in server.global_tensors().items()}
+    for rnd in (1, 2):
+        replies = {}
+        for cid, msg in server.configure(rnd, sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)).items():
+            down = decode(encode(msg), client.down_spec(cid, rnd))
+            reply = client.fit(ClientContext(cid, rnd, rt.parts[cid], store, cfg.seed + cid), down)
+            assert all(is_lora_a(n) for n in reply.tensors)  # only A in what leaves
+            replies[cid] = decode(encode(reply), server.up_spec(cid, rnd))
+        server.aggregate(rnd, replies)
+    kept = [n for n in names if not is_lora_a(n)]
+    assert all(torch.equal(server.global_tensors()[n], initial[n]) for n in kept)  # the server never learns them
+    trained = [c for c in range(cfg.num_clients) if store.load(c)]
+    own = [client.personal_tensors(c, store, server.global_tensors()) for c in trained]
+    b = next(n for n in names if is_lora(n) and not is_lora_a(n))
+    assert len(trained) >= 2 and all(o[b].abs().max() > 0 for o in own)  # each client trained its own B
+    assert not torch.equal(own[0][b], own[1][b])
+    # a reply that carries B is refused by the server
+    leaking = Message(replies[next(iter(replies))].tensors | {b: own[0][b]}, {"num_examples": 5})
+    with pytest.raises(PayloadError):
+        decode(encode(leaking), server.up_spec(0, 3))
+
+
+def test_a_shared_head_travels_with_a(tiny_cfg):
+    _, rt, server, _ = setup(tiny_cfg + ["method=fedsa_lora", "method_options={local_head: false}"])
+    assert set(server.up_spec(0, 1)) == {n for n in rt.view.names() if is_lora_a(n) or not is_lora(n)}
+
+
+def test_client_test_sets_follow_each_clients_labels():
+    rng = np.random.default_rng(0)
+    train_labels = np.array([0] * 50 + [1] * 50 + [2] * 50)
+    test_labels = np.array([0, 1, 2] * 300)
+    part = np.arange(0, 50)  # only class 0
+    mixed = np.concatenate([np.arange(0, 10), np.arange(100, 140)])  # 1:4 of classes 0 and 2
+    own = client_test_indices(train_labels, part, test_labels, 30, rng)
+    assert len(own) == 30 and set(test_labels[own]) == {0}
+    drawn = test_labels[client_test_indices(train_labels, mixed, test_labels, 200, rng)]
+    assert len(drawn) == 200 and set(drawn) == {0, 2} and 0.12 < np.mean(drawn == 0) < 0.28
+
+
+def test_personalised_evaluation_judges_client_models(tiny_cfg, tmp_path):
+    overrides = tiny_cfg + ["method=fedsa_lora", "rounds=2", "eval.personal_clients=3", "eval.personal_examples=12"]
+    summary = run_experiment(load_config(None, overrides), tmp_path / "fedsa", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "fedsa" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["accuracy_of"] == "client_models" and len(last["personal_clients"]) == 3
+    assert last["personal_examples"] == 36 and 0 <= last["personal_accuracy_min"] <= last["personal_accuracy"] <= 1
+    assert summary["final_metrics"]["accuracy"] == last["accuracy"]
+    # a method with one global model keeps its global accuracy and gets the personal one beside it
+    fedit = tiny_cfg + ["method=fedit", "rounds=2", "eval.personal_clients=3", "eval.personal_examples=12"]
+    run_experiment(load_config(None, fedit), tmp_path / "fedit", progress=False)
+    row = [json.loads(line) for line in (tmp_path / "fedit" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "accuracy_of" not in row and "personal_accuracy" in row and "accuracy" in row

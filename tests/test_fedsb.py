@@ -1,0 +1,138 @@
+"""Fed-SB: averaging R is exact on the products, LoRA-SB's gradient initialisation, the basis sent once, export."""
+
+import json
+
+import pytest
+import torch
+
+from fedzip.config import load_config
+from fedzip.engine import run_experiment
+from fedzip.engine.ledger import read_ledger
+from fedzip.engine.runtime import build_runtime, client_runtime
+from fedzip.engine.simulation import sample_clients
+from fedzip.engine.state import ClientStateStore
+from fedzip.errors import ConfigError
+from fedzip.methods import METHODS, ClientContext
+from fedzip.methods.base import reply_weight
+from fedzip.methods.fedsb import R_SUFFIX, latent_layers
+from fedzip.wire import decode, encode
+
+
+def setup(overrides):
+    cfg = load_config(None, overrides)
+    cls = METHODS[cfg.method]
+    cfg = cls.adjust_config(cfg)
+    rt = build_runtime(cfg, cls)
+    server, client = cls(cfg, rt), cls(cfg, client_runtime(rt, cls))
+    server.init_global()
+    return cfg, rt, server, client
+
+
+def play_round(cfg, rt, server, client, rnd, store):
+    """One round through the wire (encode, decode against the specs); returns the decoded replies."""
+    cids = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
+    replies = {}
+    for cid, msg in server.configure(rnd, cids).items():
+        down = decode(encode(msg, "fp32"), client.down_spec(cid, rnd), require_all=False)
+        ctx = ClientContext(cid=cid, round=rnd, indices=rt.parts[cid], store=store, seed=cfg.seed * 1000 + cid)
+        replies[cid] = decode(encode(client.fit(ctx, down), "fp32"), server.up_spec(cid, rnd))
+    server.aggregate(rnd, replies)
+    return replies
+
+
+def delta_weights(server) -> dict[str, torch.Tensor]:
+    """Each adapted module's B R A * scaling on the server's model, at the global R."""
+    server.rt.view.set(server.global_tensors())
+    with torch.no_grad():
+        return {name: layer.get_delta_weight("default").double() for name, layer in latent_layers(server.rt.model).items()}
+
+
+def test_the_average_of_r_is_the_exact_average_of_the_products(tiny_cfg, tmp_path):
+    cfg, rt, server, client = setup(tiny_cfg + ["method=fedsb", "method_options={init: random}", "clients_per_round=3"])
+    store = ClientStateStore(tmp_path / "store")
+    layers = latent_layers(server.rt.model)
+    replies = play_round(cfg, rt, server, client, 1, store)
+    assert len(replies) == 3
+    total = sum(reply_weight(r) for r in replies.values())
+    after = delta_weights(server)
+    for name, layer in layers.items():
+        a0 = layer.lora_A["default"].parametrizations.weight.original.double()
+        b0 = layer.lora_B["default"].weight.double()
+        s = float(layer.scaling["default"])
+        # each client's own product B R_k A, then their weighted mean: what FedAvg of full weights would give
+        exact = sum(b0 @ r.tensors[name + R_SUFFIX].double() @ a0 * s * (reply_weight(r) / total)
+                    for r in replies.values())
+        assert exact.abs().max() > 0  # the clients trained R
+        torch.testing.assert_close(after[name], exact, rtol=1e-5, atol=1e-7)
+
+
+def test_only_r_and_the_head_train_and_travel(tiny_cfg):
+    cfg, rt, server, _ = setup(tiny_cfg + ["method=fedsb", "method_options={init: random}"])
+    names = list(server.rt.view.params)
+    rank = cfg.lora.rank
+    lora = [n for n in names if n.endswith(R_SUFFIX)]
+    assert lora and len(lora) == len(latent_layers(server.rt.model))
+    assert all(tuple(server.rt.view.params[n].shape) == (rank, rank) for n in lora)
+    assert all(n.endswith(R_SUFFIX) or n.startswith("classifier") for n in names)
+
+
+def test_gradient_initialisation_factorises_the_first_sign_step(tiny_cfg, tmp_path):
+    cfg, rt, server, client = setup(tiny_cfg + ["method=fedsb", "method_options={init: gradient, init_step: 0.001}"])
+    store = ClientStateStore(tmp_path / "store")
+    before = {n: t.clone() for n, t in server.global_tensors().items()}
+    replies = play_round(cfg, rt, server, client, 1, store)
+    examples = sum(reply_weight(r) for r in replies.values())
+    after = delta_weights(server)
+    rank = cfg.lora.rank
+    for name in latent_layers(server.rt.model):
+        grad = sum(r.tensors[name + ".weight_grad"].double() for r in replies.values()) / examples
+        update = -0.001 * torch.sign(grad)
+        u, s, vh = torch.linalg.svd(update)
+        best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]  # the rank-r truncation (Eckart-Young)
+        torch.testing.assert_close(after[name], best, rtol=1e-4, atol=1e-7)
+    head = [n for n in before if not n.endswith(R_SUFFIX)]
+    assert all(torch.equal(before[n], server.global_tensors()[n]) for n in head)  # round 1 trains nothing
+
+
+def test_the_basis_goes_once_to_each_client_and_is_counted(tiny_cfg, tmp_path):
+    overrides = tiny_cfg + ["method=fedsb", "rounds=4", "num_clients=3", "clients_per_round=2"]
+    run_experiment(load_config(None, overrides), tmp_path / "run", progress=False)
+    down = [(e["round"], e["client"], e["bytes"]) for e in read_ledger(tmp_path / "run" / "ledger.jsonl")
+            if e["direction"] == "down"]
+    seen, first, later = set(), [], []
+    for rnd, cid, size in down:
+        if rnd == 1:
+            continue  # the gradient round: R and the head only
+        (later if cid in seen else first).append(size)
+        seen.add(cid)
+    assert first and later and min(first) > max(later)  # a first message carries A and B as well
+    cfg = load_config(None, overrides)
+    rt = build_runtime(cfg, METHODS["fedsb"])
+    basis_values = sum(2 * cfg.lora.rank * layer.base_layer.weight.shape[0]
+                       for layer in latent_layers(rt.model).values())  # square q/k/v: A and B the same size
+    assert min(first) - max(later) >= 4 * basis_values  # fp32 basis values, on top of the plain message
+
+
+def test_the_export_is_a_plain_peft_adapter_with_the_trained_products(tiny_cfg, tmp_path):
+    from peft import PeftModel
+
+    from fedzip.models import load_base_model
+
+    overrides = tiny_cfg + ["method=fedsb", "rounds=2"]
+    cfg = load_config(None, overrides)
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    cfg = METHODS["fedsb"].adjust_config(cfg)
+    rt = build_runtime(cfg, METHODS["fedsb"])
+    torch.manual_seed(cfg.seed)
+    base = load_base_model(cfg.model.name, rt.task.kind, rt.task.num_labels, cfg.model.cache_dir)
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())["final_metrics"]
+    again = rt.task.evaluate(plain, cfg.eval.batch_size, None, seed=cfg.seed)  # plain peft, no fedzip parametrisation
+    assert again["accuracy"] == final["accuracy"] and again["loss"] == pytest.approx(final["loss"], rel=1e-5)
+
+
+def test_client_level_dp_refuses_the_gradient_initialisation(tiny_cfg):
+    cfg = load_config(None, tiny_cfg + ["method=fedsb", "privacy.mode=central", "privacy.noise_multiplier=1.0",
+                                        "privacy.clip=1.0"])
+    with pytest.raises(ConfigError, match="init: random"):
+        METHODS["fedsb"].adjust_config(cfg)
