@@ -62,3 +62,29 @@ def test_every_privacy_row_is_a_valid_config_with_a_calibrated_noise():
             continue
         eps = float(label.rsplit("eps", 1)[1])
         assert privacy.run_epsilon(cfg, cfg.rounds) == pytest.approx(eps, rel=0.01) and cfg.privacy.clip == 0.3
+
+
+def test_every_frontier_row_is_a_valid_config_of_its_method():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b6_frontier import CAUSAL_PROFILE, CAUSAL_ROWS, CONFIG, PROFILE, ROWS
+
+    from fedzip.config import load_config
+    from fedzip.registry import method_class
+
+    methods = set()
+    for label, overrides, _ in ROWS:
+        cfg = load_config(CONFIG, [*PROFILE, *overrides])
+        cls = method_class(cfg.method)
+        cls.adjust_config(cfg)
+        if cls.Options is not None:
+            cls.Options.model_validate(cfg.method_options)
+        methods.add(cfg.method)
+        assert (cfg.eval.personal_clients or 0) > 0 or not cls.personalised, label  # judged through client models
+    assert {"fedsb", "fedsa_lora", "fedit"} <= methods
+    for _, overrides, _ in CAUSAL_ROWS:
+        cfg = load_config("b2_fedbiot", [*CAUSAL_PROFILE, *overrides])
+        cls = method_class(cfg.method)
+        if cls.Options is not None:
+            cls.Options.model_validate(cfg.method_options)
+        methods.add(cfg.method)
+    assert "fedkseed" in methods

@@ -10,7 +10,8 @@ Replay: a model at round t-1 becomes the model at round t by w <- w - H_t[j] z_j
 H_t[j] != 0, in index order. The server keeps every H_t; a client that last synchronised after round s gets
 H_{s+1} .. H_{t-1} (only their nonzero entries travel) and replays them in order. Both sides run the same
 floating-point operations from the same start (the pretrained model), so a client's model after replay
-equals the server's bit for bit; the directions are drawn on the CPU so that this holds across devices.
+equals the server's bit for bit; directions are drawn on the CPU so that this holds across devices
+(``directions: device`` draws them on the GPU, far faster, exact between machines of the same kind).
 
 A client keeps the model it last synchronised to (and its round) in its state; the local steps' model is
 discarded after the round, as in the paper.
@@ -19,6 +20,7 @@ discarded after the round, as in the paper.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,6 +41,10 @@ class FedKSeedOptions(BaseModel):
     eps: float = Field(1e-3, gt=0, description="perturbation scale of the two-point estimate")
     grad_clip: float = Field(0.0, ge=0, description="skip a step whose |g| exceeds this (0: never), as the "
                                                     "paper's code does against loss spikes")
+    directions: Literal["cpu", "device"] = Field(
+        "cpu", description="where directions are drawn: cpu (server and clients agree bit for bit on any "
+                           "hardware) or device (the model's device: much faster on a GPU, exact only between "
+                           "machines with the same kind of device)")
 
 
 def candidate_seeds(run_seed: int, k: int) -> list[int]:
@@ -53,6 +59,7 @@ def history_name(rnd: int) -> str:
 class FedKSeed(Method):
     name = "fedkseed"
     uses_lora = False
+    runs_on_accelerator = True
     Options = FedKSeedOptions
 
     def __init__(self, cfg, runtime):
@@ -75,10 +82,11 @@ class FedKSeed(Method):
     # -- directions ----------------------------------------------------------------------------------
     def step_along(self, seed_index: int, scale: float) -> None:
         """w <- w + scale * z_j, z_j drawn on the CPU from seed j, tensor by tensor in the view's order."""
-        gen = torch.Generator().manual_seed(self.seeds[seed_index])
+        device = model_device(self.rt.model) if self.opts.directions == "device" else torch.device("cpu")
+        gen = torch.Generator(device=device).manual_seed(self.seeds[seed_index])
         with torch.no_grad():
             for p in self.rt.view.params.values():
-                z = torch.randn(p.shape, generator=gen)
+                z = torch.randn(p.shape, generator=gen, device=device)
                 p.add_(z.to(p.device), alpha=scale)
 
     def replay(self, update: torch.Tensor) -> None:

@@ -21,7 +21,8 @@ from fedzip.report.links import LINKS, cumulative_seconds
 
 FORMAT = "fedzip-compact-run/1"
 _CURVE_KEYS = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match", "eval_examples",
-               "train_loss", "emu_loss", "emu_exact_match", "fixed_subset")
+               "train_loss", "emu_loss", "emu_exact_match", "fixed_subset", "personal_accuracy", "personal_accuracy_min",
+               "personal_accuracy_max", "personal_loss", "accuracy_of")
 
 
 def seedless_label(name: str) -> str:

@@ -1,0 +1,125 @@
+"""B6, the communication frontier: Fed-SB, FedSA-LoRA and FedKSeed against FedIT under protocol v2.
+
+**B1-cpu rows** share ``b1_cpu.py``'s profile exactly (20 Newsgroups, MiniLM, LoRA r=16 on q/k/v + head, 20
+clients at Dirichlet 1.0, 4 a round, 3 local SGD-momentum steps, lr 0.5 with a cosine decay, 150 rounds) and
+its three seeds; their reference is B1-cpu's FedIT (``results/runs/b1_cpu/fedit-s*.json``), run under that
+same profile. The learning rate stays the one chosen on FedIT, as for every method in B1.
+
+* ``fedsb_r16``: Fed-SB with LoRA-SB's gradient initialisation (round 1: the first cohort's gradients on 64
+  examples each), r = 16; ``fedsb_r64``: r = 64 (the paper trades a larger R, r^2 values, for expressivity),
+  alpha scaled with the rank; ``fedsb_r16_random``: the data-free seeded basis (no round-1 gradients).
+* ``fedsa_lora``: FedSA-LoRA (A shared; B and the head stay on the clients). It has no one global model: its
+  accuracy is the mean of 10 clients' own models on the shared test subset, and ``personal_accuracy`` each
+  on a test draw that follows its own labels. ``fedit_personal`` is FedIT with the same personalised
+  evaluation (the global model on each of those clients' draws), the comparison FedSA-LoRA's claim needs.
+
+**FedKSeed** is not in the cpu rows: zeroth-order training needs its paper's hundreds of local steps a round
+(each two forward passes and four draws of a direction over all 22.7M weights), which B1-cpu's three steps
+a round do not give and two CPU cores cannot. Its rows are the ``--causal`` set, for a lent GPU: SmolLM2-135M
+on Alpaca-style instructions, FedIT against FedKSeed (K = 1024, lr 3e-7 as the paper, 200 local steps),
+judged by test loss.
+
+    python benchmarks/b6_frontier.py --commit            # the cpu rows x seeds 0,1,2 not done yet
+    python benchmarks/b6_frontier.py --only fedsb_r16,fedsa_lora --seeds 0
+    python benchmarks/b6_frontier.py --board             # rebuild results/b6_frontier.{md,json,png}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
+from b1_cpu import CONFIG, PROFILE  # noqa: E402
+from common import RESULTS, say  # noqa: E402
+from seeded import SeededBenchmark, figure_lines  # noqa: E402
+
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
+
+BENCH = "b6_frontier"
+PERSONAL = ["eval.personal_clients=10", "eval.personal_examples=100"]
+ROWS = [
+    ("fedsb_r16", ["method=fedsb"], "Fed-SB r=16: only R (16x16 per module) and the head travel; LoRA-SB's "
+                                    "gradient initialisation from round 1's cohort (counted)"),
+    ("fedsa_lora", ["method=fedsa_lora", *PERSONAL], "FedSA-LoRA: A shared, B and the head kept on each client; "
+                                                     "accuracy = mean of 10 client models on the shared test subset"),
+    ("fedit_personal", PERSONAL, "FedIT with personalised evaluation: the global model on 10 clients' own test draws"),
+    ("fedsb_r64", ["method=fedsb", "lora.rank=64", "lora.alpha=128"],
+     "Fed-SB r=64 (alpha 128, the same scaling as r=16): R has 16x the values"),
+    ("fedsb_r16_random", ["method=fedsb", "method_options={init: random}"],
+     "Fed-SB r=16 with a seeded random basis and R = 0 (no round-1 gradients)"),
+]
+BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, ROWS)
+
+# --causal, for a lent GPU (not run on the cpu machines): SmolLM2-135M on the Alpaca demo set
+CAUSAL_PROFILE = ["model.name=smollm2-135m", "data.source=alpaca", "data.max_length=256", "data.max_test_examples=100",
+                  "num_clients=20", "clients_per_round=4", "partition.scheme=iid", "rounds=40", "eval.every=4",
+                  "train.batch_size=4", "lora.train_head=false", "train.device=cuda"]
+CAUSAL_ROWS = [
+    ("fedit_causal", ["method=fedit", "method_options={}", "train.optimizer=adamw", "train.lr=0.0003", "train.max_steps=20"],
+     "FedIT, LoRA r=8 via the config, AdamW 3e-4, 20 local steps"),
+    ("fedkseed_causal", ["method=fedkseed", "train.lr=3e-7",
+                         "train.max_steps=200", "method_options={num_seeds: 1024, directions: device}"],
+     "FedKSeed, K=1024, lr 3e-7, 200 zeroth-order steps a round, directions drawn on the GPU"),
+]
+CAUSAL = SeededBenchmark(f"{BENCH}_causal", "b2_fedbiot", CAUSAL_PROFILE, CAUSAL_ROWS)
+
+
+def personal_table(records: list[dict]) -> list[str]:
+    """Personalised accuracy (each client's model on its own test draw) at the last evaluation, per row."""
+    lines = ["| row | personalised accuracy (mean of 10 clients) | worst client | accuracy on the shared test | seeds |",
+             "|---|---|---|---|---|"]
+    for label in ("fedsa_lora", "fedit_personal"):
+        runs = [r for r in records if r["label"] == label]
+        last = [r["curve"][-1] for r in runs if r.get("curve")]
+        values = [row["personal_accuracy"] for row in last if "personal_accuracy" in row]
+        if not values:
+            continue
+        worst = [row["personal_accuracy_min"] for row in last if "personal_accuracy_min" in row]
+        acc = [r["final_metrics"].get("accuracy") for r in runs]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        lines.append(f"| {label} | {mean(values):.3f} | {mean(worst):.3f} | {mean([a for a in acc if a is not None]):.3f} "
+                     f"| {len(values)} |")
+    return lines if len(lines) > 2 else []
+
+
+def write_board() -> None:
+    own = BENCHMARK.records()
+    lines = ["# B6: the communication frontier (Fed-SB, FedSA-LoRA; FedKSeed on a GPU)", "",
+             "Rebuilt by `python benchmarks/b6_frontier.py --board` from "
+             "[runs/b6_frontier/](runs/b6_frontier/) and B1-cpu's FedIT runs (the reference, same profile); the "
+             "rows and the profile are in the script's docstring.", ""]
+    if not own:
+        lines += ["No finished run yet.", ""]
+    else:
+        records = own + B1_CPU.records({"fedit"})
+        board = build_leaderboard(records, reference="fedit")
+        lines += leaderboard_markdown(board) + [""]
+        lines += personal_table(own) + [""]
+        (RESULTS / "b6_frontier.json").write_text(json.dumps(board, indent=1) + "\n")
+        lines += figure_lines(board, records, "b6_frontier.png", "B6: smoothed accuracy, mean over seeds", "b6")
+    causal = CAUSAL.records()
+    lines += ["## Causal LM (SmolLM2-135M): FedKSeed against FedIT", ""]
+    if causal and any(r["label"] == "fedit_causal" for r in causal):
+        lines += leaderboard_markdown(build_leaderboard(causal, reference="fedit_causal")) + [""]
+    else:
+        lines += ["Not run: these rows need a GPU (`python benchmarks/b6_frontier.py --causal`).", ""]
+    (RESULTS / "b6_frontier.md").write_text("\n".join(lines) + "\n")
+    say("\n".join(lines))
+
+
+def causal(commit: bool) -> None:
+    failed = CAUSAL.run([0, 1, 2], set(), jobs=1, commit=commit)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def main() -> None:
+    BENCHMARK.main(__doc__.split("\n")[0], write_board,
+                   modes={"--causal": ("the causal-LM rows (FedIT vs FedKSeed on SmolLM2; for a GPU)", causal)})
+
+
+if __name__ == "__main__":
+    main()
