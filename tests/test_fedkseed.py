@@ -24,8 +24,9 @@ def setup(overrides):
     return cfg, rt, server, client
 
 
-def test_a_client_after_replay_holds_the_servers_model_bit_for_bit(tiny_cfg, tmp_path):
-    cfg, rt, server, client = setup(tiny_cfg + OPTIONS)
+@pytest.mark.parametrize("sampling", ["uniform", "importance"])
+def test_a_client_after_replay_holds_the_servers_model_bit_for_bit(tiny_cfg, tmp_path, sampling):
+    cfg, rt, server, client = setup(tiny_cfg + OPTIONS + [f"method_options={{num_seeds: 32, seed_sampling: {sampling}}}"])
     store = ClientStateStore(tmp_path / "store")
     schedule = {1: [0, 1], 2: [2], 3: [1, 3], 4: [0, 2], 5: [3]}  # client 0 misses rounds 2-3, client 3 rounds 4
     for rnd, cids in schedule.items():
@@ -71,3 +72,21 @@ def test_bytes_are_seeds_and_scalars(tiny_cfg, tmp_path):
     model_bytes = 4 * build_runtime(load_config(None, overrides), METHODS["fedkseed"]).view.num_elements()
     # at most 3 used seeds a client-round: a few dozen bytes of values and positions over a JSON header
     assert max(ups) < 400 and max(downs) < 1200 and max(downs) < model_bytes / 1000
+
+
+def test_fedkseed_pro_favours_seeds_with_large_projected_gradients(tiny_cfg, tmp_path):
+    cfg, rt, server, client = setup(tiny_cfg + OPTIONS + ["method_options={num_seeds: 32, seed_sampling: importance}"])
+    store = ClientStateStore(tmp_path / "store")
+    first = server.configure(1, [0])[0].tensors["probs"]
+    assert torch.allclose(first, torch.full((32,), 1 / 32))  # no history yet: uniform
+    reply = client.fit(ClientContext(0, 1, rt.parts[0], store, 1), decode(encode(server.configure(1, [0])[0]),
+                                                                          client.down_spec(0, 1)))
+    server.aggregate(1, {0: reply})
+    probs = server.configure(2, [1])[1].tensors["probs"]
+    used = reply.tensors["grad"] != 0
+    assert used.any() and float(probs.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert probs[used].max() > probs[~used].max()  # a seed with a recorded amplitude outweighs the unused ones
+    bad = server.configure(2, [1])[1]
+    bad.tensors["probs"] = torch.full((32,), 0.5)
+    with pytest.raises(PayloadError, match="probability"):
+        client.fit(ClientContext(1, 2, rt.parts[1], store, 1), bad)

@@ -57,7 +57,7 @@ ROWS = {
     "fedsa_lora": (False, ["eval.personal_clients=2", "eval.personal_examples=8"]),
     "fedsa": (False, ["method_options={local_head: false}"]),
     "fedkseed": (False, ["method_options={num_seeds: 16}", "train.lr=0.0001"]),
-    "fed_kseed": (True, ["method_options={num_seeds: 8, eps: 0.01}", "train.lr=0.00001"]),
+    "fed_kseed": (True, ["method_options={num_seeds: 8, eps: 0.01, seed_sampling: importance}", "train.lr=0.00001"]),
 }
 
 

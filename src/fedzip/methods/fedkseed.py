@@ -15,6 +15,11 @@ equals the server's bit for bit; directions are drawn on the CPU so that this ho
 
 A client keeps the model it last synchronised to (and its round) in its state; the local steps' model is
 discarded after the round, as in the paper.
+
+FedKSeed-Pro (``seed_sampling: importance``): seeds whose projected gradients have been large matter more.
+The server keeps, per seed, the mean of |g| clipped at ``amplitude_clip`` over the per-client sums it has
+received (with one initial zero), min-max normalises the K means and sends their softmax as the sampling
+probabilities with every message (K values, counted); clients draw seeds from it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ class FedKSeedOptions(BaseModel):
     eps: float = Field(1e-3, gt=0, description="perturbation scale of the two-point estimate")
     grad_clip: float = Field(0.0, ge=0, description="skip a step whose |g| exceeds this (0: never), as the "
                                                     "paper's code does against loss spikes")
+    seed_sampling: Literal["uniform", "importance"] = Field(
+        "uniform", description="uniform: FedKSeed; importance: FedKSeed-Pro, seeds drawn by probabilities the "
+                               "server derives from each seed's past gradient amplitudes and sends every round")
+    amplitude_clip: float = Field(0.5, gt=0, description="FedKSeed-Pro: amplitudes are clipped at this before "
+                                                         "averaging, so that a loss spike does not dominate a seed")
     directions: Literal["cpu", "device"] = Field(
         "cpu", description="where directions are drawn: cpu (server and clients agree bit for bit on any "
                            "hardware) or device (the model's device: much faster on a GPU, exact only between "
@@ -98,9 +108,11 @@ class FedKSeed(Method):
     def init_global(self) -> None:
         self.history: list[torch.Tensor] = []  # H_1, H_2, ...: the server's whole record
         self.synced: dict[int, int] = {}  # client -> the last round whose H it holds
+        k = self.opts.num_seeds
+        self.amplitude = {"sum": torch.zeros(k, dtype=torch.float64), "count": torch.ones(k, dtype=torch.float64)}
 
     def server_state(self) -> ServerState:
-        tensors = {"model": self.rt.view.get()}
+        tensors = {"model": self.rt.view.get(), "amplitude": dict(self.amplitude)}
         if self.history:
             tensors["history"] = {"H": torch.stack(self.history)}
         return ServerState(tensors, {"synced": {str(c): r for c, r in self.synced.items()}})
@@ -109,6 +121,12 @@ class FedKSeed(Method):
         self.rt.view.set(state.group("model"))
         self.history = list(state.group("history")["H"]) if state.group("history") else []
         self.synced = {int(c): int(r) for c, r in state.facts["synced"].items()}
+        self.amplitude = {k: v.clone() for k, v in state.group("amplitude").items()}
+
+    def seed_probabilities(self) -> torch.Tensor:
+        """FedKSeed-Pro: softmax of the min-max normalised mean clipped amplitude of every seed."""
+        amp = self.amplitude["sum"] / self.amplitude["count"]
+        return ((amp - amp.min()) / (amp.max() - amp.min() + 1e-10)).softmax(0).float()
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return self.rt.view.get()
@@ -117,15 +135,19 @@ class FedKSeed(Method):
         out = {}
         for cid in cids:
             since = self.synced.get(cid, 0)
-            out[cid] = Message({history_name(r): self.history[r - 1] for r in range(since + 1, rnd)},
-                               {"round": rnd, "synced": since})
+            tensors = {history_name(r): self.history[r - 1] for r in range(since + 1, rnd)}
+            if self.opts.seed_sampling == "importance":
+                tensors["probs"] = self.seed_probabilities()
+            out[cid] = Message(tensors, {"round": rnd, "synced": since})
         return out
 
     def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
-        return {history_name(r): (self.opts.num_seeds,) for r in range(1, rnd)}
+        spec = {history_name(r): (self.opts.num_seeds,) for r in range(1, rnd)}
+        return spec | ({"probs": (self.opts.num_seeds,)} if self.opts.seed_sampling == "importance" else {})
 
     def down_optional(self, cid: int, rnd: int) -> set[str]:
-        return set(self.down_spec(cid, rnd))  # which rounds a client misses is its own business; fit checks them
+        # which rounds a client missed is its own business (fit checks them); the probabilities always come
+        return {n for n in self.down_spec(cid, rnd) if n != "probs"}
 
     def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {"grad": (self.opts.num_seeds,)}
@@ -135,6 +157,10 @@ class FedKSeed(Method):
         total = sum(weights.values())
         grad = sum(replies[cid].tensors["grad"].double() * (w / total) for cid, w in weights.items())
         update = (round_train_config(self.cfg, rnd).lr * grad).float()
+        for r in replies.values():  # FedKSeed-Pro's record: every client's sum for every seed it used
+            used = r.tensors["grad"] != 0
+            self.amplitude["sum"][used] += r.tensors["grad"][used].double().abs().clamp(max=self.opts.amplitude_clip)
+            self.amplitude["count"][used] += 1
         self.replay(update)
         self.history.append(update)
         for cid in replies:  # a client that replied holds every update before this round
@@ -151,7 +177,10 @@ class FedKSeed(Method):
         # resends rounds the client holds, which it skips; never newer
         if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= synced:
             raise PayloadError(f"fedkseed: message meta 'synced' {since!r}, but client {client.cid} holds round {synced}")
-        if set(message.tensors) != {history_name(r) for r in range(since + 1, client.round)}:
+        probs = message.tensors.get("probs")
+        if probs is not None and (bool((probs < 0).any()) or not 0.99 < float(probs.double().sum()) < 1.01):
+            raise PayloadError("fedkseed: 'probs' is not a probability vector")
+        if set(message.tensors) - {"probs"} != {history_name(r) for r in range(since + 1, client.round)}:
             raise PayloadError(f"fedkseed: the message must carry the updates of rounds {since + 1} to {client.round - 1}")
         view.set({n: stored.get(f"model::{n}", self.pretrained[n]) for n in view.params})
         for r in range(synced + 1, client.round):
@@ -159,12 +188,13 @@ class FedKSeed(Method):
         current = view.get()  # the global model of this round, bit for bit
         client.store.save(client.cid, client.round, {f"model::{n}": t for n, t in current.items()} |
                           {"synced_round": torch.tensor(client.round - 1)})
-        grad, steps, loss = self.zeroth_order_steps(client)
+        grad, steps, loss = self.zeroth_order_steps(client, probs)
         view.set(current)  # the local model is not kept: the next round starts from the replayed global one
         return Message({"grad": grad}, {"num_examples": client.num_examples, "steps": steps, "train_loss": loss})
 
-    def zeroth_order_steps(self, client: ClientContext) -> tuple[torch.Tensor, int, float]:
-        """tau zeroth-order steps; returns the summed projected gradient per seed, the steps and the mean loss."""
+    def zeroth_order_steps(self, client: ClientContext, probs: torch.Tensor | None) -> tuple[torch.Tensor, int, float]:
+        """tau zeroth-order steps, seeds drawn uniformly or by ``probs``; returns the summed projected gradient
+        per seed, the steps and the mean loss."""
         train = round_train_config(self.cfg, client.round)
         model, task, eps = self.rt.model, self.rt.task, self.opts.eps
         rng = np.random.default_rng(client.seed)
@@ -172,12 +202,13 @@ class FedKSeed(Method):
         model.eval()  # no dropout: both evaluations of a step must see the same function
         device = model_device(model)
         grad = torch.zeros(self.opts.num_seeds)
+        p = None if probs is None else (probs.double() / probs.double().sum()).numpy()
         total, steps, loss_sum = local_steps(task, len(client.indices), train), 0, 0.0
         with torch.no_grad():
             while steps < total:
                 for batch in task.train_batches(client.indices, train.batch_size, rng):
                     batch = to_device(batch, device)
-                    j = int(rng.integers(self.opts.num_seeds))
+                    j = int(rng.integers(self.opts.num_seeds) if p is None else rng.choice(self.opts.num_seeds, p=p))
                     self.step_along(j, eps)
                     plus = float(model(**batch).loss)
                     self.step_along(j, -2 * eps)
