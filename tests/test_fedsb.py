@@ -94,8 +94,10 @@ def test_gradient_initialisation_factorises_the_first_sign_step(tiny_cfg, tmp_pa
     assert all(torch.equal(before[n], server.global_tensors()[n]) for n in head)  # round 1 trains nothing
 
 
-def test_the_basis_goes_once_to_each_client_and_is_counted(tiny_cfg, tmp_path):
-    overrides = tiny_cfg + ["method=fedsb", "rounds=4", "num_clients=3", "clients_per_round=2"]
+@pytest.mark.parametrize("persist", [False, True])  # the client's optimizer state is stored beside the basis
+def test_the_basis_goes_once_to_each_client_and_is_counted(tiny_cfg, tmp_path, persist):
+    overrides = tiny_cfg + ["method=fedsb", "rounds=4", "num_clients=3", "clients_per_round=2",
+                            f"train.persist_optimizer_state={str(persist).lower()}"]
     run_experiment(load_config(None, overrides), tmp_path / "run", progress=False)
     down = [(e["round"], e["client"], e["bytes"]) for e in read_ledger(tmp_path / "run" / "ledger.jsonl")
             if e["direction"] == "down"]

@@ -230,25 +230,30 @@ class FedSB(FedIT):
         if message.meta.get("phase") == "init":
             self.rt.view.set(message.tensors)  # the global head; R is still zero
             return self._init_gradients(client)
-        if self.opts.init == "gradient":
-            self._receive_basis(client, message)
-        return super().fit(client, Message({n: t for n, t in message.tensors.items() if n in self.rt.view.params},
-                                           message.meta))
+        if self.opts.init == "random":
+            return super().fit(client, message)
+        basis = self._receive_basis(client, message)
+        reply = super().fit(client, Message({n: t for n, t in message.tensors.items() if n in self.rt.view.params},
+                                            message.meta))
+        # keep the basis beside whatever this round stored (FedIT's optimizer state replaces the latest version)
+        kept = {k: v for k, v in client.store.load(client.cid).items() if not k.startswith("basis::")}
+        client.store.save(client.cid, client.round, kept | {f"basis::{n}": t for n, t in basis.items()})
+        return reply
 
-    def _receive_basis(self, client: ClientContext, message: Message) -> None:
+    def _receive_basis(self, client: ClientContext, message: Message) -> dict[str, torch.Tensor]:
+        """The basis the message brings (a client's first training round) or the one the client kept; set on
+        the model."""
         names = set(basis_shapes(self.rt.model))
-        sent = {n: t for n, t in message.tensors.items() if n in names}
-        if sent:
-            if set(sent) != names:
-                raise PayloadError("fedsb: a message with part of the basis")
-            client.store.save(client.cid, client.round, {f"basis::{n}": t for n, t in sent.items()})
-            basis = sent
-        else:
+        basis = {n: t for n, t in message.tensors.items() if n in names}
+        if basis and set(basis) != names:
+            raise PayloadError("fedsb: a message with part of the basis")
+        if not basis:
             stored = client.store.load(client.cid)
             basis = {n[7:]: t for n, t in stored.items() if n.startswith("basis::")}
             if set(basis) != names:
                 raise PayloadError(f"fedsb: client {client.cid} holds no basis and the message brought none")
         set_basis(self.rt.model, basis)
+        return basis
 
     def _init_gradients(self, client: ClientContext) -> Message:
         """The sum over ``init_examples`` of this client's examples of each adapted weight's loss gradient."""
