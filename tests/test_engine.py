@@ -87,6 +87,23 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_cfg):
         run_experiment(load_config(None, tiny_cfg + ["rounds=2", "seed=9"]), out, resume=True, progress=False)
 
 
+def test_resume_accepts_a_run_whose_config_predates_keys_added_since(tmp_path, tiny_cfg):
+    import yaml
+
+    full, _ = run(tmp_path, tiny_cfg + ["rounds=2"], "full")
+    _, out = run(tmp_path, tiny_cfg + ["rounds=2"], "old", stop_after=1)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["eval"]["personal_clients"], saved["lora"]["rslora"]  # as an older fedzip wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    resumed = run_experiment(load_config(None, tiny_cfg + ["rounds=2"]), out, resume=True, progress=False)
+    assert resumed["final_metrics"] == full["final_metrics"]
+    saved["eval"]["no_such_key"] = 1
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    from fedzip.errors import RunDirError
+    with pytest.raises(RunDirError, match="not a config this fedzip reads"):
+        run_experiment(load_config(None, tiny_cfg + ["rounds=2"]), out, resume=True, progress=False)
+
+
 def test_saved_adapter_loads_with_peft_and_reproduces_evaluation(tmp_path, tiny_cfg):
     from peft import PeftModel
 

@@ -84,3 +84,11 @@ def test_personalised_evaluation_judges_client_models(tiny_cfg, tmp_path):
     run_experiment(load_config(None, fedit), tmp_path / "fedit", progress=False)
     row = [json.loads(line) for line in (tmp_path / "fedit" / "metrics.jsonl").read_text().splitlines()][-1]
     assert "accuracy_of" not in row and "personal_accuracy" in row and "accuracy" in row
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank(tiny_cfg):
+    for rslora, expected in ((False, 8 / 4), (True, 8 / 2)):
+        _, rt, _, _ = setup(tiny_cfg + ["method=fedsa_lora", f"lora.rslora={str(rslora).lower()}"])
+        scales = {float(m.scaling["default"]) for m in rt.model.modules() if hasattr(m, "scaling") and
+                  isinstance(m.scaling, dict) and "default" in m.scaling}
+        assert scales == {expected}

@@ -66,6 +66,8 @@ class LoraConfigSection(Section):
         None, description="module names to adapt; all-linear: every linear layer of the body (attention and MLP "
                           "projections, peft's shorthand); unset: the attention projections")
     train_head: bool = True
+    rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank "
+                                            "(peft's use_rslora; an ablation of FedSA-LoRA)")
 
 
 class TrainConfig(Section):

@@ -86,7 +86,7 @@ def build_model(cfg, method_cls, task: Task):
     model = load_base_model(cfg.model.name, task.kind, task.num_labels, cfg.model.cache_dir)
     if method_cls.uses_lora:
         lc = cfg.lora
-        model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, lc.train_head, cfg.seed)
+        model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, lc.train_head, cfg.seed, lc.rslora)
     method_cls.prepare_model(model, cfg)
     # Built on the CPU first so that initial weights do not depend on the device.
     return model.to(resolve_device(cfg, method_cls))

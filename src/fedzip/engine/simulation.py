@@ -185,6 +185,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     ckpt_dir = out / "checkpoints"
     if resume:
         saved = yaml.safe_load((out / "config.yaml").read_text())
+        try:  # a run started by an older fedzip lacks keys added since, which then hold their defaults
+            saved = yaml.safe_load(dump_config(ExperimentConfig.model_validate(saved)))
+        except Exception:
+            raise RunDirError(f"{out}/config.yaml is not a config this fedzip reads; start the run afresh") from None
         if _comparable(saved, method_cls) != _comparable(yaml.safe_load(dump_config(cfg)), method_cls):
             raise RunDirError(f"{out}/config.yaml differs from the config being resumed; resume with the same config")
     (out / "config.yaml").write_text(dump_config(cfg))

@@ -357,7 +357,7 @@ class CompressedModel:
             eos = model.config.eos_token_id
             model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
         lc = cfg.lora
-        model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, False, cfg.seed)
+        model = inject_lora(model, lc.rank, lc.alpha, lc.dropout, lc.target_modules, False, cfg.seed, lc.rslora)
         # built on the CPU (initial weights do not depend on the device), then moved where it trains
         self.model = model.to(resolve_device(cfg, method_cls))
         _, layer_attr, _ = find_decoder_layers(self.model)

@@ -107,7 +107,7 @@ class TrainableView:
 
 
 def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | str | None,
-                train_head: bool, seed: int):
+                train_head: bool, seed: int, rslora: bool = False):
     """LoRA on ``targets`` (module names, or ``"all-linear"``: peft adapts every linear layer of the body and
     leaves the output layer alone; a classification head is trained whole through ``modules_to_save``)."""
     from peft import LoraConfig, TaskType, get_peft_model
@@ -116,7 +116,7 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     head = head_module(model) if is_cls and train_head else None
     cfg = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or default_targets(model),
-        modules_to_save=[head] if head else None,
+        modules_to_save=[head] if head else None, use_rslora=rslora,
         task_type=TaskType.SEQ_CLS if is_cls else TaskType.CAUSAL_LM,
     )
     torch.manual_seed(seed)  # LoRA A init: the same on the server and on every client
