@@ -13,6 +13,21 @@ from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
 
 
+def server_and_client(overrides: list[str]):
+    """(cfg, server runtime, server part initialised, client part on a runtime of its own), as a simulation
+    builds them: for tests that drive a method's rounds by hand."""
+    from fedzip.engine.runtime import build_runtime, client_runtime
+    from fedzip.methods import METHODS
+
+    cfg = load_config(None, overrides)
+    cls = METHODS[cfg.method]
+    cfg = cls.adjust_config(cfg)
+    rt = build_runtime(cfg, cls)
+    server, client = cls(cfg, rt), cls(cfg, client_runtime(rt, cls))
+    server.init_global()
+    return cfg, rt, server, client
+
+
 def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from helpers import server_and_client
 
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
-from fedzip.engine.runtime import build_runtime, client_runtime
+from fedzip.engine.runtime import build_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError
 from fedzip.methods import METHODS, ClientContext
@@ -15,18 +16,10 @@ from fedzip.wire import decode, encode
 OPTIONS = ["method=fedkseed", "method_options={num_seeds: 32}", "train.lr=0.0001", "num_clients=4"]
 
 
-def setup(overrides):
-    cfg = load_config(None, overrides)
-    cls = METHODS[cfg.method]
-    rt = build_runtime(cfg, cls)
-    server, client = cls(cfg, rt), cls(cfg, client_runtime(rt, cls))
-    server.init_global()
-    return cfg, rt, server, client
-
-
 @pytest.mark.parametrize("sampling", ["uniform", "importance"])
 def test_a_client_after_replay_holds_the_servers_model_bit_for_bit(tiny_cfg, tmp_path, sampling):
-    cfg, rt, server, client = setup(tiny_cfg + OPTIONS + [f"method_options={{num_seeds: 32, seed_sampling: {sampling}}}"])
+    sampled = f"method_options={{num_seeds: 32, seed_sampling: {sampling}}}"
+    cfg, rt, server, client = server_and_client(tiny_cfg + OPTIONS + [sampled])
     store = ClientStateStore(tmp_path / "store")
     schedule = {1: [0, 1], 2: [2], 3: [1, 3], 4: [0, 2], 5: [3]}  # client 0 misses rounds 2-3, client 3 rounds 4
     for rnd, cids in schedule.items():
@@ -47,7 +40,7 @@ def test_a_client_after_replay_holds_the_servers_model_bit_for_bit(tiny_cfg, tmp
 
 
 def test_a_stale_or_incomplete_history_is_refused(tiny_cfg, tmp_path):
-    cfg, rt, server, client = setup(tiny_cfg + OPTIONS)
+    cfg, rt, server, client = server_and_client(tiny_cfg + OPTIONS)
     store = ClientStateStore(tmp_path / "store")
     for rnd in (1, 2):
         msgs = server.configure(rnd, [0])
@@ -75,7 +68,8 @@ def test_bytes_are_seeds_and_scalars(tiny_cfg, tmp_path):
 
 
 def test_fedkseed_pro_favours_seeds_with_large_projected_gradients(tiny_cfg, tmp_path):
-    cfg, rt, server, client = setup(tiny_cfg + OPTIONS + ["method_options={num_seeds: 32, seed_sampling: importance}"])
+    pro = "method_options={num_seeds: 32, seed_sampling: importance}"
+    cfg, rt, server, client = server_and_client(tiny_cfg + OPTIONS + [pro])
     store = ClientStateStore(tmp_path / "store")
     first = server.configure(1, [0])[0].tensors["probs"]
     assert torch.allclose(first, torch.full((32,), 1 / 32))  # no history yet: uniform

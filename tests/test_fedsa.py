@@ -5,30 +5,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import server_and_client
 
 from fedzip.config import load_config
 from fedzip.data.partition import client_test_indices
 from fedzip.engine import run_experiment
-from fedzip.engine.runtime import build_runtime, client_runtime
 from fedzip.engine.simulation import sample_clients
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import PayloadError
-from fedzip.methods import METHODS, ClientContext
+from fedzip.methods import ClientContext
 from fedzip.models.lora import is_lora, is_lora_a
 from fedzip.wire import Message, decode, encode
 
 
-def setup(overrides):
-    cfg = load_config(None, overrides)
-    cls = METHODS[cfg.method]
-    rt = build_runtime(cfg, cls)
-    server, client = cls(cfg, rt), cls(cfg, client_runtime(rt, cls))
-    server.init_global()
-    return cfg, rt, server, client
-
-
 def test_b_and_the_head_never_leave_the_client(tiny_cfg, tmp_path):
-    cfg, rt, server, client = setup(tiny_cfg + ["method=fedsa_lora"])
+    cfg, rt, server, client = server_and_client(tiny_cfg + ["method=fedsa_lora"])
     store = ClientStateStore(tmp_path / "store")
     names = rt.view.names()
     assert set(server.up_spec(0, 1)) == set(server.down_spec(0, 1)) == {n for n in names if is_lora_a(n)}
@@ -55,7 +46,7 @@ def test_b_and_the_head_never_leave_the_client(tiny_cfg, tmp_path):
 
 
 def test_a_shared_head_travels_with_a(tiny_cfg):
-    _, rt, server, _ = setup(tiny_cfg + ["method=fedsa_lora", "method_options={local_head: false}"])
+    _, rt, server, _ = server_and_client(tiny_cfg + ["method=fedsa_lora", "method_options={local_head: false}"])
     assert set(server.up_spec(0, 1)) == {n for n in rt.view.names() if is_lora_a(n) or not is_lora(n)}
 
 
@@ -88,7 +79,7 @@ def test_personalised_evaluation_judges_client_models(tiny_cfg, tmp_path):
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_cfg):
     for rslora, expected in ((False, 8 / 4), (True, 8 / 2)):
-        _, rt, _, _ = setup(tiny_cfg + ["method=fedsa_lora", f"lora.rslora={str(rslora).lower()}"])
+        _, rt, _, _ = server_and_client(tiny_cfg + ["method=fedsa_lora", f"lora.rslora={str(rslora).lower()}"])
         scales = {float(m.scaling["default"]) for m in rt.model.modules() if hasattr(m, "scaling") and
                   isinstance(m.scaling, dict) and "default" in m.scaling}
         assert scales == {expected}

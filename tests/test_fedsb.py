@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import server_and_client
 
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
-from fedzip.engine.runtime import build_runtime, client_runtime
+from fedzip.engine.runtime import build_runtime
 from fedzip.engine.simulation import sample_clients
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError
@@ -16,16 +17,6 @@ from fedzip.methods import METHODS, ClientContext
 from fedzip.methods.base import reply_weight
 from fedzip.methods.fedsb import R_SUFFIX, latent_layers
 from fedzip.wire import decode, encode
-
-
-def setup(overrides):
-    cfg = load_config(None, overrides)
-    cls = METHODS[cfg.method]
-    cfg = cls.adjust_config(cfg)
-    rt = build_runtime(cfg, cls)
-    server, client = cls(cfg, rt), cls(cfg, client_runtime(rt, cls))
-    server.init_global()
-    return cfg, rt, server, client
 
 
 def play_round(cfg, rt, server, client, rnd, store):
@@ -48,7 +39,8 @@ def delta_weights(server) -> dict[str, torch.Tensor]:
 
 
 def test_the_average_of_r_is_the_exact_average_of_the_products(tiny_cfg, tmp_path):
-    cfg, rt, server, client = setup(tiny_cfg + ["method=fedsb", "method_options={init: random}", "clients_per_round=3"])
+    cfg, rt, server, client = server_and_client(tiny_cfg + ["method=fedsb", "method_options={init: random}",
+                                                             "clients_per_round=3"])
     store = ClientStateStore(tmp_path / "store")
     layers = latent_layers(server.rt.model)
     replies = play_round(cfg, rt, server, client, 1, store)
@@ -67,7 +59,7 @@ def test_the_average_of_r_is_the_exact_average_of_the_products(tiny_cfg, tmp_pat
 
 
 def test_only_r_and_the_head_train_and_travel(tiny_cfg):
-    cfg, rt, server, _ = setup(tiny_cfg + ["method=fedsb", "method_options={init: random}"])
+    cfg, rt, server, _ = server_and_client(tiny_cfg + ["method=fedsb", "method_options={init: random}"])
     names = list(server.rt.view.params)
     rank = cfg.lora.rank
     lora = [n for n in names if n.endswith(R_SUFFIX)]
@@ -77,7 +69,8 @@ def test_only_r_and_the_head_train_and_travel(tiny_cfg):
 
 
 def test_gradient_initialisation_factorises_the_first_sign_step(tiny_cfg, tmp_path):
-    cfg, rt, server, client = setup(tiny_cfg + ["method=fedsb", "method_options={init: gradient, init_step: 0.001}"])
+    cfg, rt, server, client = server_and_client(tiny_cfg + ["method=fedsb",
+                                                             "method_options={init: gradient, init_step: 0.001}"])
     store = ClientStateStore(tmp_path / "store")
     before = {n: t.clone() for n, t in server.global_tensors().items()}
     replies = play_round(cfg, rt, server, client, 1, store)
