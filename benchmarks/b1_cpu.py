@@ -93,14 +93,24 @@ def longer_runs(records: list[dict]) -> str:
             "(pilots/b1_cpu_200_rounds.md)). ") if parts else ""
 
 
+# Benchmarks whose rows run this profile exactly, with these seeds, judged against these FedIT runs: their
+# rows join the leaderboard (each compact result says what its row runs).
+JOINED = ("b6_frontier",)
+
+
+def joined_records() -> list[dict]:
+    return [load_compact(p) for bench in JOINED for p in sorted((RESULTS / "runs" / bench).glob("*.json"))]
+
+
 def write_board() -> dict | None:
-    records = BENCHMARK.records()
+    records = BENCHMARK.records() + joined_records()
     if not any(r["label"] == "fedit" for r in records):
         say("no FedIT result yet: no leaderboard")
         return None
     board = build_leaderboard(records, reference="fedit")
+    what = {r["label"]: r.get("what", "") for r in records} | WHAT
     for row in board["rows"]:
-        row["what"] = WHAT.get(row["label"], "")
+        row["what"] = what.get(row["label"], "")
     board |= {"benchmark": BENCH, "profile": PROFILE, "config": f"configs/{CONFIG}.yaml"}
     (RESULTS / "LEADERBOARD.json").write_text(json.dumps(board, indent=1) + "\n")
     ref = board["rows"][0]
