@@ -75,6 +75,8 @@ def test_personalised_evaluation_judges_client_models(tiny_cfg, tmp_path):
     run_experiment(load_config(None, fedit), tmp_path / "fedit", progress=False)
     row = [json.loads(line) for line in (tmp_path / "fedit" / "metrics.jsonl").read_text().splitlines()][-1]
     assert "accuracy_of" not in row and "personal_accuracy" in row and "accuracy" in row
+    # the client models share out the evaluation set: together they score each example once
+    assert last["eval_examples"] == row["eval_examples"]
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_cfg):

@@ -7,7 +7,7 @@ the loss taken on the answer tokens only (prompt positions are labelled -100).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -91,18 +91,20 @@ class Task:
         return math.ceil(n / batch_size)
 
     # -- evaluation --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model, batch_size: int = 64, max_examples: int | None = None, seed: int = 0,
-                 indices=None) -> dict[str, float]:
-        """On the test set, a fixed random subset of ``max_examples`` of it, or the test ``indices`` given."""
+    def eval_indices(self, max_examples: int | None = None, seed: int = 0) -> np.ndarray:
+        """The whole test set, or its fixed random subset of ``max_examples`` (the same for every round)."""
         n = len(self.test.input_ids)
-        idx = np.arange(n) if indices is None else np.asarray(indices)
-        if indices is None and max_examples is not None and max_examples < n:
-            idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_examples])
-        idx = sorted(idx, key=lambda i: len(self.test.input_ids[i]))  # length-sorted: little padding
+        if max_examples is not None and max_examples < n:
+            return np.sort(np.random.default_rng(seed).permutation(n)[:max_examples])
+        return np.arange(n)
+
+    @torch.no_grad()
+    def score(self, model, indices, batch_size: int = 64) -> EvalScores:
+        """The summed loss, its count (examples or target tokens) and the predictions of ``model`` on ``indices``."""
+        idx = sorted(np.asarray(indices), key=lambda i: len(self.test.input_ids[i]))  # length-sorted: little padding
         was_training = model.training
         model.eval()
-        total_loss, total_count, preds, golds = 0.0, 0, [], []
+        scores = EvalScores()
         device = model_device(model)
         for s in range(0, len(idx), batch_size):
             batch = to_device(self.collate(self.test, idx[s : s + batch_size]), device)
@@ -110,26 +112,56 @@ class Task:
             logits = out.logits.float()
             if self.kind == "classification":
                 loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-                total_loss += loss.item()
-                total_count += len(batch["labels"])
-                preds += logits.argmax(-1).tolist()
-                golds += batch["labels"].tolist()
+                scores.count += len(batch["labels"])
+                scores.preds += logits.argmax(-1).tolist()
+                scores.golds += batch["labels"].tolist()
             else:
                 shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
                 loss = torch.nn.functional.cross_entropy(
                     shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                     ignore_index=IGNORE, reduction="sum")
-                total_loss += loss.item()
-                total_count += int((shift_labels != IGNORE).sum())
+                scores.count += int((shift_labels != IGNORE).sum())
+            scores.loss_sum += loss.item()
+            scores.examples += len(batch["input_ids"])
         model.train(was_training)
-        mean_loss = total_loss / max(total_count, 1)
+        return scores
+
+    def metrics(self, scores: EvalScores) -> dict[str, float]:
+        mean_loss = scores.loss_sum / max(scores.count, 1)
         if self.kind == "classification":
-            return {"accuracy": accuracy(preds, golds), "macro_f1": macro_f1(preds, golds, self.num_labels),
-                    "loss": mean_loss, "eval_examples": len(idx)}
-        out = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "eval_examples": len(idx)}
-        for extra in self.extra_evals:
-            out.update(extra(model))
+            return {"accuracy": accuracy(scores.preds, scores.golds),
+                    "macro_f1": macro_f1(scores.preds, scores.golds, self.num_labels), "loss": mean_loss,
+                    "eval_examples": scores.examples}
+        return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "eval_examples": scores.examples}
+
+    def evaluate(self, model, batch_size: int = 64, max_examples: int | None = None, seed: int = 0,
+                 indices=None) -> dict[str, float]:
+        """On the test set, a fixed random subset of ``max_examples`` of it, or the test ``indices`` given."""
+        idx = self.eval_indices(max_examples, seed) if indices is None else indices
+        out = self.metrics(self.score(model, idx, batch_size))
+        if self.kind != "classification":
+            for extra in self.extra_evals:
+                out.update(extra(model))
         return out
+
+
+@dataclass
+class EvalScores:
+    """What evaluations of one or several models add up to: pooled, they give one set of metrics."""
+
+    loss_sum: float = 0.0
+    count: int = 0  # examples (classification) or target tokens (causal LM): the loss's denominator
+    examples: int = 0
+    preds: list[int] = field(default_factory=list)
+    golds: list[int] = field(default_factory=list)
+
+    def __iadd__(self, other: EvalScores) -> EvalScores:
+        self.loss_sum += other.loss_sum
+        self.count += other.count
+        self.examples += other.examples
+        self.preds += other.preds
+        self.golds += other.golds
+        return self
 
 
 def model_device(model) -> torch.device:
