@@ -131,3 +131,15 @@ def test_client_level_dp_refuses_the_gradient_initialisation(tiny_cfg):
                                         "privacy.clip=1.0"])
     with pytest.raises(ConfigError, match="init: random"):
         METHODS["fedsb"].adjust_config(cfg)
+
+
+def test_a_client_whose_reply_was_lost_gets_the_basis_again(tiny_cfg, tmp_path):
+    cfg, rt, server, client = server_and_client(tiny_cfg + ["method=fedsb"])
+    store = ClientStateStore(tmp_path / "store")
+    play_round(cfg, rt, server, client, 1, store)  # the gradient round: the basis exists from here
+    basis = {n for n in client.down_optional(0, 2)}
+    assert basis <= set(server.configure(2, [0, 1])[0].tensors)
+    reply = client.fit(ClientContext(1, 2, rt.parts[1], store, 1), server.configure(2, [1])[1])
+    server.aggregate(2, {1: reply})  # client 0's reply never arrived
+    again = server.configure(3, [0, 1])
+    assert basis <= set(again[0].tensors) and not basis & set(again[1].tensors)

@@ -191,7 +191,6 @@ class FedSB(FedIT):
             if cid not in self.has_basis:  # the basis goes once to each client, counted then
                 with_basis = with_basis or Message(self.global_ | get_basis(self.rt.model), plain.meta)
                 out[cid] = with_basis
-                self.has_basis.add(cid)
             else:
                 out[cid] = plain
         return out
@@ -210,6 +209,8 @@ class FedSB(FedIT):
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         if not self.gradient_round(rnd):
+            # a client holds the basis once it has replied: one whose message or reply was lost gets it again
+            self.has_basis |= set(replies)
             return super().aggregate(rnd, replies)
         examples = sum(reply_weight(r) for r in replies.values())
         latent = {}
