@@ -198,7 +198,6 @@ class CgFedLLM(Method):
             if self.phase(rnd) == "faf" and cid not in self.has_encoder:  # shipped once, counted then
                 with_encoder = with_encoder or Message(self.global_ | self.encoder_state(), plain.meta)
                 out[cid] = with_encoder
-                self.has_encoder.add(cid)
             else:
                 out[cid] = plain
         return out
@@ -234,6 +233,8 @@ class CgFedLLM(Method):
             return metrics
         if self.calibrates(rnd):
             return self._calibrate(rnd, replies)
+        # a client holds the encoder once it has replied in FAF: one whose message or reply was lost gets it again
+        self.has_encoder |= set(replies)
         rebuilt, diag = {}, []
         for cid, r in replies.items():
             scale = r.meta.get("scale")
