@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from helpers import assert_resume_is_exact
+from helpers import assert_resume_is_exact, play_round, server_and_client
 
 from fedzip.cli import main
 from fedzip.config import load_config
@@ -136,3 +136,17 @@ def test_a_bare_yaml_off_turns_the_gate_off(tiny_cfg):
     from fedzip.methods.cgfedllm import CgOptions
 
     assert CgOptions.model_validate(cfg.method_options).ae_gate == "off"
+
+
+def test_a_client_whose_faf_reply_was_lost_gets_the_encoder_again(tiny_cfg, tmp_path):
+    from fedzip.engine.state import ClientStateStore
+
+    cfg, rt, server, client = server_and_client(tiny_cfg + ["method=cgfedllm", "lora.train_head=false", "method_options="
+                                                             "{tgap_rounds: 2, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"])
+    store = ClientStateStore(tmp_path / "store")
+    for rnd in (1, 2):  # TGAP: dense uploads, then the autoencoder trains
+        play_round(cfg, rt, server, client, rnd, store)
+    encoder = set(client.down_optional(0, 3))
+    play_round(cfg, rt, server, client, 3, store, cids=[0, 1], lost=[0])  # both got the encoder; 0's reply was lost
+    again = server.configure(4, [0, 1])
+    assert encoder and encoder <= set(again[0].tensors) and not encoder & set(again[1].tensors)

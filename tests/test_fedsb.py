@@ -4,31 +4,17 @@ import json
 
 import pytest
 import torch
-from helpers import server_and_client
+from helpers import play_round, server_and_client
 
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
 from fedzip.engine.runtime import build_runtime
-from fedzip.engine.simulation import sample_clients
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError
-from fedzip.methods import METHODS, ClientContext
+from fedzip.methods import METHODS
 from fedzip.methods.base import reply_weight
 from fedzip.methods.fedsb import R_SUFFIX, latent_layers
-from fedzip.wire import decode, encode
-
-
-def play_round(cfg, rt, server, client, rnd, store):
-    """One round through the wire (encode, decode against the specs); returns the decoded replies."""
-    cids = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round)
-    replies = {}
-    for cid, msg in server.configure(rnd, cids).items():
-        down = decode(encode(msg, "fp32"), client.down_spec(cid, rnd), require_all=False)
-        ctx = ClientContext(cid=cid, round=rnd, indices=rt.parts[cid], store=store, seed=cfg.seed * 1000 + cid)
-        replies[cid] = decode(encode(client.fit(ctx, down), "fp32"), server.up_spec(cid, rnd))
-    server.aggregate(rnd, replies)
-    return replies
 
 
 def delta_weights(server) -> dict[str, torch.Tensor]:
@@ -137,9 +123,8 @@ def test_a_client_whose_reply_was_lost_gets_the_basis_again(tiny_cfg, tmp_path):
     cfg, rt, server, client = server_and_client(tiny_cfg + ["method=fedsb"])
     store = ClientStateStore(tmp_path / "store")
     play_round(cfg, rt, server, client, 1, store)  # the gradient round: the basis exists from here
-    basis = {n for n in client.down_optional(0, 2)}
+    basis = set(client.down_optional(0, 2))
     assert basis <= set(server.configure(2, [0, 1])[0].tensors)
-    reply = client.fit(ClientContext(1, 2, rt.parts[1], store, 1), server.configure(2, [1])[1])
-    server.aggregate(2, {1: reply})  # client 0's reply never arrived
+    play_round(cfg, rt, server, client, 2, store, cids=[0, 1], lost=[0])  # client 0's reply never arrived
     again = server.configure(3, [0, 1])
     assert basis <= set(again[0].tensors) and not basis & set(again[1].tensors)
