@@ -11,6 +11,7 @@ from fedzip.config import load_config
 from fedzip.deploy.local import LocalFederation
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
+from fedzip.errors import FedzipError
 
 
 def server_and_client(overrides: list[str]):
@@ -87,7 +88,18 @@ def flower_run(fed: LocalFederation, overrides, out: Path, resume=False, timeout
             assert time.time() < end, f"Flower run timed out; logs in {fed.home}"
             time.sleep(0.5)
         return
-    assert fed.wait_for_run(proc, out, end), (fed.home / "flwr-run.log").read_text()[-3000:]
+    try:
+        ended = fed.wait_for_run(proc, out, end)
+    except FedzipError as exc:
+        raise AssertionError(f"{exc}\n{flower_logs(fed)}") from None
+    assert ended, flower_logs(fed)
+
+
+def flower_logs(fed: LocalFederation, tail: int = 1500) -> str:
+    """The end of every log of a local federation (CLI, SuperLink, SuperNodes, node workers): what a failed
+    Flower test shows, since its temporary folder is gone by the time anyone reads the CI output."""
+    logs = sorted(fed.home.glob("*.log")) + sorted(fed.home.glob("node*-state/worker.log"))
+    return "\n".join(f"--- {p.relative_to(fed.home)}\n{p.read_text(errors='replace')[-tail:]}" for p in logs)
 
 
 def node_wire(fed: LocalFederation) -> dict[tuple[int, int], tuple[int, int]]:

@@ -6,6 +6,7 @@ say they received and sent.
 """
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from helpers import assert_same_adapter, flower_run, node_file, simulate
 from fedzip.deploy.credentials import make_credentials
 from fedzip.deploy.local import LocalFederation
 from fedzip.engine.ledger import read_ledger
+from fedzip.errors import FedzipError
 
 pytestmark = pytest.mark.deploy
 
@@ -158,3 +160,19 @@ def test_nodes_with_their_own_data_train_only_on_their_own_files(tmp_path, tiny_
         assert sorted(seen) == ["0", "1", "2", "3"]
         assert seen["0"] + seen["2"] == 40 and seen["1"] + seen["3"] == 70
     assert "on their SuperNodes" in (out / "partition.json").read_text()
+
+
+def test_waiting_for_a_run_ends_when_its_summary_is_written_even_if_the_cli_stream_stays_open(tmp_path):
+    # no federation needed: a CLI that never exits, and a run folder whose ServerApp has finished
+    fed = LocalFederation(tmp_path / "home", nodes=1)
+    cli = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        with pytest.raises(FedzipError, match="still streaming, 0 ServerApp process.*summary not written"):
+            fed.wait_for_run(cli, out, deadline=time.time() + 1.0, grace_s=0.2)
+        (out / "summary.json").write_text("{}")
+        assert fed.wait_for_run(cli, out, deadline=time.time() + 30.0, grace_s=0.2)
+    finally:
+        cli.kill()
+        cli.wait()

@@ -167,14 +167,21 @@ class LocalFederation:
 
         ``flwr run --stream`` can lose its log stream and exit while the run goes on in the SuperLink (seen
         on a loaded machine), so after the CLI exits without a summary we wait for the ServerApp: up to
-        ``grace_s`` for it to start, then for as long as it runs."""
+        ``grace_s`` for it to start, then for as long as it runs. The stream can also stay open after the run
+        has ended, so a summary written by a ServerApp that has since exited ends the wait as well."""
         def check_deadline():
             if deadline is not None and time.time() > deadline:
-                raise FedzipError(f"the run did not finish in time; logs in {self.home}")
+                raise FedzipError(f"the run did not finish in time ({self.diagnosis(run, out)}); "
+                                  f"logs in {self.home}")
 
+        ended_since = None
         while run.poll() is None:
             if tick is not None:
                 tick()
+            if (out / "summary.json").exists() and not self.serverapp_pids():
+                ended_since = ended_since or time.time()
+                if time.time() - ended_since > grace_s:  # the ServerApp is gone; only the CLI's stream is left
+                    return True
             check_deadline()
             time.sleep(0.5)
         started_waiting = time.time()
@@ -184,6 +191,13 @@ class LocalFederation:
             check_deadline()
             time.sleep(0.5)
         return True
+
+    def diagnosis(self, run: subprocess.Popen, out: Path) -> str:
+        """Where a run that is taking too long stands, for the error that reports it."""
+        return (f"flwr run {'still streaming' if run.poll() is None else 'exited'}, "
+                f"{len(self.serverapp_pids())} ServerApp process(es) alive, "
+                f"summary {'written' if (out / 'summary.json').exists() else 'not written'}, "
+                f"ledger lines {_count_lines(out / 'ledger.jsonl')}")
 
     def state_dir(self, i: int) -> Path:
         own = {**self.node_config, **self.per_node.get(i, {})}
@@ -267,6 +281,13 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
         raise FedzipError(f"the Flower run ended without a summary in {out}; see {home}/flwr-run.log "
                           "(an interrupted run continues with --resume)")
     return out
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except OSError:
+        return 0
 
 
 def _echo_new(log: Path, shown: int) -> int:
