@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["rounds=1", "num_clients=4", "clients_per_round=2", "train.max_steps=1", "data.max_train_examples=96",
          "data.max_test_examples=24", "eval.max_examples=24", "eval.exact_match_examples=0",
-         "eval.ceval_max_per_subject=1"]
+         "eval.ceval=false"]  # C-Eval in a real run: tests/test_ceval.py
 
 
 def readme_commands() -> list[list[str]]:
@@ -40,7 +40,7 @@ def readme_commands() -> list[list[str]]:
 # The methods' own long phases, shortened the same way (the server's emulator alignment, the autoencoder; a
 # one-epoch autoencoder cannot pass CG-FedLLM's quality gate, so the shortened run only warns).
 SMALL_METHOD = {"fedbiot": ["method_options.prealign_steps=1", "method_options.align_steps=1",
-                            "method_options.public_max_examples=8"],
+                            "method_options.public_max_examples=8", "method_options.public_eval_examples=8"],
                 "cgfedllm": ["rounds=2", "method_options.tgap_rounds=1", "method_options.ae_epochs=1",
                              "method_options.ae_gate=warn"]}
 

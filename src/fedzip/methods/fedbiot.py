@@ -71,6 +71,8 @@ class FedBiOTOptions(BaseModel):
     public_data: str | None = Field(None, description="Alpaca-format JSON for alignment; default "
                                     "<data root>/instruct/alpaca_en_demo.json")
     public_max_examples: int | None = Field(512, ge=1)
+    public_eval_examples: int | None = Field(None, ge=1, description="held-out public examples behind the "
+                                             "pre-alignment report and gate (default: all, about 50)")
 
 
 @register_method
@@ -222,7 +224,7 @@ class FedBiOT(Method):
         public, ev = self._public(), self.cfg.eval
         frozen = contextlib.nullcontext(self.rt.model) if not emulated else self.client_view()
         with frozen as m:
-            return public.evaluate(m, ev.batch_size, None, seed=self.cfg.seed)["loss"]
+            return public.evaluate(m, ev.batch_size, self.opts.public_eval_examples, seed=self.cfg.seed)["loss"]
 
     def prealign(self) -> dict:
         """Align before round 1: ``prealign_steps`` at most, fewer once the quality gate holds.
