@@ -194,21 +194,23 @@ def cg_verdict(records: list[dict], board: dict, label: str = "cgfedllm_linear16
             f"{compared['topk_up_1_16']}.")
 
 
-def equal_bytes_table(records: list[dict], label: str, others: list[str]) -> list[str]:
-    """Accuracy of each row of ``others`` with the bytes ``label`` spent on its whole run, seed by seed."""
+def equal_bytes_table(records: list[dict], labels: list[str], others: list[str]) -> list[str]:
+    """Accuracy of each row of ``others`` with the bytes each row of ``labels`` spent on its whole run, seed by
+    seed: whether a method is ahead per byte even where it does not reach the reference's target."""
     by = {(r["label"], r["seed"]): r for r in records}
-    lines = [f"| seed | {label} MB (whole run) | {label} | " + " | ".join(f"{o} at the same MB" for o in others) + " |",
-             "|---|---|---|" + "---|" * len(others)]
-    for (lab, seed), r in sorted(by.items()):
-        if lab != label:
-            continue
-        budget = r["bytes_up_total"] + r["bytes_down_total"]
-        own = smoothed(fixed_subset_curve(r["curve"], "accuracy"))[-1][1]
-        cells = []
-        for o in others:
-            value = smoothed_at_bytes(by[(o, seed)], budget) if (o, seed) in by else None
-            cells.append("-" if (o, seed) not in by else "not evaluated yet" if value is None else f"{value:.3f}")
-        lines.append(f"| {seed} | {budget / 1e6:.1f} | {own:.3f} | " + " | ".join(cells) + " |")
+    lines = ["| row | seed | MB (whole run, up + down) | its smoothed accuracy | " +
+             " | ".join(f"{o} at the same MB" for o in others) + " |", "|---|---|---|---|" + "---|" * len(others)]
+    for label in labels:
+        for (lab, seed), r in sorted(by.items()):
+            if lab != label:
+                continue
+            budget = r["bytes_up_total"] + r["bytes_down_total"]
+            own = smoothed(fixed_subset_curve(r["curve"], "accuracy"))[-1][1]
+            cells = []
+            for o in others:
+                value = smoothed_at_bytes(by[(o, seed)], budget) if (o, seed) in by else None
+                cells.append("-" if (o, seed) not in by else "not evaluated yet" if value is None else f"{value:.3f}")
+            lines.append(f"| {label} | {seed} | {budget / 1e6:.1f} | {own:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -269,10 +271,13 @@ def write_board() -> None:
         lines += [*leaderboard_markdown(board), "", *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""]
         if name == "flasc":
             lines += flasc_verdicts(board)
+            lines += ["### Accuracy at equal total bytes", "", "Smoothed accuracy (fixed subset) of each FLASC run at "
+                      "the end, beside fedit_al's at the same number of bytes (up + down), seed by seed:", "",
+                      *equal_bytes_table(records, [r["label"] for r in board["rows"][1:]], ["fedit_al"]), ""]
     if any(r["label"] == "cgfedllm_linear16_gated" for r in cg_records):
         lines += ["### Accuracy at equal total bytes", "", "Smoothed accuracy (fixed subset) of FedIT and of uplink "
                   "top-k at the whole-run bytes of CG-FedLLM, seed by seed:", "",
-                  *equal_bytes_table(cg_records, "cgfedllm_linear16_gated", ["fedit", "topk_up_1_16"]), ""]
+                  *equal_bytes_table(cg_records, ["cgfedllm_linear16_gated"], ["fedit", "topk_up_1_16"]), ""]
         if "cgfedllm" in boards:
             lines += ["**Verdict.** " + cg_verdict(cg_records, boards["cgfedllm"]), ""]
         gates = [r for r in cg_records if r.get("autoencoder_gate")]
