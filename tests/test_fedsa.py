@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import server_and_client
+from safetensors.torch import load_file
 
 from fedzip.config import load_config
 from fedzip.data.partition import client_test_indices
@@ -70,6 +71,21 @@ def test_personalised_evaluation_judges_client_models(tiny_cfg, tmp_path):
     assert last["accuracy_of"] == "client_models" and len(last["personal_clients"]) == 3
     assert last["personal_examples"] == 36 and 0 <= last["personal_accuracy_min"] <= last["personal_accuracy"] <= 1
     assert summary["final_metrics"]["accuracy"] == last["accuracy"]
+    # the global adapter is no client's model (B at zero); each evaluated client's own is exported beside it
+    run = tmp_path / "fedsa"
+    shared = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(t.abs().max() == 0 for k, t in shared.items() if "lora_B" in k)
+    trained = 0
+    for cid in last["personal_clients"]:
+        mine = load_file(str(run / "personal" / f"client_{cid}" / "adapter_model.safetensors"))
+        kept = {"base_model.model." + k[len("own::"):]: t for k, t in ClientStateStore(run / "client_state").load(cid)
+                .items() if k.startswith("own::")}  # the store names tensors as the trainable view does
+        b_keys = [k for k in mine if "lora_B" in k]
+        # its own B as it kept it; LoRA's zero init for a client not yet sampled
+        assert b_keys and all(torch.equal(mine[k], kept.get(k, torch.zeros_like(mine[k]))) for k in b_keys)
+        trained += bool(kept)
+        assert all(torch.equal(mine[k], shared[k]) for k in mine if "lora_A" in k)  # the shared A
+    assert trained >= 1
     # a method with one global model keeps its global accuracy and gets the personal one beside it
     fedit = tiny_cfg + ["method=fedit", "rounds=2", "eval.personal_clients=3", "eval.personal_examples=12"]
     run_experiment(load_config(None, fedit), tmp_path / "fedit", progress=False)

@@ -123,6 +123,14 @@ class PersonalEvaluation:
             row |= task.metrics(pooled) | {"accuracy_of": "client_models"}
         return row
 
+    def export(self, out: Path) -> None:
+        """The evaluated clients' own models at the end, each a peft adapter: ``personal/client_<cid>``."""
+        glob = self.method.global_tensors()
+        for cid in self.cids:
+            self.rt.view.set(self.exchange.method.personal_tensors(cid, self.exchange.store, glob))
+            save_adapter(self.rt.model, out / "personal" / f"client_{cid}")
+        self.rt.view.set(glob)
+
 
 def recover_checkpoint(out: Path) -> None:
     """A crash in the middle of swapping checkpoints leaves a complete one under another name."""
@@ -280,6 +288,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
 
     rt.view.set(method.global_tensors())
     export_model(rt.model, method_cls, out)
+    if personal is not None and method_cls.personalised and method_cls.uses_lora:
+        personal.export(out)  # adapter/ is no client's model: what only the clients keep is at its initial value
+        log.info("%s: adapter/ holds the shared tensors only; the evaluated clients' own models are in %s",
+                 cfg.method, out / "personal")
     summary = write_summary(cfg, out, elapsed_before + time.time() - t_start, device_name(rt.model))
     return {**summary, "run_dir": str(out)}
 
