@@ -73,6 +73,21 @@ def test_the_compressed_model_is_the_full_models_layers_and_clients_never_load_t
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_client_whose_first_message_or_reply_was_lost_gets_the_compressed_model_again(biot_cfg, tmp_path):
+    cfg, server, client = _server(biot_cfg)
+    first = server.configure(1, [0, 1])
+    assert all(k in first[c].tensors for c in (0, 1) for k in server.base)
+    received, ctx = _send(server, client, 1, 1, tmp_path)  # only client 1's reply arrives (0's message was lost)
+    server.aggregate(1, {1: decode(encode(client.fit(ctx, received), "fp32"), server.up_spec(1, 1))})
+    again = server.configure(2, [0, 1])
+    assert all(k in again[0].tensors for k in server.base) and not any(k in again[1].tensors for k in server.base)
+    state = server.server_state()
+    restored = type(server)(cfg, server.rt)
+    restored.init_global()
+    restored.load_server_state(state)  # and so after a resume
+    assert set(restored.configure(2, [0, 1])[0].tensors) == set(again[0].tensors)
+
+
 def test_client_training_changes_only_the_adapters_lora(biot_cfg, tmp_path):
     cfg, server, client = _server(biot_cfg)
     received, ctx = _send(server, client, 1, 1, tmp_path)

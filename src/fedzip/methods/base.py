@@ -8,7 +8,7 @@ and decode them on the other side; methods never see bytes and engines never see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -145,6 +145,39 @@ class Method:
         """Client side, for evaluation: client ``cid``'s own model given the global tensors (default: the global
         model itself; a personalised method adds what the client keeps in its ``store``)."""
         return dict(global_tensors)
+
+
+class OneTimePayload:
+    """Which clients hold something the server sends once per client (a compressed model, a codec, a basis).
+
+    A client holds it once it has replied to a message sent while it lacked it: a client whose message or
+    reply was lost gets it again with its next message, and that send is counted again."""
+
+    def __init__(self, holders=()):
+        self.holders: set[int] = set(holders)
+
+    def messages(self, cids: list[int], plain: Message, with_payload: Callable[[], Message]) -> dict[int, Message]:
+        """``plain`` for holders, the payload's message (built once, only if someone needs it) for the others."""
+        built = None
+        out = {}
+        for cid in cids:
+            if cid in self.holders:
+                out[cid] = plain
+            else:
+                built = built or with_payload()
+                out[cid] = built
+        return out
+
+    def replied(self, cids) -> None:
+        self.holders |= set(cids)
+
+    def reset(self) -> None:
+        """Every client needs it again (the payload changed)."""
+        self.holders = set()
+
+    def fact(self) -> list[int]:
+        """For the server state (JSON)."""
+        return sorted(self.holders)
 
 
 def one_client(cfg):

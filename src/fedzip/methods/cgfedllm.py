@@ -47,7 +47,7 @@ from fedzip.methods.autoencoder import (
     to_map,
     train_autoencoder,
 )
-from fedzip.methods.base import ClientContext, Method, weighted_average
+from fedzip.methods.base import ClientContext, Method, OneTimePayload, weighted_average
 from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
 from fedzip.models.lora import is_lora
@@ -162,7 +162,7 @@ class CgFedLLM(Method):
         self.global_ = self.rt.view.get()
         self.maps: list[torch.Tensor] = []
         self.ae_trained = False
-        self.has_encoder: set[int] = set()
+        self.has_encoder = OneTimePayload()
         if self.opts.autoencoder_path:
             try:
                 self.ae.load_state_dict(load_file(self.opts.autoencoder_path))
@@ -171,7 +171,7 @@ class CgFedLLM(Method):
             self.ae_trained = True
 
     def server_state(self) -> ServerState:
-        state = ServerState({"global": dict(self.global_)}, {"has_encoder": sorted(self.has_encoder)})
+        state = ServerState({"global": dict(self.global_)}, {"has_encoder": self.has_encoder.fact()})
         if self.maps:
             state.tensors["tgap"] = {"maps": torch.stack(self.maps)}
         if self.ae_trained:
@@ -180,7 +180,7 @@ class CgFedLLM(Method):
 
     def load_server_state(self, state: ServerState) -> None:
         self.global_ = {n: state.group("global")[n].clone() for n in self.global_}
-        self.has_encoder = set(state.facts["has_encoder"])
+        self.has_encoder = OneTimePayload(state.facts["has_encoder"])
         self.maps = list(state.group("tgap")["maps"]) if state.group("tgap") else []
         if state.group("autoencoder"):
             ref = self.ae.state_dict()
@@ -192,15 +192,10 @@ class CgFedLLM(Method):
 
     def configure(self, rnd: int, cids: list[int]) -> dict[int, Message]:
         plain = Message(self.global_, {"round": rnd, "phase": self.phase(rnd), "calibrate": self.calibrates(rnd)})
-        with_encoder = None
-        out = {}
-        for cid in cids:
-            if self.phase(rnd) == "faf" and cid not in self.has_encoder:  # shipped once, counted then
-                with_encoder = with_encoder or Message(self.global_ | self.encoder_state(), plain.meta)
-                out[cid] = with_encoder
-            else:
-                out[cid] = plain
-        return out
+        if self.phase(rnd) != "faf":
+            return dict.fromkeys(cids, plain)
+        # the encoder is shipped once, counted then
+        return self.has_encoder.messages(cids, plain, lambda: Message(self.global_ | self.encoder_state(), plain.meta))
 
     def down_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         shapes = self.rt.view.shapes()
@@ -234,7 +229,7 @@ class CgFedLLM(Method):
         if self.calibrates(rnd):
             return self._calibrate(rnd, replies)
         # a client holds the encoder once it has replied in FAF: one whose message or reply was lost gets it again
-        self.has_encoder |= set(replies)
+        self.has_encoder.replied(replies)
         rebuilt, diag = {}, []
         for cid, r in replies.items():
             scale = r.meta.get("scale")
@@ -324,7 +319,7 @@ class CgFedLLM(Method):
         self.global_ = weighted_average(rebuilt, list(self.global_))
         log = train_autoencoder(self.ae, maps, self.opts.online_epochs, self.opts.ae_lr, self.opts.ae_batch,
                                 self.cfg.seed + rnd, device=model_device(self.rt.model))
-        self.has_encoder = set()  # every client gets the refreshed encoder with its next message
+        self.has_encoder.reset()  # every client gets the refreshed encoder with its next message
         return {"online_loss_first": log.train_loss[0], "online_loss_last": log.train_loss[-1]}
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:

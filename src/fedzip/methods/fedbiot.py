@@ -34,7 +34,7 @@ from torch import nn
 
 from fedzip.data.task import model_device, to_device
 from fedzip.errors import ConfigError, PayloadError
-from fedzip.methods.base import ClientContext, Method, one_client, weighted_average
+from fedzip.methods.base import ClientContext, Method, OneTimePayload, one_client, weighted_average
 from fedzip.methods.state import ServerState
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
@@ -143,7 +143,7 @@ class FedBiOT(Method):
             # (on the CPU: a message is made of CPU tensors; no copy when the model is on the CPU already)
             self.base = {BASE + n: t.detach().cpu() for n, t in _untied_state(m).items() if "lora_" not in n}
         self.adapter_names, self.emulator_names = roles(self.params, self._layer_attr, self.split)
-        self.sent_model: set[int] = set()
+        self.has_model = OneTimePayload()
         self.align_calls = 0
         emu = [self.params[n] for n in self.emulator_names]
         self.align_opt = torch.optim.AdamW(emu, lr=self.opts.align_lr) if emu else None
@@ -153,7 +153,7 @@ class FedBiOT(Method):
 
     def server_state(self) -> ServerState:
         state = ServerState({"params": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}},
-                            {"sent_model": sorted(self.sent_model), "align_calls": self.align_calls})
+                            {"sent_model": self.has_model.fact(), "align_calls": self.align_calls})
         if self.align_opt is not None:
             state.tensors["align_optimizer"] = optimizer_state_to_tensors(self.align_opt, self.emulator_names)
         return state
@@ -162,7 +162,7 @@ class FedBiOT(Method):
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(state.group("params")[n])
-        self.sent_model = set(state.facts["sent_model"])
+        self.has_model = OneTimePayload(state.facts["sent_model"])
         self.align_calls = int(state.facts["align_calls"])
         if self.align_opt is not None:
             load_optimizer_state(self.align_opt, self.emulator_names, state.group("align_optimizer"))
@@ -176,23 +176,18 @@ class FedBiOT(Method):
         per_round = self.adapter_names + (self.emulator_names if self.aligns else [])
         lora = {n: self.params[n].detach().to("cpu", copy=True) for n in per_round}
         plain = Message(lora, {"round": rnd})
-        first = None
-        out = {}
-        for cid in cids:
-            if cid in self.sent_model:
-                out[cid] = plain
-            else:  # the compressed model, once per client, counted in this message's bytes
-                if first is None:
-                    emulator = {n: self.params[n].detach().to("cpu", copy=True) for n in self.emulator_names}
-                    first = Message(lora | emulator | self.base, plain.meta, ledger_tag="update+compressed_model")
-                out[cid] = first
-                self.sent_model.add(cid)
-        return out
+
+        def with_model() -> Message:  # the compressed model, once per client, counted in this message's bytes
+            emulator = {n: self.params[n].detach().to("cpu", copy=True) for n in self.emulator_names}
+            return Message(lora | emulator | self.base, plain.meta, ledger_tag="update+compressed_model")
+
+        return self.has_model.messages(cids, plain, with_model)
 
     def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self.params[n].shape) for n in self.adapter_names}
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        self.has_model.replied(replies)  # a client whose first message or reply was lost gets the model again
         avg = weighted_average(replies, self.adapter_names)
         with torch.no_grad():
             for n, t in avg.items():

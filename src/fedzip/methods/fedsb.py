@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from fedzip.data.task import model_device, to_device
 from fedzip.errors import ConfigError, PayloadError
-from fedzip.methods.base import ClientContext, reply_weight
+from fedzip.methods.base import ClientContext, OneTimePayload, reply_weight
 from fedzip.methods.fedit import FedIT
 from fedzip.methods.state import ServerState
 from fedzip.models.lora import canonical
@@ -162,14 +162,14 @@ class FedSB(FedIT):
     def init_global(self) -> None:
         super().init_global()
         self.basis_ready = self.opts.init == "random"  # a random basis is built from the seed on every side
-        self.has_basis: set[int] = set()
+        self.has_basis = OneTimePayload()
 
     def gradient_round(self, rnd: int) -> bool:
         return self.opts.init == "gradient" and rnd == 1
 
     def server_state(self) -> ServerState:
         state = super().server_state()
-        state.facts |= {"basis_ready": self.basis_ready, "has_basis": sorted(self.has_basis)}
+        state.facts |= {"basis_ready": self.basis_ready, "has_basis": self.has_basis.fact()}
         if self.basis_ready and self.opts.init == "gradient":
             state.tensors["basis"] = get_basis(self.rt.model)
         return state
@@ -177,7 +177,7 @@ class FedSB(FedIT):
     def load_server_state(self, state: ServerState) -> None:
         super().load_server_state(state)
         self.basis_ready = bool(state.facts["basis_ready"])
-        self.has_basis = set(state.facts["has_basis"])
+        self.has_basis = OneTimePayload(state.facts["has_basis"])
         if state.group("basis"):
             set_basis(self.rt.model, state.group("basis"))
 
@@ -186,14 +186,8 @@ class FedSB(FedIT):
                                                     "train", **self.clip_bound.meta()})
         if self.opts.init == "random" or self.gradient_round(rnd):
             return {cid: plain for cid in cids}
-        with_basis, out = None, {}
-        for cid in cids:
-            if cid not in self.has_basis:  # the basis goes once to each client, counted then
-                with_basis = with_basis or Message(self.global_ | get_basis(self.rt.model), plain.meta)
-                out[cid] = with_basis
-            else:
-                out[cid] = plain
-        return out
+        # the basis goes once to each client, counted then
+        return self.has_basis.messages(cids, plain, lambda: Message(self.global_ | get_basis(self.rt.model), plain.meta))
 
     def up_spec(self, cid: int, rnd: int) -> dict[str, tuple[int, ...]]:
         if self.gradient_round(rnd):
@@ -210,7 +204,7 @@ class FedSB(FedIT):
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         if not self.gradient_round(rnd):
             # a client holds the basis once it has replied: one whose message or reply was lost gets it again
-            self.has_basis |= set(replies)
+            self.has_basis.replied(replies)
             return super().aggregate(rnd, replies)
         examples = sum(reply_weight(r) for r in replies.values())
         latent = {}
