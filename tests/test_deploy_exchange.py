@@ -25,39 +25,49 @@ class FakeGrid:
 
     def __init__(self, answer):
         self.answer, self.sent, self.train_messages = answer, [], 0
+        self.replies, self.pulls, self.late = {}, 0, 0
 
     def get_node_ids(self):
         return [11, 12]
 
-    def send_and_receive(self, messages, timeout=None):
-        out = []
+    def push_messages(self, messages):
+        ids = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id  # as a real push does
-            node = m.metadata.dst_node_id
-            TaskIdentity.node_id = node
-            if m.metadata.message_type == "query":
-                out.append(Message(RecordDict({RECORD: ConfigRecord({"clients": [0, 2] if node == 11 else [1, 3]})}),
-                                   reply_to=m))
-                continue
-            self.train_messages += 1
-            records, error = {}, None  # one reply per node message, one record per client in it
-            for rec in m.content.config_records.values():
-                self.sent.append((node, rec["cid"], rec["round"]))
-                got = self.answer(node, rec["cid"], rec["round"], rec["payload"])
-                if isinstance(got, Error):  # the whole node message fails
-                    error = got
-                elif got is not None:  # {record name: ConfigRecord}; None: the client is left out
-                    records |= got
-            if error is not None:
-                out.append(Message(error, reply_to=m))
-            elif records:
-                out.append(Message(RecordDict(records), reply_to=m))
-        return out
+            ids.append(m.object_id)
+            reply = self.reply_to(m)
+            if reply is not None:
+                self.replies[m.object_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        """A reply is there from the ``late``-th ask on (as a node that is still training)."""
+        self.pulls += 1
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies and self.pulls > self.late]
+
+    def reply_to(self, m):
+        node = m.metadata.dst_node_id
+        TaskIdentity.node_id = node
+        if m.metadata.message_type == "query":
+            return Message(RecordDict({RECORD: ConfigRecord({"clients": [0, 2] if node == 11 else [1, 3]})}), reply_to=m)
+        self.train_messages += 1
+        records, error = {}, None  # one reply per node message, one record per client in it
+        for rec in m.content.config_records.values():
+            self.sent.append((node, rec["cid"], rec["round"]))
+            got = self.answer(node, rec["cid"], rec["round"], rec["payload"])
+            if isinstance(got, Error):  # the whole node message fails
+                error = got
+            elif got is not None:  # {record name: ConfigRecord}; None: the client is left out
+                records |= got
+        if error is not None:
+            return Message(error, reply_to=m)
+        return Message(RecordDict(records), reply_to=m) if records else None
 
 
 def cfg(**deploy):
     return ExperimentConfig(num_clients=4, clients_per_round=4, wire={"max_payload_bytes": 64},
-                            deploy={"min_reply_fraction": 0.25, "max_round_retries": 0, **deploy})
+                            deploy={"min_reply_fraction": 0.25, "max_round_retries": 0, "round_timeout_s": 0.5,
+                                    "reply_poll_s": 0.01, **deploy})
 
 
 def record(name_cid, **fields):
@@ -77,6 +87,22 @@ def test_replies_reach_the_engine_and_nodes_get_their_own_clients():
     assert replies == {c: b"reply-" + bytes([c]) for c in range(4)} and failures == {}
     assert sorted(grid.sent) == [(11, 0, 3), (11, 2, 3), (12, 1, 3), (12, 3, 3)]
     assert grid.train_messages == 2  # one message per node and round, with each of its clients' payloads
+
+
+def test_the_server_asks_for_replies_every_reply_poll_s_until_they_come_or_the_round_times_out():
+    grid = FakeGrid(ok)
+    ex = FlowerExchange(grid, cfg(reply_poll_s=0.05), retry_pause_s=0)
+    ex.refresh_nodes()
+    grid.late, grid.pulls = 4, 0  # the replies are there from the 5th ask on
+    start = time.time()
+    replies, failures, _ = ex(1, {c: bytes([c]) for c in range(4)}, {"compute_s": 0.0})
+    assert len(replies) == 4 and not failures and grid.pulls == 5
+    assert 0.2 <= time.time() - start < 1.0  # four pauses of 0.05 s, not Flower's 3 s
+    grid.late, grid.pulls = 10**6, 0  # never: every client fails once round_timeout_s (0.5 s) is over
+    start = time.time()
+    with pytest.raises(TooFewReplies):
+        ex(2, {c: bytes([c]) for c in range(4)}, {"compute_s": 0.0})
+    assert 0.5 <= time.time() - start < 2.0 and 5 <= grid.pulls <= 12
 
 
 def test_a_round_splits_into_the_nodes_client_time_and_what_flower_adds():

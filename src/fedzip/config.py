@@ -140,6 +140,8 @@ class DeployConfig(Section):
     """Only read by deployments (Flower): in simulation every client always replies."""
 
     round_timeout_s: float = Field(600.0, gt=0, description="how long the server waits for a round's replies")
+    reply_poll_s: float = Field(0.25, gt=0, le=10, description="how often the server asks the SuperLink for "
+                                "replies (Flower's own send_and_receive asks every 3 s)")
     min_reply_fraction: float = Field(0.5, gt=0, le=1, description="share of sampled clients that must reply "
                                       "for the round to count; otherwise it is retried")
     max_round_retries: int = Field(2, ge=0, description="retries of a round with too few replies before stopping")
