@@ -118,9 +118,12 @@ def write_page(results: list[dict]) -> None:
               "\"Flower\" is the round trip less the longest chain of client work on one node. With two nodes "
               "the clients of different nodes train at the same time, which an in-process run never does, so the "
               "one-node leg is the like-for-like comparison.", "",
-              "Before the server sent one message per node and round (one per client, same machine, idle; "
-              "fedit_fp32): one node with the worker 1.34x in-process (Flower 9.2 s a round), two nodes loading the "
-              "model in every ClientApp process 1.75x (Flower 27.8 s a round).", "",
+              "Earlier measurements (same machine, idle, one node with the worker unless said): while the server "
+              "waited for replies with Flower's `send_and_receive`, which asks every 3 s, 1.20x (fedit_fp32) and "
+              "1.18x (flasc_1_16), Flower adding 4.8 and 4.4 s a round; the server now asks every "
+              "`deploy.reply_poll_s` (0.25 s). Before the server sent one message per node and round (one per "
+              "client; fedit_fp32): 1.34x (Flower 9.2 s a round), and two nodes loading the model in every "
+              "ClientApp process 1.75x (Flower 27.8 s a round).", "",
               "## Flower's byte count beside the ledger", "",
               "Flower 1.41 records each run's traffic on the SuperLink (the protobuf messages and objects to and from "
               "SuperNodes, without gRPC/HTTP framing; `flwr ls --format json`). The ledger counts fedzip's payloads. "
