@@ -81,11 +81,9 @@ def flower_run(fed: LocalFederation, overrides, out: Path, resume=False, timeout
     """Submit a run and wait for it to end (or for ``until()`` to hold, then return)."""
     proc = fed.submit("quickstart", overrides, out, resume)
     end = time.time() + timeout
-    if until is not None:
-        while proc.poll() is None:
-            if until():
-                return
-            assert time.time() < end, f"Flower run timed out; logs in {fed.home}"
+    if until is not None:  # the CLI may exit early (its log stream lost) while the run goes on: watch the run
+        while not until():
+            assert time.time() < end, f"the Flower run did not get there in time\n{flower_logs(fed)}"
             time.sleep(0.5)
         return
     try:

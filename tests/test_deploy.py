@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_adapter, flower_run, node_file, simulate
+from helpers import assert_same_adapter, flower_logs, flower_run, node_file, simulate
 
 from fedzip.deploy.credentials import make_credentials
 from fedzip.deploy.local import LocalFederation
@@ -33,12 +33,12 @@ def test_a_killed_supernode_fails_its_clients_and_rejoins_later(tmp_path, tiny_c
         fed.kill_node(0)  # hosts clients 0 and 2
         deadline = time.time() + 200
         while rounds_done() < 2:
-            assert time.time() < deadline, (fed.home / "flwr-run.log").read_text()[-3000:]
+            assert time.time() < deadline, flower_logs(fed)
             time.sleep(0.5)
         fed.start_node(0)  # comes back (as a new node id) with the same partition
         deadline = time.time() + 400
         while not (out / "summary.json").exists():
-            assert time.time() < deadline, (fed.home / "flwr-run.log").read_text()[-3000:]
+            assert time.time() < deadline, flower_logs(fed)
             time.sleep(0.5)
     ledger = read_ledger(out / "ledger.jsonl")
     failed = {(e["round"], e["client"]) for e in ledger if "status" in e}
