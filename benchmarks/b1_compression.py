@@ -210,7 +210,8 @@ def equal_bytes_table(records: list[dict], labels: list[str], others: list[str])
             cells = []
             for o in others:
                 value = smoothed_at_bytes(by[(o, seed)], budget) if (o, seed) in by else None
-                cells.append("-" if (o, seed) not in by else "not evaluated yet" if value is None else f"{value:.3f}")
+                cells.append("-" if (o, seed) not in by else "(its first evaluation needs more)" if value is None
+                             else f"{value:.3f}")
             lines.append(f"| {label} | {seed} | {budget / 1e6:.1f} | {own:.3f} | " + " | ".join(cells) + " |")
     return lines
 
