@@ -69,7 +69,7 @@ CG_LINEAR16 = f"autoencoder: linear, linear_ratio: 16, tgap_rounds: {TGAP}, ae_l
 # (label, seed) of runs whose measured compute is inflated: other work shared the cores for part of the run
 SHARED_CORES = [("fedit_al", 0), ("fedit_al", 1), ("fedit_al", 2), ("flasc_al_1_4", 0), ("flasc_al_1_16", 0),
                 ("flasc_al_1_4_int8", 0), ("flasc_al_1_16_int8", 0), ("cgfedllm_linear16_gated", 0), ("topk_up_1_16", 0),
-                ("flasc_al_1_4", 1)]
+                ("flasc_al_1_4", 1), ("flasc_al_1_16", 1), ("flasc_al_1_4_int8", 1)]
 FLASC_ROWS = {"fedit_al", "flasc_al_1_4", "flasc_al_1_16", "flasc_al_1_4_int8", "flasc_al_1_16_int8"}
 CG_ROWS = {"cgfedllm_linear16_gated", "topk_up_1_16"}
 

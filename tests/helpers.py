@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def flower_run(fed: LocalFederation, overrides, out: Path, resume=False, timeout
     """Submit a run and wait for it to end (or for ``until()`` to hold, then return)."""
     proc = fed.submit("quickstart", overrides, out, resume)
     end = time.time() + timeout
-    if until is not None:  # the CLI may exit early (its log stream lost) while the run goes on: watch the run
+    if until is not None:
         while not until():
             assert time.time() < end, f"the Flower run did not get there in time\n{flower_logs(fed)}"
             time.sleep(0.5)
@@ -94,10 +95,34 @@ def flower_run(fed: LocalFederation, overrides, out: Path, resume=False, timeout
 
 
 def flower_logs(fed: LocalFederation, tail: int = 1500) -> str:
-    """The end of every log of a local federation (CLI, SuperLink, SuperNodes, node workers): what a failed
-    Flower test shows, since its temporary folder is gone by the time anyone reads the CI output."""
+    """Every log of a local federation (CLI, SuperLink, SuperNodes, node workers, and the ServerApp's as the
+    SuperLink kept it), errors first and repeated lines collapsed: what a failed Flower test shows, since its
+    temporary folder is gone by the time anyone reads the CI output."""
+    fed.save_serverapp_log()
     logs = sorted(fed.home.glob("*.log")) + sorted(fed.home.glob("node*-state/worker.log"))
-    return "\n".join(f"--- {p.relative_to(fed.home)}\n{p.read_text(errors='replace')[-tail:]}" for p in logs)
+    return "\n".join(f"--- {p.relative_to(fed.home)}\n{condensed(p.read_text(errors='replace'), tail)}" for p in logs)
+
+
+def condensed(text: str, tail: int) -> str:
+    """A log's error lines (with the line after each), then its end, with runs of lines that differ only in
+    their numbers (Flower's connection retries) shown once with a count."""
+    lines, out = text.splitlines(), []
+    errors = [i for i, line in enumerate(lines) if re.search(r"Traceback|ERROR|Error|Killed|exited", line)]
+    if errors:
+        out += ["(error lines)"] + [lines[j] for i in errors[:10] for j in (i, i + 1) if j < len(lines)] + ["(end)"]
+    end, shape, count = [], None, 0
+    for line in lines:
+        s = re.sub(r"[0-9.]+", "#", line)
+        if s == shape:
+            count += 1
+            continue
+        if count:
+            end.append(f"    (and {count} more like it)")
+        end.append(line)
+        shape, count = s, 0
+    if count:
+        end.append(f"    (and {count} more like it)")
+    return "\n".join(out + ["\n".join(end)[-tail:]])
 
 
 def node_wire(fed: LocalFederation) -> dict[tuple[int, int], tuple[int, int]]:

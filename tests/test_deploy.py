@@ -134,9 +134,13 @@ def test_the_documented_real_machine_commands_work(tmp_path, tiny_cfg):
         run_cfg = tmp_path / "run.toml"
         run_cfg.write_text(f'config = "quickstart"\noverrides = {toml_value(";".join(tiny_cfg + ["rounds=1"]))}\n'
                            f'out = "{tmp_path / "run"}"\n')
-        res = subprocess.run(["flwr", "run", str(APP_DIR), "prod", "--stream", "--run-config", str(run_cfg)],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
-        assert (tmp_path / "run" / "summary.json").exists(), res.stdout[-2000:] + res.stderr[-2000:]
+        res = subprocess.run(["flwr", "run", str(APP_DIR), "prod", "--run-config", str(run_cfg)],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        deadline = time.time() + 400  # the run goes on in the SuperLink; it ends with its summary
+        while not (tmp_path / "run" / "summary.json").exists():
+            assert time.time() < deadline, (tmp_path / "flower.log").read_text()[-3000:]
+            time.sleep(0.5)
     finally:
         for p in procs:
             _kill(p)
@@ -162,17 +166,23 @@ def test_nodes_with_their_own_data_train_only_on_their_own_files(tmp_path, tiny_
     assert "on their SuperNodes" in (out / "partition.json").read_text()
 
 
-def test_waiting_for_a_run_ends_when_its_summary_is_written_even_if_the_cli_stream_stays_open(tmp_path):
-    # no federation needed: a CLI that never exits, and a run folder whose ServerApp has finished
+def test_waiting_for_a_run_ends_when_its_summary_is_written_and_fails_at_once_when_submitting_failed(tmp_path):
+    # no federation needed: a CLI still running, a run folder whose ServerApp has finished, and a CLI that failed
     fed = LocalFederation(tmp_path / "home", nodes=1)
+    fed.home.mkdir(parents=True)
     cli = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
         out = tmp_path / "run"
         out.mkdir()
-        with pytest.raises(FedzipError, match="still streaming, 0 ServerApp process.*summary not written"):
-            fed.wait_for_run(cli, out, deadline=time.time() + 1.0, grace_s=0.2)
+        with pytest.raises(FedzipError, match="in time .*flwr run still running, 0 ServerApp process.*summary not written"):
+            fed.wait_for_run(cli, out, deadline=time.time() + 1.0)
         (out / "summary.json").write_text("{}")
-        assert fed.wait_for_run(cli, out, deadline=time.time() + 30.0, grace_s=0.2)
+        assert fed.wait_for_run(cli, out, deadline=time.time() + 30.0)
     finally:
         cli.kill()
         cli.wait()
+    fed.cli_log.write_text("Connection to the SuperLink is unavailable.\n")
+    failed = subprocess.Popen(["false"])
+    failed.wait()
+    with pytest.raises(FedzipError, match="could not submit the run .code 1.: Connection to the SuperLink is unavail"):
+        fed.wait_for_run(failed, tmp_path / "other", deadline=time.time() + 30.0)

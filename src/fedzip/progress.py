@@ -42,15 +42,7 @@ class RunProgress:
             self._bar.advance(self._clients)
 
     def round_done(self, rnd: int, row: dict) -> None:
-        shown = {k: row[k] for k in ("accuracy", "loss", "perplexity", "epsilon") if k in row}
-        text = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
-        split = ""
-        if "flower_s" in row:  # a deployed round: where its time went
-            clients = row.get("client_compute_s") or {}
-            split = (f" (clients {sum(clients.values()):.1f}s over {len(clients)}, "
-                     f"Flower {row['flower_s']:.1f}s)")
-        msg = (f"round {rnd}/{self.total}: up {row['bytes_up'] / 1e6:.3f} MB, down {row['bytes_down'] / 1e6:.3f} MB,"
-               f" {row['round_s']:.1f}s{split} {text}")
+        msg = round_line(rnd, self.total, row)
         if self._bar:
             self._bar.advance(self._rounds)
             self._bar.console.print(msg)
@@ -60,3 +52,15 @@ class RunProgress:
     def close(self) -> None:
         if self._bar:
             self._bar.stop()
+
+
+def round_line(rnd: int, total: int, row: dict) -> str:
+    """One round's line, as a run prints it and a deployment's watcher echoes it from ``metrics.jsonl``."""
+    shown = {k: row[k] for k in ("accuracy", "loss", "perplexity", "epsilon") if k in row}
+    text = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
+    split = ""
+    if "flower_s" in row:  # a deployed round: where its time went
+        clients = row.get("client_compute_s") or {}
+        split = f" (clients {sum(clients.values()):.1f}s over {len(clients)}, Flower {row['flower_s']:.1f}s)"
+    return (f"round {rnd}/{total}: up {row['bytes_up'] / 1e6:.3f} MB, down {row['bytes_down'] / 1e6:.3f} MB,"
+            f" {row['round_s']:.1f}s{split} {text}")

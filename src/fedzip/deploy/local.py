@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from fedzip.deploy import node_worker
 from fedzip.errors import FedzipError
+from fedzip.progress import round_line
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fedzip-local"
@@ -120,9 +122,12 @@ class LocalFederation:
     def kill_node(self, i: int) -> None:
         _kill(self.supernodes.pop(i))
 
-    def submit(self, config: str, overrides: list[str], out: Path, resume: bool = False,
-               stream_to: Path | None = None) -> subprocess.Popen:
-        """``flwr run`` the fedzip app (returns at once; the process ends when the run does)."""
+    def submit(self, config: str, overrides: list[str], out: Path, resume: bool = False) -> subprocess.Popen:
+        """``flwr run`` the fedzip app; the CLI exits once the SuperLink has accepted the run.
+
+        Without ``--stream``: Flower 1.41's HTTP SuperLink was twice seen to stop answering every client (the
+        CLI, the SuperNodes, the ServerApp) about a second after a log stream opened on a loaded machine, so
+        the run is watched through its own files instead (``wait_for_run``; ``deploy_local`` echoes rounds)."""
         bad = [o for o in overrides if ";" in o]
         if bad:
             raise FedzipError(f"overrides cannot contain ';' in a deployment: {bad[0]}")
@@ -130,10 +135,35 @@ class LocalFederation:
         run_cfg.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in {
             "config": config, "overrides": ";".join(overrides), "out": str(Path(out).resolve()),
             "resume": resume}.items()))
-        log = open(stream_to or self.home / "flwr-run.log", "a")
-        return subprocess.Popen(["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_cfg)],
+        self._cli_log_from = self.cli_log.stat().st_size if self.cli_log.exists() else 0
+        log = open(self.cli_log, "a")
+        return subprocess.Popen(["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", str(run_cfg)],
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
                                 start_new_session=True)
+
+    @property
+    def cli_log(self) -> Path:
+        return self.home / "flwr-run.log"
+
+    def submitted_run_id(self) -> int | None:
+        """The id ``flwr run`` printed for the latest submission, once it has."""
+        if not self.cli_log.exists():
+            return None
+        with open(self.cli_log, "rb") as f:
+            f.seek(getattr(self, "_cli_log_from", 0))
+            found = re.findall(rb"started run (\d+)", f.read())
+        return int(found[-1]) if found else None
+
+    def run_status(self, run_id: int) -> str | None:
+        """Flower's status of a run (pending, starting, running, finished:completed|failed|stopped), or None
+        when the SuperLink does not say."""
+        try:
+            res = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                                 env=self.env, cwd=self.home, capture_output=True, text=True, timeout=60)
+            runs = json.loads(res.stdout).get("runs", [])
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
+            return None
+        return runs[0].get("status") if runs else None
 
     def runs(self) -> list[dict]:
         """The SuperLink's record of its runs (``flwr ls --format json``): status, and the run's network traffic
@@ -162,42 +192,59 @@ class LocalFederation:
         return [int(p) for p in out if _env_home(int(p)) == str(self.home)]
 
     def wait_for_run(self, run: subprocess.Popen, out: Path, deadline: float | None = None, tick=None,
-                     grace_s: float = 20.0) -> bool:
+                     status_every_s: float = 5.0) -> bool:
         """Wait until a submitted run ends; True when it wrote its summary.
 
-        ``flwr run --stream`` can lose its log stream and exit while the run goes on in the SuperLink (seen
-        on a loaded machine), so after the CLI exits without a summary we wait for the ServerApp: up to
-        ``grace_s`` for it to start, then for as long as it runs. The stream can also stay open after the run
-        has ended, so a summary written by a ServerApp that has since exited ends the wait as well."""
-        def check_deadline():
-            if deadline is not None and time.time() > deadline:
-                raise FedzipError(f"the run did not finish in time ({self.diagnosis(run, out)}); "
-                                  f"logs in {self.home}")
+        The run has ended when its summary is written and its ServerApp has exited, or when Flower reports it
+        finished without a summary (a failed or stopped run). Errors at once when ``flwr run`` could not
+        submit, or when the SuperLink itself has exited."""
+        def fail(why: str):
+            raise FedzipError(f"{why} ({self.diagnosis(run, out)}); logs in {self.home}")
 
-        ended_since = None
-        while run.poll() is None:
+        last_status_check = 0.0
+        while True:
             if tick is not None:
                 tick()
-            if (out / "summary.json").exists() and not self.serverapp_pids():
-                ended_since = ended_since or time.time()
-                if time.time() - ended_since > grace_s:  # the ServerApp is gone; only the CLI's stream is left
-                    return True
-            check_deadline()
+            if self.superlink is not None and self.superlink.poll() is not None:
+                fail(f"the SuperLink exited (code {self.superlink.returncode})")
+            if run.poll() not in (None, 0):
+                fail(f"flwr run could not submit the run (code {run.returncode}): {_tail(self.cli_log, 400)}")
+            alive = self.serverapp_pids()
+            if (out / "summary.json").exists() and not alive:
+                return True
+            run_id = self.submitted_run_id()
+            if not alive and run_id is not None and time.time() - last_status_check > status_every_s:
+                last_status_check = time.time()
+                status = self.run_status(run_id) or ""
+                if status.startswith("finished"):
+                    return (out / "summary.json").exists()
+            if deadline is not None and time.time() > deadline:
+                fail("the run did not finish in time")
             time.sleep(0.5)
-        started_waiting = time.time()
-        while not (out / "summary.json").exists():
-            if not self.serverapp_pids() and time.time() - started_waiting > grace_s:
-                return False
-            check_deadline()
-            time.sleep(0.5)
-        return True
 
     def diagnosis(self, run: subprocess.Popen, out: Path) -> str:
-        """Where a run that is taking too long stands, for the error that reports it."""
-        return (f"flwr run {'still streaming' if run.poll() is None else 'exited'}, "
+        """Where a run stands, for the error that reports it."""
+        link = ("no SuperLink" if self.superlink is None else "SuperLink alive" if self.superlink.poll() is None
+                else f"SuperLink exited with code {self.superlink.returncode}")
+        return (f"{link}, flwr run {'still running' if run.poll() is None else f'exited with {run.returncode}'}, "
                 f"{len(self.serverapp_pids())} ServerApp process(es) alive, "
                 f"summary {'written' if (out / 'summary.json').exists() else 'not written'}, "
                 f"ledger lines {_count_lines(out / 'ledger.jsonl')}")
+
+    def save_serverapp_log(self) -> Path | None:
+        """The latest run's ServerApp output as the SuperLink kept it (``flwr log --show``), saved beside the
+        other logs; None when there is no run or the SuperLink does not answer."""
+        run_id = self.submitted_run_id()
+        if run_id is None:
+            return None
+        try:
+            res = subprocess.run(["flwr", "log", str(run_id), CONNECTION, "--show"], env=self.env, cwd=self.home,
+                                 capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return None
+        path = self.home / "serverapp.log"
+        path.write_text(res.stdout + res.stderr)
+        return path
 
     def state_dir(self, i: int) -> Path:
         own = {**self.node_config, **self.per_node.get(i, {})}
@@ -257,17 +304,12 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
     print(f"fedzip: starting a SuperLink and {nodes} SuperNode(s); Flower logs in {home}", flush=True)
     with LocalFederation(home, nodes, credentials=credentials) as fed:
         run = fed.submit(config or "quickstart", overrides, out, resume)
-        log, shown = home / "flwr-run.log", 0
-
-        def echo() -> None:
-            nonlocal shown
-            shown = _echo_new(log, shown)
-
+        rounds = RoundEcho(out)
         deadline = None if timeout_s is None else time.time() + timeout_s
         try:
-            fed.wait_for_run(run, out, deadline, tick=echo)
+            fed.wait_for_run(run, out, deadline, tick=rounds.echo)
         finally:
-            echo()
+            rounds.echo()
             _kill(run)
         if (out / "summary.json").exists() and (out / "ledger.jsonl").exists():
             traffic = fed.traffic(out / "ledger.jsonl")
@@ -277,10 +319,49 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
                       f"{traffic['flower_up_bytes']:,} B up; the ledger {traffic['ledger_down_bytes']:,} and "
                       f"{traffic['ledger_up_bytes']:,}: Flower's envelope is {traffic['envelope_down_per_message']:.0f} "
                       f"B a message down, {traffic['envelope_up_per_message']:.0f} B up", flush=True)
+        else:
+            server_log = fed.save_serverapp_log()
+            if server_log:
+                print(f"fedzip: the ServerApp's last lines ({server_log}):\n{_tail(server_log, 1500)}", flush=True)
     if not (out / "summary.json").exists():
-        raise FedzipError(f"the Flower run ended without a summary in {out}; see {home}/flwr-run.log "
+        raise FedzipError(f"the Flower run ended without a summary in {out}; see {home} "
                           "(an interrupted run continues with --resume)")
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"fedzip: {summary.get('rounds_completed', '?')} rounds, final {summary.get('final_metrics')}; "
+          f"bytes up {summary.get('bytes_up_total', 0):,}, down {summary.get('bytes_down_total', 0):,}", flush=True)
     return out
+
+
+class RoundEcho:
+    """Prints each round of a deployed run as its ServerApp appends it to ``metrics.jsonl``."""
+
+    def __init__(self, out: Path):
+        self.metrics, self.config, self.shown = out / "metrics.jsonl", out / "config.yaml", 0
+
+    def echo(self) -> None:
+        if not self.metrics.exists():
+            return
+        text = self.metrics.read_text()
+        complete = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # a line being written waits
+        for line in complete[self.shown:]:
+            row = json.loads(line)
+            print(round_line(row["round"], self.total_rounds(), row), flush=True)
+        self.shown = max(self.shown, len(complete))
+
+    def total_rounds(self) -> int | str:
+        try:
+            import yaml
+
+            return int(yaml.safe_load(self.config.read_text())["rounds"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return "?"
+
+
+def _tail(path: Path, chars: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return ""
 
 
 def _count_lines(path: Path) -> int:
@@ -288,19 +369,6 @@ def _count_lines(path: Path) -> int:
         return len(path.read_text().splitlines())
     except OSError:
         return 0
-
-
-def _echo_new(log: Path, shown: int) -> int:
-    """Print what Flower added to ``log`` since byte ``shown``; return the new offset."""
-    if not log.exists():
-        return shown
-    with open(log, "rb") as f:
-        f.seek(shown)
-        data = f.read()
-    if data:
-        sys.stdout.write(data.decode(errors="replace"))
-        sys.stdout.flush()
-    return shown + len(data)
 
 
 def flower_traffic(run: dict, ledger_path: Path) -> dict:
