@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
 from b1_cpu import CONFIG, FEDAVG_SERVER, PROFILE  # noqa: E402
+from b1_cpu import write_board as write_leaderboard  # noqa: E402
 from common import RESULTS, ROOT, run_one, say  # noqa: E402
 from seeded import SeededBenchmark, commit_file, figure_lines  # noqa: E402
 
@@ -308,6 +309,7 @@ def write_board() -> None:
                                   f"B1 cpu profile, {name}: smoothed accuracy, mean over seeds, band = 1 std", name)
     (RESULTS / "b1_compression.md").write_text("\n".join(lines))
     say("\n".join(lines))
+    write_leaderboard()  # its CG-FedLLM rows and FLASC table are rows of the leaderboard
 
 
 def main() -> None:

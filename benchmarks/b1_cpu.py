@@ -94,12 +94,36 @@ def longer_runs(records: list[dict]) -> str:
 
 
 # Benchmarks whose rows run this profile exactly, with these seeds, judged against these FedIT runs: their
-# rows join the leaderboard (each compact result says what its row runs).
-JOINED = ("b6_frontier",)
+# rows join the leaderboard (each compact result says what its row runs). None: every row of it; else these.
+JOINED = {"b6_frontier": None, "b1_compression": {"cgfedllm_linear16_gated", "topk_up_1_16"}}
 
 
 def joined_records() -> list[dict]:
-    return [load_compact(p) for bench in JOINED for p in sorted((RESULTS / "runs" / bench).glob("*.json"))]
+    return [r for bench, labels in JOINED.items() for p in sorted((RESULTS / "runs" / bench).glob("*.json"))
+            for r in [load_compact(p)] if labels is None or r["label"] in labels]
+
+
+def shared_cores() -> list[tuple[str, int]]:
+    """(label, seed) of this board's runs that shared the cores, its own and the joined benchmarks'."""
+    import b1_compression  # here, not at the top: it builds on this module
+
+    return SHARED_CORES + b1_compression.SHARED_CORES
+
+
+def all_linear_section() -> tuple[list[str], dict | None]:
+    """The FLASC rows, which need LoRA on every linear layer and so their own FedIT: a second table, as
+    ``b1_compression.py --board`` last wrote it."""
+    path = RESULTS / "b1_compression.json"
+    board = json.loads(path.read_text()).get("flasc") if path.exists() else None
+    if not board:
+        return [], None
+    return ["## The same profile with LoRA on every linear layer (FLASC's set-up)", "",
+            "FLASC's paper puts LoRA on every attention and MLP projection; with q/k/v only, its download mask "
+            "drops most of B on this small model. These rows run that set-up against FedIT with the same LoRA "
+            "(`fedit_al`, client lr 0.2 chosen on it); the rest of the profile is the one above. From "
+            "[b1_compression.md](b1_compression.md), which also sets each run's accuracy against FedIT's at equal "
+            "total bytes.", "", *leaderboard_markdown(board), "",
+            *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""], board
 
 
 def write_board() -> dict | None:
@@ -112,7 +136,8 @@ def write_board() -> dict | None:
     for row in board["rows"]:
         row["what"] = what.get(row["label"], "")
     board |= {"benchmark": BENCH, "profile": PROFILE, "config": f"configs/{CONFIG}.yaml"}
-    (RESULTS / "LEADERBOARD.json").write_text(json.dumps(board, indent=1) + "\n")
+    linear_lines, linear_board = all_linear_section()
+    (RESULTS / "LEADERBOARD.json").write_text(json.dumps(board | {"all_linear": linear_board}, indent=1) + "\n")
     ref = board["rows"][0]
     gain = ref["plateau_gain_last_20pct"]
     by_seed = ", ".join(f"{s}: {g * 100:+.1f}" for s, g in sorted(ref["plateau_gain_by_seed"].items()))
@@ -136,22 +161,26 @@ def write_board() -> dict | None:
              "the simulation process while one client trained (it includes the server's share, so it is an upper "
              "bound on a deployed client).", "",
              *leaderboard_markdown(board), ""]
-    short = [r["label"] for r in board["rows"] if len(r["seeds"]) < 3]
+    lines += ["What each row runs:", ""]
+    lines += [f"- `{r['label']}`: {r['what']}" for r in board["rows"]]
+    lines += ["", *linear_lines]
+    shown = [r for b in (board, linear_board or {"rows": []}) for r in b["rows"]]
+    short = [r["label"] for r in shown if len(r["seeds"]) < 3]
     missing = [label for label in WHAT if label not in {r["label"] for r in board["rows"]}]
     if short or missing:
         lines += ["**Provisional.** The protocol asks for three seeds a row. "
                   + (f"Fewer so far: {', '.join(short)}. " if short else "")
                   + (f"Not run yet: {', '.join(missing)}. " if missing else "")
-                  + "`python benchmarks/b1_cpu.py --commit` continues where the last run stopped.", ""]
-    shared = [f"{label} s{seed}" for label, seed in SHARED_CORES if any(r["label"] == label for r in board["rows"])]
+                  + "The benchmark that owns a row (`b1_cpu.py`, `b1_compression.py`, `b6_frontier.py`) continues "
+                  "where its last run stopped with `--commit`.", ""]
+    shared = [f"{label} s{seed}" for label, seed in shared_cores()
+              if any(r["label"] == label and seed in r["seeds"] for r in shown)]
     if shared:
         lines += ["**Timing caveat.** These runs shared the 2 cores with other work (tests, other pilots) for part "
                   f"of their run: {', '.join(shared)}. Their accuracy and bytes are unaffected; their measured client "
-                  "compute, and so `client step s` and the hours to target, is inflated (those runs took 1690-1720 s "
-                  "against 1220-1480 s), which is what the larger std of those columns shows.", ""]
-    lines += ["What each row runs:", ""]
-    lines += [f"- `{r['label']}`: {r['what']}" for r in board["rows"]]
-    lines += ["", f"Machines: {'; '.join(sorted({m for r in board['rows'] for m in r['machines']}))}.", ""]
+                  "compute, and so `client step s` and the hours to target, is inflated, which is what the larger std of "
+                  "those columns shows.", ""]
+    lines += [f"Machines: {'; '.join(sorted({m for r in shown for m in r['machines']}))}.", ""]
     lines += figure_lines(board, records, "LEADERBOARD.png", "B1 cpu profile: smoothed accuracy, mean over seeds, "
                           "band = 1 std", "smoothed accuracy by round and by bytes")
     (RESULTS / "LEADERBOARD.md").write_text("\n".join(lines))
