@@ -19,6 +19,7 @@ Every row shares the cpu profile of ``b1_cpu.py`` (client SGD-momentum 0.9 with 
     python benchmarks/b1_compression.py --lr-pilot           # fedit_al seed 0 at three learning rates
     python benchmarks/b1_compression.py --gate-study         # four TGAP-only runs
     python benchmarks/b1_compression.py --commit             # every row x seeds 0,1,2 not done yet
+    python benchmarks/b1_compression.py --budget-pilot       # FLASC int8 1/16 for the rounds 1/10 of FedIT's bytes buy
     python benchmarks/b1_compression.py --board              # rebuild results/b1_compression.{md,json,png}
 
 Compact results go to ``results/runs/b1_compression/``, the pilot's and the study's to
@@ -163,6 +164,68 @@ def gate_table(study: dict) -> list[str]:
     return lines
 
 
+# --- FLASC given the rounds its byte budget buys -------------------------------------------------------
+BUDGET_ROW, BUDGET_CLAIM = "flasc_al_1_16_int8", 10  # the one claim the 150-round rows cannot decide
+BUDGET_DIR = RESULTS / "pilots" / "b1_flasc_budget"
+
+
+def budget_rounds() -> int | None:
+    """Rounds of BUDGET_ROW that fit in 1/BUDGET_CLAIM of fedit_al's bytes to target, seed 0.
+
+    A FLASC run spends the same bytes every round, so "FedIT's accuracy with 10x fewer bytes" is a question
+    about a run of exactly that many rounds. At fp32 (1/4 and 1/16) and at int8 1/4 the budget is under the
+    150 rounds the rows run, so those rows decide it; int8 at 1/16 is the one whose budget buys more."""
+    ref = [r for r in BENCHMARK.records({"fedit_al"}) if r["seed"] == 0]
+    row = [r for r in BENCHMARK.records({BUDGET_ROW}) if r["seed"] == 0]
+    if not ref or not row:
+        return None
+    board = build_leaderboard(ref + row, reference="fedit_al")
+    judged = board["rows"][0]["per_seed"][0]
+    budget = (judged["bytes_up_to_target"] + judged["bytes_down_to_target"]) / BUDGET_CLAIM
+    per_round = (row[0]["bytes_up_total"] + row[0]["bytes_down_total"]) / len(row[0]["curve"])
+    return int(budget // per_round)
+
+
+def budget_benchmark(rounds: int) -> SeededBenchmark:
+    overrides = next(ov for label, ov, _ in rows(chosen_lr()) if label == BUDGET_ROW)
+    profile = [o for o in PROFILE if not o.startswith("rounds=")] + [f"rounds={rounds}"]
+    return SeededBenchmark("b1_flasc_budget", CONFIG, profile,
+                           [(f"{BUDGET_ROW}_r{rounds}", overrides, f"{BUDGET_ROW} for {rounds} rounds, what "
+                             f"1/{BUDGET_CLAIM} of fedit_al's bytes to target pays for (cosine over {rounds})")],
+                           results_dir=BUDGET_DIR)
+
+
+def budget_pilot(commit: bool) -> None:
+    """BUDGET_ROW, seed 0, for as many rounds as its budget buys (the cosine decay stretched to match)."""
+    rounds = budget_rounds()
+    if rounds is None:
+        raise SystemExit(f"error: the budget pilot needs fedit_al and {BUDGET_ROW} seed 0 first")
+    say(f"{BUDGET_ROW}: {rounds} rounds fit in 1/{BUDGET_CLAIM} of fedit_al's bytes to target (seed 0)")
+    failed = budget_benchmark(rounds).run([0], set(), jobs=1, commit=commit)
+    if failed:
+        raise SystemExit(f"error: the budget pilot run failed: {failed[0]}")
+
+
+def budget_lines() -> list[str]:
+    """Whether the budget pilot reached seed 0's fedit_al target within its budget."""
+    rounds = budget_rounds()
+    records = budget_benchmark(rounds).records() if rounds else []
+    ref = [r for r in BENCHMARK.records({"fedit_al"}) if r["seed"] == 0]
+    if not records or not ref:
+        return []
+    board = build_leaderboard(ref + records, reference="fedit_al")
+    judged, run = board["rows"][1]["per_seed"][0], records[0]
+    final = smoothed(fixed_subset_curve(run["curve"], "accuracy"))[-1][1]
+    total = (run["bytes_up_total"] + run["bytes_down_total"]) / 1e6
+    outcome = (f"reaches it at round {judged['round_to_target']}, {judged['bytes_ratio']:.1f}x fewer bytes than "
+               "fedit_al" if judged["round_to_target"] else "does not reach it")
+    return ["## FLASC for the rounds its byte budget buys", "",
+            f"`python benchmarks/b1_compression.py --budget-pilot`: {BUDGET_ROW}, seed 0, for the {rounds} rounds that "
+            f"fit in 1/{BUDGET_CLAIM} of fedit_al's bytes to its target (the cosine decay over {rounds}). Target "
+            f"{judged['target']:.3f} (fedit_al seed 0, smoothed final minus 1 point). It ends at smoothed "
+            f"{final:.3f} with {total:.1f} MB up + down and {outcome}.", ""]
+
+
 # --- the results page --------------------------------------------------------------------------------
 def smoothed_at_bytes(record: dict, budget: int) -> float | None:
     """Smoothed accuracy at the last evaluation reached with at most ``budget`` bytes (up + down)."""
@@ -297,6 +360,7 @@ def write_board() -> None:
         lines += ["**Timing caveat.** These runs shared the 2 cores with other work (tests, pilots) for part of their "
                   f"run: {', '.join(shared)}. Their accuracy and bytes are unaffected; their measured client compute, "
                   "and so the hours to target, is inflated.", ""]
+    lines += budget_lines()
     study_path = RESULTS / "b1_compression_gate.json"
     if study_path.exists():
         lines += ["## Gate study: TGAP only, seed 0", "", "Held-out cosine (mean over the most recent 20% of the "
@@ -315,7 +379,9 @@ def write_board() -> None:
 def main() -> None:
     BENCHMARK.main(__doc__.split("\n")[0], write_board, modes={
         "--lr-pilot": (f"FedIT all-linear, seed 0, at lr {', '.join(map(str, LR_GRID))}", lr_pilot),
-        "--gate-study": ("CG-FedLLM's TGAP phase only, four autoencoder set-ups, and the gate's numbers", gate_study)})
+        "--gate-study": ("CG-FedLLM's TGAP phase only, four autoencoder set-ups, and the gate's numbers", gate_study),
+        "--budget-pilot": (f"{BUDGET_ROW}, seed 0, for the rounds 1/{BUDGET_CLAIM} of fedit_al's bytes buy",
+                           budget_pilot)})
 
 
 if __name__ == "__main__":
