@@ -39,7 +39,7 @@ from b1_cpu import write_board as write_leaderboard  # noqa: E402
 from common import RESULTS, ROOT, run_one, say  # noqa: E402
 from seeded import SeededBenchmark, commit_file, figure_lines  # noqa: E402
 
-from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std  # noqa: E402
 from fedzip.report.targets import cumulative_bytes, fixed_subset_curve, smoothed  # noqa: E402
 
 BENCH = "b1_compression"
@@ -280,6 +280,44 @@ def equal_bytes_table(records: list[dict], labels: list[str], others: list[str])
     return lines
 
 
+def at_equal_bytes(records: list[dict], label: str, other: str) -> tuple[dict | None, dict | None]:
+    """Mean ± std over seeds of ``label``'s smoothed final accuracy and of ``other``'s at the same whole-run bytes
+    (seeds where ``other`` has no evaluation that cheap count as missing, not as zero)."""
+    by = {(r["label"], r["seed"]): r for r in records}
+    own, theirs = [], []
+    for (lab, seed), r in sorted(by.items()):
+        if lab != label:
+            continue
+        own.append(smoothed(fixed_subset_curve(r["curve"], "accuracy"))[-1][1])
+        if (other, seed) in by:
+            theirs.append(smoothed_at_bytes(by[(other, seed)], r["bytes_up_total"] + r["bytes_down_total"]))
+    return mean_std(own), mean_std(theirs)
+
+
+def summary_lines(records: list[dict], board: dict, reference: str, also: list[str] = ()) -> list[str]:
+    """One line a row: seeds that reach the reference's target, and accuracy at the row's own bytes."""
+    lines = []
+    for row in board["rows"][1:]:
+        label = row["label"]
+        own, ref = at_equal_bytes(records, label, reference)
+        if own is None:
+            continue
+        parts = [f"`{label}` ({len(row['seeds'])} seed(s)) reaches {reference}'s target on {row['reached']}; it "
+                 f"ends at {own['mean']:.3f} ± {own['std']:.3f} smoothed"]
+        if ref is not None:
+            parts.append(f"where {reference} with the same bytes stands at {ref['mean']:.3f} ± {ref['std']:.3f}"
+                         + (f" ({ref['n']} of {own['n']} seeds evaluated that early)" if ref["n"] < own["n"] else ""))
+        else:
+            parts.append(f"with fewer bytes than {reference}'s first evaluation")
+        for other in (o for o in also if o != label):
+            _, o = at_equal_bytes(records, label, other)
+            if o is not None:
+                parts.append(f"{other} {o['mean']:.3f} ± {o['std']:.3f}")
+        lines.append("- " + ", ".join(parts) + ".")
+    ref = board["rows"][0]["smoothed_final_accuracy"]
+    return [f"- `{reference}` itself ends at {ref['mean']:.3f} ± {ref['std']:.3f}.", *lines]
+
+
 def ratio_verdict(row: dict, claim: float, seeds: int = 3) -> str:
     """Whether "FedIT's accuracy with ``claim``x fewer bytes" holds for a leaderboard row, seed by seed."""
     judged = row["per_seed"]
@@ -335,6 +373,8 @@ def write_board() -> None:
             row["what"] = what.get(row["label"], "")
         boards[name] = board
         lines += [*leaderboard_markdown(board), "", *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""]
+        lines += ["**In short** (mean ± std over seeds, smoothed accuracy on the fixed subset):", "",
+                  *summary_lines(records, board, reference, [] if name == "flasc" else ["topk_up_1_16"]), ""]
         if name == "flasc":
             lines += flasc_verdicts(board)
             lines += ["### Accuracy at equal total bytes", "", "Smoothed accuracy (fixed subset) of each FLASC run at "

@@ -88,3 +88,21 @@ def test_every_frontier_row_is_a_valid_config_of_its_method():
             cls.Options.model_validate(cfg.method_options)
         methods.add(cfg.method)
     assert "fedkseed" in methods
+
+
+def test_accuracy_at_equal_bytes_reads_the_other_run_where_it_had_spent_the_same_bytes():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b1_compression import at_equal_bytes
+
+    def record(label, seed, per_round, accuracies):  # an evaluation every round, window 3
+        curve = [{"round": i + 1, "bytes_up": per_round, "bytes_down": per_round, "accuracy": a, "eval_examples": 8}
+                 for i, a in enumerate(accuracies)]
+        n = len(accuracies) * per_round
+        return {"label": label, "seed": seed, "curve": curve, "bytes_up_total": n, "bytes_down_total": n}
+
+    cheap = [record("sparse", s, 10, [0.3, 0.4, 0.5, 0.6]) for s in (0, 1)]  # 80 bytes each
+    dense = [record("dense", 0, 20, [0.1, 0.4, 0.7, 0.9]),  # 80 bytes = round 2: smoothed (0.1 + 0.4) / 2
+             record("dense", 1, 50, [0.2, 0.9, 0.9, 0.9])]  # its first round already costs 100: no evaluation
+    own, ref = at_equal_bytes(cheap + dense, "sparse", "dense")
+    assert own["mean"] == pytest.approx(0.5) and own["n"] == 2  # (0.4 + 0.5 + 0.6) / 3 on both seeds
+    assert ref["mean"] == pytest.approx(0.25) and ref["n"] == 1  # the seed without an evaluation is left out
