@@ -74,6 +74,7 @@ class LocalFederation:
         self.env = flower_env(self.home)
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
+        self._cli_log_from = 0  # where the latest submission's CLI output starts in flwr-run.log
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "a")
@@ -150,7 +151,7 @@ class LocalFederation:
         if not self.cli_log.exists():
             return None
         with open(self.cli_log, "rb") as f:
-            f.seek(getattr(self, "_cli_log_from", 0))
+            f.seek(self._cli_log_from)
             found = re.findall(rb"started run (\d+)", f.read())
         return int(found[-1]) if found else None
 
