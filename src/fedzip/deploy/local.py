@@ -158,19 +158,15 @@ class LocalFederation:
     def run_status(self, run_id: int) -> str | None:
         """Flower's status of a run (pending, starting, running, finished:completed|failed|stopped), or None
         when the SuperLink does not say."""
-        try:
-            res = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-                                 env=self.env, cwd=self.home, capture_output=True, text=True, timeout=60)
-            runs = json.loads(res.stdout).get("runs", [])
-        except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
-            return None
+        runs = self.runs(run_id)
         return runs[0].get("status") if runs else None
 
-    def runs(self) -> list[dict]:
+    def runs(self, run_id: int | None = None) -> list[dict]:
         """The SuperLink's record of its runs (``flwr ls --format json``): status, and the run's network traffic
         as Flower counts it (the protobuf messages and objects to and from SuperNodes, without gRPC framing)."""
         try:
-            res = subprocess.run(["flwr", "ls", CONNECTION, "--format", "json"], env=self.env, cwd=self.home,
+            only = ["--run-id", str(run_id)] if run_id is not None else []
+            res = subprocess.run(["flwr", "ls", CONNECTION, *only, "--format", "json"], env=self.env, cwd=self.home,
                                  capture_output=True, text=True, timeout=120)
             return json.loads(res.stdout).get("runs", [])
         except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError):
