@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -43,7 +44,8 @@ def measure(label: str, options: str, budget: int, margin: float, seed: int) -> 
     from fedzip.engine.runtime import build_runtime
     from fedzip.methods import METHODS
 
-    overrides = ["train.device=auto", f"seed={seed}",
+    threads = os.environ.get("FEDZIP_BENCH_THREADS")  # one thread each when a second trainer shares the cores
+    overrides = ["train.device=auto", f"seed={seed}", *([f"train.threads={threads}"] if threads else []),
                  f"method_options={{adapter_layers: 2, align_batch: 4, align_lr: 0.0003, public_max_examples: 256, "
                  f"prealign_steps: {budget}, prealign_margin: {margin}, prealign_check_every: 25, {options}}}"]
     cfg = load_config("b2_fedbiot", overrides)
@@ -100,6 +102,7 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.5, help="the gate, in nats above the full model (default 0.5)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the pre-alignment's progress
     only = [x for x in args.only.split(",") if x] or list(SETUPS)
     unknown = sorted(set(only) - set(SETUPS))
     if unknown:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +43,8 @@ from fedzip.models.emulator import find_decoder_layers, make_split, swapped_laye
 from fedzip.models.lora import canonical, lora_a, lora_b, lora_modules
 from fedzip.registry import register_method
 from fedzip.wire import Message
+
+log = logging.getLogger(__name__)
 
 BASE = "base::"  # prefix of the compressed model's frozen weights in the one-time message
 MODEL_FILE = "fedbiot_compressed_model.safetensors"  # where a client node keeps them between rounds
@@ -230,12 +234,21 @@ class FedBiOT(Method):
         report = {"public_loss_full": self.public_loss(emulated=False),
                   "public_loss_emulator_before": self.public_loss(emulated=True)}
         done, gate = 0, opts.prealign_margin
+        # one call without a gate: align()'s batches are drawn per call, so chunks would change them
         chunk = opts.prealign_check_every if gate is not None else opts.prealign_steps
+        full, t0 = report["public_loss_full"], time.time()
+        log.info("pre-aligning the emulator: at most %d steps; public loss full model %.3f, emulator %.3f%s",
+                 opts.prealign_steps, full, report["public_loss_emulator_before"],
+                 "" if gate is None else f", gate {full + gate:.3f}")
         while done < opts.prealign_steps:
             steps = min(chunk, opts.prealign_steps - done)
             self.last_align_loss = self.align(steps)
             done += steps
-            if gate is not None and self.public_loss(emulated=True) <= report["public_loss_full"] + gate:
+            now = self.public_loss(emulated=True) if gate is not None else None
+            log.info("pre-align step %d/%d: align loss %.3f%s (%.1f s a step)", done, opts.prealign_steps,
+                     self.last_align_loss, "" if now is None else f", emulator public loss {now:.3f}",
+                     (time.time() - t0) / done)
+            if now is not None and now <= full + gate:
                 break
         report |= {"prealign_steps_run": done, "public_loss_emulator_after": self.public_loss(emulated=True)}
         if gate is not None:
