@@ -106,3 +106,17 @@ def test_accuracy_at_equal_bytes_reads_the_other_run_where_it_had_spent_the_same
     own, ref = at_equal_bytes(cheap + dense, "sparse", "dense")
     assert own["mean"] == pytest.approx(0.5) and own["n"] == 2  # (0.4 + 0.5 + 0.6) / 3 on both seeds
     assert ref["mean"] == pytest.approx(0.25) and ref["n"] == 1  # the seed without an evaluation is left out
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "src" / "fedzip" / "configs").glob("*.yaml")))
+def test_every_packaged_config_is_valid_for_its_method(name):
+    from fedzip.config import load_config
+    from fedzip.registry import method_class
+
+    cfg = load_config(name)
+    cls = method_class(cfg.method)
+    cfg = cls.adjust_config(cfg)
+    if cls.Options is not None:
+        cls.Options.model_validate(cfg.method_options)
+    else:
+        assert not cfg.method_options, name
