@@ -79,15 +79,18 @@ def write_page(results: dict) -> None:
              "GSM8K test questions (AdapEmu before any client training), before and after pre-alignment. Chance is "
              "ln 49,152 = 10.80.", "",
              "| set-up | emulator keeps (teacher layers) | steps (gate met?) | public: full / before / after | "
-             "GSM8K: full / before / after | s per step |", "|---|---|---|---|---|---|"]
+             "GSM8K: full / before / after | public loss after 25 / 50 / 100 / 200 / 300 steps | s per step |",
+             "|---|---|---|---|---|---|---|"]
     for r in results.values():
         kept = r["split"]["emulator_from_teacher_layers"]
+        at = dict(map(tuple, r.get("prealign_curve", [])))  # public loss at each check of the gate
+        curve = " / ".join(f"{at[s]:.2f}" if s in at else "-" for s in (25, 50, 100, 200, 300))
         lines.append(
             f"| {r['label']} | {len(kept)}: {kept[:4]}... | {r['prealign_steps_run']} "
             f"({'yes' if r.get('prealign_gate_met') else 'no'}) | {r['public_loss_full']:.2f} / "
             f"{r['public_loss_emulator_before']:.2f} / {r['public_loss_emulator_after']:.2f} | "
             f"{r['task_loss_full']:.2f} / {r['task_loss_emulator_before']:.2f} / {r['task_loss_emulator_after']:.2f} | "
-            f"{r['align_step_s']:.2f} |")
+            f"{curve} | {r['align_step_s']:.2f} |")
     machines = sorted({r["machine"] for r in results.values()})
     lines += ["", f"Gate: within {next(iter(results.values()))['prealign_margin']} nats of the full model on the "
               f"public held-out data. Machines: {'; '.join(machines)}.", ""]

@@ -120,3 +120,20 @@ def test_every_packaged_config_is_valid_for_its_method(name):
         cls.Options.model_validate(cfg.method_options)
     else:
         assert not cfg.method_options, name
+
+
+def test_every_b2_aligned_row_is_a_valid_config_of_its_method():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b2_aligned import CONFIG, PROFILE, ROWS
+
+    from fedzip.config import load_config
+    from fedzip.registry import method_class
+
+    for label, overrides, _ in ROWS:
+        cfg = load_config(CONFIG, [*PROFILE, *overrides])
+        cls = method_class(cfg.method)
+        cfg = cls.adjust_config(cfg)
+        if cls.Options is not None:
+            opts = cls.Options.model_validate(cfg.method_options)
+            if label.startswith("fedbiot"):  # both FedBiOT rows pre-align to the gate, not for a fixed count
+                assert opts.prealign_margin and opts.prealign_steps >= 100, label

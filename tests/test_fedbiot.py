@@ -235,6 +235,8 @@ def test_prealignment_reports_both_losses_and_stops_at_the_gate(biot_cfg):
     report = server.prealignment
     assert report["prealign_steps_run"] == 2 and report["prealign_gate_met"]  # a margin that always holds
     assert report["public_loss_full"] > 0 and report["public_loss_emulator_before"] > 0
+    # the one check that ran is the curve's one point, and it is the loss the gate was judged on
+    assert report["prealign_curve"] == [[2, report["public_loss_emulator_after"]]]
     assert server.describe()["prealignment"] == report
     ungated = [o.replace(" prealign_margin: 1000.0,", "") for o in gated]
     _, server, _ = _server(ungated)  # no gate: the whole budget runs, and no verdict is claimed

@@ -198,7 +198,7 @@ class FedBiOT(Method):
                 self.params[n].copy_(t)
         metrics = {"align_loss": self.last_align_loss} if self.aligns and hasattr(self, "last_align_loss") else {}
         if rnd == 1 and self.prealignment:  # the pre-alignment and its gate, once
-            metrics |= {k: float(v) for k, v in self.prealignment.items()}
+            metrics |= {k: float(v) for k, v in self.prealignment.items() if not isinstance(v, list)}  # curve: method.json
         return metrics
 
     def evaluate(self, rnd: int, max_examples: int | None) -> dict[str, float]:
@@ -236,7 +236,7 @@ class FedBiOT(Method):
         done, gate = 0, opts.prealign_margin
         # one call without a gate: align()'s batches are drawn per call, so chunks would change them
         chunk = opts.prealign_check_every if gate is not None else opts.prealign_steps
-        full, t0 = report["public_loss_full"], time.time()
+        full, t0, curve = report["public_loss_full"], time.time(), []  # (steps, public loss) at each check
         log.info("pre-aligning the emulator: at most %d steps; public loss full model %.3f, emulator %.3f%s",
                  opts.prealign_steps, full, report["public_loss_emulator_before"],
                  "" if gate is None else f", gate {full + gate:.3f}")
@@ -245,6 +245,8 @@ class FedBiOT(Method):
             self.last_align_loss = self.align(steps)
             done += steps
             now = self.public_loss(emulated=True) if gate is not None else None
+            if now is not None:
+                curve.append([done, now])
             log.info("pre-align step %d/%d: align loss %.3f%s (%.1f s a step)", done, opts.prealign_steps,
                      self.last_align_loss, "" if now is None else f", emulator public loss {now:.3f}",
                      (time.time() - t0) / done)
@@ -252,7 +254,7 @@ class FedBiOT(Method):
                 break
         report |= {"prealign_steps_run": done, "public_loss_emulator_after": self.public_loss(emulated=True)}
         if gate is not None:
-            report |= {"prealign_margin": gate,
+            report |= {"prealign_margin": gate, "prealign_curve": curve,
                        "prealign_gate_met": report["public_loss_emulator_after"] <= report["public_loss_full"] + gate}
         return report
 
