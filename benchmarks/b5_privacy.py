@@ -69,7 +69,7 @@ def rows(clip: float | None) -> list[tuple[str, list[str], str]]:
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, rows(chosen_clip()), references=["fedit_none"])
 
 
-def clip_pilot(commit: bool) -> None:
+def clip_pilot(commit: bool, _seeds: list[int]) -> None:
     """FedIT with DP's clipping and Poisson sampling but no noise and a clip no update reaches, 6 rounds,
     seed 0: the median of the clients' update norms (``dp_update_norm``) becomes every DP row's clip."""
     out = ROOT / "runs" / BENCH / "clip_pilot"

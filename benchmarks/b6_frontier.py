@@ -110,8 +110,8 @@ def write_board() -> None:
     say("\n".join(lines))
 
 
-def causal(commit: bool) -> None:
-    failed = CAUSAL.run([0, 1, 2], set(), jobs=1, commit=commit)
+def causal(commit: bool, seeds: list[int]) -> None:
+    failed = CAUSAL.run(seeds, set(), jobs=1, commit=commit)
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 

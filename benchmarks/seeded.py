@@ -93,8 +93,8 @@ class SeededBenchmark:
     def main(self, description: str, write_board, modes: dict | None = None) -> None:
         """The command line every seeded benchmark shares; ``write_board()`` rebuilds its results page.
 
-        ``modes`` adds flags of the benchmark's own: ``{"--flag": (help, run(commit))}``; one of them given runs
-        it instead of the rows, then rebuilds the page."""
+        ``modes`` adds flags of the benchmark's own: ``{"--flag": (help, run(commit, seeds))}``; one of them given
+        runs it instead of the rows (with ``--seeds``, for a mode that has seeds), then rebuilds the page."""
         ap = argparse.ArgumentParser(description=description)
         for flag, (text, _) in (modes or {}).items():
             ap.add_argument(flag, action="store_true", help=text)
@@ -113,7 +113,7 @@ class SeededBenchmark:
             ap.error(f"unknown label(s): {', '.join(sorted(only - set(self.what)))}; known: {', '.join(self.what)}")
         chosen = [run for flag, (_, run) in (modes or {}).items() if getattr(args, flag.lstrip("-").replace("-", "_"))]
         if chosen:
-            chosen[0](args.commit)
+            chosen[0](args.commit, seeds)
             failed = []
         else:
             failed = [] if args.board else self.run(seeds, only, args.jobs, args.commit)
