@@ -336,9 +336,11 @@ def ratio_verdict(row: dict, claim: float, seeds: int = 3) -> str:
     """Whether "FedIT's accuracy with ``claim``x fewer bytes" holds for a leaderboard row, seed by seed."""
     judged = row["per_seed"]
     ratios = [j.get("bytes_ratio") for j in judged]
-    if len(judged) < seeds:
-        return f"provisional ({len(judged)} of {seeds} seeds)"
     hit = [r for r in ratios if r is not None]
+    if len(judged) < seeds:  # what the seeds so far say, without calling it a verdict
+        so_far = f"{sum(r >= claim for r in hit)} of {len(judged)} at >= {claim:g}x"
+        return f"provisional ({len(judged)} of {seeds} seeds): {so_far}" + (
+            f", lowest {min(hit):.1f}x, mean {sum(hit) / len(hit):.1f}x" if hit else "")
     if len(hit) < len(judged):
         return f"does not hold: reaches the target on {len(hit)} of {len(judged)} seeds"
     low = min(hit)

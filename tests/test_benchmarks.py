@@ -43,7 +43,9 @@ def test_a_bytes_claim_holds_only_when_every_seed_reaches_the_target_with_enough
     assert ratio_verdict(row(14.0, 8.0, 12.0), 10).startswith("holds on average")
     assert ratio_verdict(row(9.0, 8.0, 12.0), 10).startswith("does not hold: 9.7x")
     assert ratio_verdict(row(30.0, None, 30.0), 10) == "does not hold: reaches the target on 2 of 3 seeds"
-    assert ratio_verdict(row(30.0), 10) == "provisional (1 of 3 seeds)"
+    assert ratio_verdict(row(30.0), 10) == "provisional (1 of 3 seeds): 1 of 1 at >= 10x, lowest 30.0x, mean 30.0x"
+    assert ratio_verdict(row(26.0, 22.0), 25) == "provisional (2 of 3 seeds): 1 of 2 at >= 25x, lowest 22.0x, mean 24.0x"
+    assert ratio_verdict(row(None), 10) == "provisional (1 of 3 seeds): 0 of 1 at >= 10x"
 
 
 def test_every_privacy_row_is_a_valid_config_with_a_calibrated_noise():
