@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, say  # noqa: E402
 from seeded import SeededBenchmark, figure_lines  # noqa: E402
 
-from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std  # noqa: E402
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, mean_std_text  # noqa: E402
 
 BENCH = "b2_aligned"
 CONFIG = "b2_fedbiot"
@@ -71,11 +71,11 @@ def emulator_lines(records: list[dict]) -> list[str]:
         if not reports:
             continue
         cell = lambda k: mean_std([p[k] for p in reports])  # noqa: E731
-        fmt = lambda m, f=".2f": f"{m['mean']:{f}} ± {m['std']:{f}}" if m else "-"  # noqa: E731
         met = sum(bool(p.get("prealign_gate_met")) for p in reports)
-        lines.append(f"| {label} | {len(reports)} | {fmt(cell('prealign_steps_run'), '.0f')} | "
-                     f"{fmt(cell('public_loss_full'))} | {fmt(cell('public_loss_emulator_before'))} | "
-                     f"{fmt(cell('public_loss_emulator_after'))} | {met}/{len(reports)} |")
+        lines.append(f"| {label} | {len(reports)} | {mean_std_text(cell('prealign_steps_run'), '.0f')} | "
+                     f"{mean_std_text(cell('public_loss_full'), '.2f')} | "
+                     f"{mean_std_text(cell('public_loss_emulator_before'), '.2f')} | "
+                     f"{mean_std_text(cell('public_loss_emulator_after'), '.2f')} | {met}/{len(reports)} |")
     return lines
 
 
@@ -87,13 +87,13 @@ def adapters_lines(records: list[dict]) -> list[str]:
         runs = [r for r in records if r["label"] == label]
         if not runs:
             continue
-        fmt = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else "-"  # noqa: E731
         fu = mean_std([last(r, "loss") for r in runs if last(r, "loss") is not None])
         emu = mean_std([last(r, "emu_loss") for r in runs if last(r, "emu_loss") is not None])
         step = mean_std([r["client_step_s"] for r in runs if r.get("client_step_s")])
         up = sum(r["bytes_up_total"] for r in runs) / len(runs) / 1e6
         down = sum(r["bytes_down_total"] for r in runs) / len(runs) / 1e6
-        lines.append(f"| {label} | {len(runs)} | {fmt(fu)} | {fmt(emu)} | {fmt(step)} | {up:.1f} | {down:.1f} |")
+        cells = " | ".join(mean_std_text(v) for v in (fu, emu, step))
+        lines.append(f"| {label} | {len(runs)} | {cells} | {up:.1f} | {down:.1f} |")
     return lines
 
 

@@ -102,7 +102,8 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
             "links": links, "rows": rows}
 
 
-def _ms(v: dict | None, fmt: str = ".3f", scale: float = 1.0) -> str:
+def mean_std_text(v: dict | None, fmt: str = ".3f", scale: float = 1.0) -> str:
+    """``mean_std``'s result as "mean ± std" in table cells ("-" for none)."""
     if not v:
         return "-"
     return f"{v['mean'] * scale:{fmt}} ± {v['std'] * scale:{fmt.lstrip('+')}}"
@@ -118,13 +119,14 @@ def leaderboard_markdown(board: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in board["rows"]:
         ratio = r["bytes_ratio_vs_reference"]
-        cells = [r["label"], str(len(r["seeds"])), _ms(r[f"final_{m}"]), _ms(r[f"smoothed_final_{m}"]),
-                 _ms(r["plateau_gain_last_20pct"], "+.3f"), r["reached"], _ms(r["mb_up_to_target"], ".1f"),
-                 _ms(r["mb_down_to_target"], ".1f"),
+        cells = [r["label"], str(len(r["seeds"])), mean_std_text(r[f"final_{m}"]), mean_std_text(r[f"smoothed_final_{m}"]),
+                 mean_std_text(r["plateau_gain_last_20pct"], "+.3f"), r["reached"], mean_std_text(r["mb_up_to_target"], ".1f"),
+                 mean_std_text(r["mb_down_to_target"], ".1f"),
                  f"{ratio['mean']:.2f}x ± {ratio['std']:.2f}" if ratio else "-"]
-        cells += [_ms(r["hours_to_target"][name], ".2f") for name in board["links"]]
+        cells += [mean_std_text(r["hours_to_target"][name], ".2f") for name in board["links"]]
         cells += [f"{r['mb_up_total']['mean']:.1f} / {r['mb_down_total']['mean']:.1f}",
-                  f"{r['client_peak_rss_mb']:.0f}" if r["client_peak_rss_mb"] else "-", _ms(r["client_step_s"], ".2f")]
+                  f"{r['client_peak_rss_mb']:.0f}" if r["client_peak_rss_mb"] else "-",
+                  mean_std_text(r["client_step_s"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     warned = [f"- **{r['label']}** {w}" for r in board["rows"] for w in r.get("warnings", [])]
     if warned:
