@@ -10,7 +10,13 @@ cosine decay, 150 rounds) and seeds:
 * ``hafl_random``: HAFL (freeze, adaptive) training r_k components drawn blindly instead of by importance;
 * ``hafl_zeropad``: HAFL (freeze) with zero-padding aggregation.
 
-HAFL, HetLoRA, FlexLoRA and FedIT r16 come from b1_cpu's compact results (the same profile and seeds).
+The paper's second claim is that low-rank clients lose nothing when the global model reaches them: under
+HAFL's freezing every tier holds all R components, so its tier models are the global model by construction,
+while truncation (HAFL's scheme 1, HetLoRA's first r_k, FlexLoRA's SVD) hands a rank-4 client a cut model.
+``hafl_truncate``, ``hetlora`` and ``flexlora`` therefore run here with each tier's received model evaluated
+every 30 rounds on the evaluation subset (``degradation_every``).
+
+HAFL and FedIT r16 come from b1_cpu's compact results (the same profile and seeds).
 
     python benchmarks/b1_hetero.py --commit        # every row x seeds 0,1,2 not done yet
     python benchmarks/b1_hetero.py --board         # rebuild results/b1_hetero.{md,json,png}
@@ -28,10 +34,12 @@ from b1_cpu import CONFIG, HAFL_TIERS, PROFILE  # noqa: E402
 from common import RESULTS, say  # noqa: E402
 from seeded import SeededBenchmark, figure_lines  # noqa: E402
 
-from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
+from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, mean_std_text  # noqa: E402
+from fedzip.report.targets import fixed_subset_curve, smoothed  # noqa: E402
 
 BENCH = "b1_hetero"
 HAFL = "aggregation: adaptive"
+TIER_EVAL = "degradation_every: 30, degradation_examples: 800"  # each tier's received model, on the eval subset
 
 
 def hafl(extra: str) -> list[str]:
@@ -41,12 +49,114 @@ def hafl(extra: str) -> list[str]:
 ROWS = [
     ("fedit_r4", ["lora.rank=4", "lora.alpha=4"], "FedIT at rank 4, LoRA scale 1 as every row"),
     ("hafl_step3", hafl("server_lr: 0.3333"), "HAFL (freeze, adaptive), server step 1/3 towards the aggregate"),
+    ("hetlora", ["method=hetlora", f"method_options={{aggregation: zero_pad, {HAFL_TIERS}, {TIER_EVAL}}}"],
+     "HetLoRA: client ranks 4/8/16, the first r_k components, zero-padding aggregation"),
+    ("hafl_truncate", ["method=hafl_truncate", f"method_options={{{HAFL}, {HAFL_TIERS}, {TIER_EVAL}}}"],
+     "HAFL scheme 1 (truncation): the server sends the top-r_k components by global importance, adaptive"),
     ("hafl_random", hafl("selection: random"), "HAFL (freeze, adaptive), r_k components drawn at random"),
     ("hafl_zeropad", ["method=hafl", f"method_options={{aggregation: zero_pad, {HAFL_TIERS}}}"],
      "HAFL (freeze) with HetLoRA's zero-padding aggregation"),
+    ("flexlora", ["method=flexlora", f"method_options={{{HAFL_TIERS}, {TIER_EVAL}}}"],
+     "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product"),
 ]
-BORROWED = ["fedit", "hafl", "hetlora", "flexlora"]  # from b1_cpu
+BORROWED = ["fedit", "hafl"]  # from b1_cpu
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, ROWS, references=[])
+
+
+CHECKPOINTS = (30, 60, 150)  # early, middle and final rounds of the 150-round profile
+TRUNCATING = ["hetlora", "hafl_truncate", "flexlora"]  # tier models are cut; HAFL's freezing hands out all R
+
+
+def smoothed_at(record: dict, rnd: int) -> float | None:
+    """Smoothed accuracy on the fixed evaluation subset at the last evaluation up to round ``rnd``."""
+    points = [v for r, v in smoothed(fixed_subset_curve(record["curve"], "accuracy")) if r <= rnd]
+    return points[-1] if points else None
+
+
+def by_seed(records: list[dict], label: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in records if r["label"] == label}
+
+
+def paired_points(records: list[dict], a: str, b: str, rnd: int) -> list[float]:
+    """Per seed both rows have: a's smoothed accuracy at ``rnd`` minus b's, in points."""
+    ra, rb = by_seed(records, a), by_seed(records, b)
+    diffs = []
+    for seed in sorted(set(ra) & set(rb)):
+        va, vb = smoothed_at(ra[seed], rnd), smoothed_at(rb[seed], rnd)
+        if va is not None and vb is not None:
+            diffs.append(100 * (va - vb))
+    return diffs
+
+
+def verdict(diffs: list[float], need: int = 3) -> str:
+    """``holds``: ahead on every seed of at least ``need``; ``does not hold``: not ahead on the mean."""
+    if not diffs:
+        return "not measured yet"
+    ahead = sum(d > 0 for d in diffs)
+    text = f"{mean_std_text(mean_std(diffs), '+.1f')} points over {len(diffs)} seed(s), ahead on {ahead}"
+    if sum(diffs) <= 0:
+        return f"**does not hold** ({text})"
+    if ahead == len(diffs) and len(diffs) >= need:
+        return f"**holds** ({text})"
+    return f"{'provisional' if len(diffs) < need else 'not shown'} ({text})"
+
+
+def tier_gaps(records: list[dict], label: str, tier: int) -> list[float]:
+    """Per seed, in points: the final global model's accuracy on the fixed subset minus what a rank-``tier``
+    client receives of it (both measured after the last round's aggregation, on the same examples)."""
+    gaps = []
+    for rec in by_seed(records, label).values():
+        last = rec["curve"][-1]
+        full, cut = (last.get("fixed_subset") or last).get("accuracy"), last.get(f"tier{tier}_accuracy")
+        if full is not None and cut is not None:
+            gaps.append(100 * (full - cut))
+    return gaps
+
+
+def claims(records: list[dict]) -> list[str]:
+    labels = {r["label"] for r in records}
+    table = ["| row | seeds | " + " | ".join(f"smoothed accuracy, round {c}" for c in CHECKPOINTS) + " |",
+             "|---|---|" + "---|" * len(CHECKPOINTS)]
+    for label in ["fedit", "fedit_r4", "hafl", *[lab for lab, _, _ in ROWS if lab != "fedit_r4"]]:
+        recs = list(by_seed(records, label).values())
+        if not recs:
+            continue
+        cells = [mean_std_text(mean_std([v for r in recs if (v := smoothed_at(r, c)) is not None]))
+                 for c in CHECKPOINTS]
+        table.append(f"| {label} | {len(recs)} | " + " | ".join(cells) + " |")
+    lines = ["## What the paper claims, and the controls", "",
+             "Smoothed accuracy (trailing mean of 3 evaluations on the fixed 800-example subset), mean ± std over "
+             "seeds:", "", *table, "",
+             "Each line compares two rows seed by seed (their difference in points, mean ± std). A claim **holds** "
+             "when the row is ahead on every one of at least 3 seeds and **does not hold** when it is not ahead on "
+             "the mean.", ""]
+    early, final = CHECKPOINTS[0], CHECKPOINTS[-1]
+    for other in ("hetlora", "flexlora", "hafl_zeropad"):
+        if other in labels:
+            lines.append(f"- HAFL ahead of {other} at round {early} (faster convergence): "
+                         f"{verdict(paired_points(records, 'hafl', other, early))}; at round {final} (final): "
+                         f"{verdict(paired_points(records, 'hafl', other, final))}.")
+    lines.append(f"- **Controls.** Rank 16 in disguise? HAFL ahead of FedIT r16 at round {early}: "
+                 f"{verdict(paired_points(records, 'hafl', 'fedit', early))}; ahead of FedIT r4: "
+                 f"{verdict(paired_points(records, 'hafl', 'fedit_r4', early))}.")
+    if "hafl_step3" in labels:
+        lines.append(f"- HAFL with a server step of 1/3 still ahead of HetLoRA at round {early}: "
+                     f"{verdict(paired_points(records, 'hafl_step3', 'hetlora', early))} (if not, HAFL's lead is its "
+                     "larger update, not the components it averages).")
+    if "hafl_random" in labels:
+        lines.append(f"- Importance-based selection ahead of random components at round {early}: "
+                     f"{verdict(paired_points(records, 'hafl', 'hafl_random', early))}; at round {final}: "
+                     f"{verdict(paired_points(records, 'hafl', 'hafl_random', final))}.")
+    lines += ["", "**No loss for low-rank tiers.** Under HAFL's freezing every tier holds all R components: its "
+              "rank-4 and rank-8 clients receive the global model itself (a gap of 0 by construction). The "
+              "truncating rows hand those clients a cut model; the gap is the final global model's accuracy minus "
+              "the cut model's, in points, on the same fixed subset after the last round:", ""]
+    for label in TRUNCATING:
+        if label in labels:
+            parts = [f"rank {t}: {mean_std_text(mean_std(g), '+.1f')} over {len(g)} seed(s)"
+                     for t in (4, 8) if (g := tier_gaps(records, label, t))]
+            lines.append(f"- {label}: " + ("; ".join(parts) if parts else "no tier evaluation in its runs") + ".")
+    return lines + [""]
 
 
 def write_board() -> None:
@@ -62,6 +172,7 @@ def write_board() -> None:
     for row in board["rows"]:
         row["what"] = what.get(row["label"], "")
     lines += [*leaderboard_markdown(board), "", *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""]
+    lines += claims(records)
     (RESULTS / "b1_hetero.json").write_text(json.dumps(board, indent=1) + "\n")
     lines += figure_lines(board, records, "b1_hetero.png", "B1 cpu profile, heterogeneous ranks: smoothed accuracy, "
                           "mean over seeds, band = 1 std", "smoothed accuracy")

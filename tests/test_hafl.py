@@ -14,6 +14,7 @@ from fedzip.errors import ConfigError
 from fedzip.methods import METHODS, ClientContext
 from fedzip.methods.hafl import _mask, assign_ranks, average_components, best_rank_r, top_components
 from fedzip.models.lora import lora_a, lora_b
+from fedzip.report.compact import compact_run
 from fedzip.wire import Message
 
 
@@ -129,6 +130,8 @@ def test_variants_run_resume_exactly_and_count_per_tier_bytes(tmp_path, tiny_cfg
     assert desc["client_ranks"] == [1, 1, 4, 4] and desc["tier_trainable_params"]["1"] < desc["tier_trainable_params"]["4"]
     row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "tier1_accuracy" in row and "tier4_accuracy" in row
+    last = compact_run(tmp_path / "full")["curve"][-1]  # a compact result keeps each tier's accuracy
+    assert last["tier1_accuracy"] == row["tier1_accuracy"] and last["tier4_accuracy"] == row["tier4_accuracy"]
 
 
 @pytest.mark.parametrize("method", ["hafl", "flexlora"])

@@ -23,6 +23,8 @@ FORMAT = "fedzip-compact-run/1"
 _CURVE_KEYS = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match", "eval_examples",
                "train_loss", "emu_loss", "emu_exact_match", "fixed_subset", "personal_accuracy", "personal_accuracy_min",
                "personal_accuracy_max", "personal_loss", "accuracy_of")
+# the model each rank tier of a heterogeneous-rank method receives (``degradation_every``): tier4_accuracy, ...
+_TIER_KEY = re.compile(r"^tier\d+_(accuracy|loss)$")
 
 
 def seedless_label(name: str) -> str:
@@ -45,6 +47,7 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
         point = {"round": r["round"], "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
                  "compute_s": round(r.get("compute_s", 0.0), 3), "client_steps": r.get("client_steps")}
         point |= {k: r[k] for k in _CURVE_KEYS if r.get(k) is not None}
+        point |= {k: v for k, v in r.items() if _TIER_KEY.match(k) and v is not None}
         curve.append(point)
     # Wall time over each link profile, cumulative by round (see fedzip.report.links).
     link_seconds = {name: [round(s, 3) for _, s in sorted(cumulative_seconds(rows, ledger, link).items())]
