@@ -139,3 +139,41 @@ def test_every_b2_aligned_row_is_a_valid_config_of_its_method():
             opts = cls.Options.model_validate(cfg.method_options)
             if label.startswith("fedbiot"):  # both FedBiOT rows pre-align to the gate, not for a fixed count
                 assert opts.prealign_margin and opts.prealign_steps >= 100, label
+
+
+def test_hafl_claims_compare_rows_seed_by_seed_and_read_each_tiers_model():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b1_hetero import paired_points, tier_gaps, verdict
+
+    def record(label, seed, accs, tier4=None):  # evaluations every 30 rounds on an 800-example subset
+        curve = [{"round": 30 * (i + 1), "accuracy": a, "eval_examples": 800} for i, a in enumerate(accs)]
+        if tier4 is not None:
+            curve[-1]["tier4_accuracy"] = tier4
+        return {"label": label, "seed": seed, "curve": curve}
+
+    records = [record("hafl", s, [0.40 + s / 100, 0.44]) for s in range(3)]
+    records += [record("hetlora", s, [0.38, 0.52], tier4=0.45) for s in range(3)]
+    ahead = paired_points(records, "hafl", "hetlora", 30)
+    assert ahead == pytest.approx([2.0, 3.0, 4.0])  # smoothed at round 30 is the round-30 value itself
+    assert verdict(ahead).startswith("**holds** (+3.0 ± 1.0 points over 3 seed(s), ahead on 3")
+    behind = paired_points(records, "hafl", "hetlora", 60)  # smoothed over rounds 30-60 on both sides
+    assert verdict(behind).startswith("**does not hold**")
+    assert verdict(ahead[:2]).startswith("provisional") and verdict([3.0, -1.0, 2.0]).startswith("not shown")
+    assert verdict([]) == "not measured yet"
+    assert tier_gaps(records, "hetlora", 4) == pytest.approx([7.0] * 3)  # 0.52 - 0.45, in points
+    assert tier_gaps(records, "hafl", 4) == [] and tier_gaps(records, "hetlora", 8) == []
+
+
+def test_every_b1_hetero_row_is_a_valid_config_and_the_truncating_rows_evaluate_their_tiers():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b1_hetero import CONFIG, PROFILE, ROWS, TRUNCATING
+
+    from fedzip.config import load_config
+    from fedzip.registry import method_class
+
+    for label, overrides, _ in ROWS:
+        cfg = load_config(CONFIG, [*PROFILE, *overrides])
+        cls = method_class(cfg.method)
+        if cls.Options is not None:
+            opts = cls.Options.model_validate(cfg.method_options)
+            assert (opts.degradation_every > 0) == (label in TRUNCATING), label
