@@ -89,16 +89,16 @@ def paired_points(records: list[dict], a: str, b: str, rnd: int) -> list[float]:
 
 
 def verdict(diffs: list[float], need: int = 3) -> str:
-    """``holds``: ahead on every seed of at least ``need``; ``does not hold``: not ahead on the mean."""
+    """With at least ``need`` seeds, ``holds``: ahead on every seed; ``does not hold``: not ahead on the mean."""
     if not diffs:
         return "not measured yet"
     ahead = sum(d > 0 for d in diffs)
     text = f"{mean_std_text(mean_std(diffs), '+.1f')} points over {len(diffs)} seed(s), ahead on {ahead}"
+    if len(diffs) < need:
+        return f"provisional ({text})"
     if sum(diffs) <= 0:
         return f"**does not hold** ({text})"
-    if ahead == len(diffs) and len(diffs) >= need:
-        return f"**holds** ({text})"
-    return f"{'provisional' if len(diffs) < need else 'not shown'} ({text})"
+    return f"{'**holds**' if ahead == len(diffs) else 'not shown'} ({text})"
 
 
 def tier_gaps(records: list[dict], label: str, tier: int) -> list[float]:

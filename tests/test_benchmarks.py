@@ -159,6 +159,7 @@ def test_hafl_claims_compare_rows_seed_by_seed_and_read_each_tiers_model():
     behind = paired_points(records, "hafl", "hetlora", 60)  # smoothed over rounds 30-60 on both sides
     assert verdict(behind).startswith("**does not hold**")
     assert verdict(ahead[:2]).startswith("provisional") and verdict([3.0, -1.0, 2.0]).startswith("not shown")
+    assert verdict(behind[:1]).startswith("provisional")  # one seed behind decides nothing either
     assert verdict([]) == "not measured yet"
     assert tier_gaps(records, "hetlora", 4) == pytest.approx([7.0] * 3)  # 0.52 - 0.45, in points
     assert tier_gaps(records, "hafl", 4) == [] and tier_gaps(records, "hetlora", 8) == []
