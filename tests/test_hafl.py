@@ -77,6 +77,44 @@ def test_freezing_leaves_untrained_components_bit_identical(tiny_cfg, tmp_path):
         assert out.tensors[lora_a(m)].shape[0] == 2 and (out.tensors["scores"][j, frozen] == 0).all()
 
 
+def test_each_tier_is_evaluated_on_the_model_it_would_receive(tiny_cfg):
+    """degradation() cuts the global model to each tier's components: the rank-1 tier scores exactly like a
+    model whose other components are zero, and differently from the whole model."""
+    method = make(tiny_cfg, "hetlora", extra="client_ranks: [1, 1, 4, 4], degradation_examples: 32")
+    g = torch.Generator().manual_seed(0)
+    method.global_ = {n: torch.randn(t.shape, generator=g) for n, t in method.global_.items()}
+    tiers = method.degradation()
+    cut = dict(method.global_)
+    for m in method.modules:
+        cut[lora_a(m)], cut[lora_b(m)] = cut[lora_a(m)].clone(), cut[lora_b(m)].clone()
+        cut[lora_a(m)][1:], cut[lora_b(m)][:, 1:] = 0.0, 0.0
+    scores = {}
+    for name, tensors in (("cut", cut), ("whole", method.global_)):
+        method.rt.view.set(tensors)
+        scores[name] = method.rt.task.evaluate(method.rt.model, method.cfg.eval.batch_size, 32, seed=method.cfg.seed)
+    assert tiers["tier1_loss"] == pytest.approx(scores["cut"]["loss"], rel=1e-6)
+    assert tiers["tier4_loss"] == pytest.approx(scores["whole"]["loss"], rel=1e-6)
+    assert tiers["tier1_loss"] != pytest.approx(tiers["tier4_loss"], rel=1e-3)
+    assert "tier1_accuracy" in tiers and "tier4_accuracy" in tiers
+
+
+def test_zero_padding_kills_a_component_no_sampled_client_holds_for_good(tiny_cfg, tmp_path):
+    """Why HetLoRA's global model collapses to the lowest rank: a round in which no sampled client holds
+    component i sets its A row and B column to zero, and A_i = B_i = 0 is a fixed point of gradient descent
+    (each factor's gradient is proportional to the other), so later high-rank clients cannot revive it."""
+    method = make(tiny_cfg, "hetlora", extra="client_ranks: [2, 2, 4, 4]")
+    M = len(method.modules)
+    method.aggregate(1, {0: reply(method, 0, [[0, 1]] * M, 0.1), 1: reply(method, 1, [[0, 1]] * M, 0.2)})
+    for m in method.modules:
+        assert (method.global_[lora_a(m)][2:] == 0).all() and (method.global_[lora_b(m)][:, 2:] == 0).all()
+    msg = method.configure(2, [2])[2]  # a rank-4 client trains all four components from there
+    ctx = ClientContext(cid=2, round=2, indices=method.rt.parts[2], store=ClientStateStore(tmp_path), seed=1)
+    out = method.fit(ctx, msg)
+    for m in method.modules:
+        assert (out.tensors[lora_a(m)][2:] == 0).all() and (out.tensors[lora_b(m)][:, 2:] == 0).all()
+        assert not torch.equal(out.tensors[lora_a(m)][:2], msg.tensors[lora_a(m)][:2])  # the live ones moved
+
+
 def test_truncation_sends_the_highest_scoring_components(tiny_cfg):
     method = make(tiny_cfg, "hafl_truncate", extra="client_ranks: [2, 2, 4, 4]")
     method.scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]] * len(method.modules))

@@ -321,8 +321,9 @@ class HeteroRankLoRA(Method):
             self.rt.view.set(tensors)
             metrics = self.rt.task.evaluate(self.rt.model, self.cfg.eval.batch_size,
                                             self.opts.degradation_examples, seed=self.cfg.seed)
-            key = "accuracy" if "accuracy" in metrics else "loss"
-            out[f"tier{r}_{key}"] = metrics[key]
+            for key in ("accuracy", "loss"):  # loss too: it moves where 800 examples' accuracy may not
+                if key in metrics:
+                    out[f"tier{r}_{key}"] = metrics[key]
         return out
 
     # -- client ------------------------------------------------------------------------------------
