@@ -1,5 +1,6 @@
 """FedBiOT, FedOT and offsite-tuning on an 8-layer tiny Llama with Alpaca-format data."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def biot_cfg(cache_dir):
             "data.max_length=48", "data.max_test_examples=16", "num_clients=3", "clients_per_round=2", "rounds=2",
             "partition.scheme=iid", "lora.rank=4", "lora.alpha=8", "train.max_steps=2", "train.batch_size=4",
             "train.lr=0.01", "train.threads=1", "eval.batch_size=16",
-            "method_options={prealign_steps: 2, align_steps: 2, align_batch: 2, public_max_examples: 32, prox_eps: 0.5}"]
+            "method_options={prealign_steps: 2, align_steps: 2, align_batch: 2, public_max_examples: 32, prox_eps: 0.5, "
+            "prealign_cache: false}"]
 
 
 @pytest.mark.parametrize("n,a,drop", [(30, 2, 0.5), (30, 4, 0.2), (8, 2, 0.5), (12, 1, 0.5), (24, 2, 0.0)])
@@ -242,6 +244,54 @@ def test_prealignment_reports_both_losses_and_stops_at_the_gate(biot_cfg):
     _, server, _ = _server(ungated)  # no gate: the whole budget runs, and no verdict is claimed
     assert server.prealignment["prealign_steps_run"] == 8 and "prealign_gate_met" not in server.prealignment
     assert server.prealignment["public_loss_full"] == report["public_loss_full"]
+
+
+def test_an_interrupted_prealignment_continues_where_it_stopped_and_a_finished_one_is_reused(biot_cfg, tmp_path,
+                                                                                             monkeypatch):
+    import fedzip.paths
+    from fedzip.methods.fedbiot import FedBiOT
+
+    monkeypatch.setattr(fedzip.paths, "cache_root", lambda cache_dir=None: tmp_path / "cache")
+    real_loss, real_align = FedBiOT.public_loss, FedBiOT.align
+    # a gate that is never met, so that all three chunks of 2 steps run and two checkpoints are written
+    monkeypatch.setattr(FedBiOT, "public_loss", lambda self, emulated: real_loss(self, emulated) + 100 * emulated)
+    opts = [o.replace("prealign_steps: 2,", "prealign_steps: 6, prealign_check_every: 2, prealign_margin: 0.5,")
+            for o in biot_cfg]
+    _, reference, _ = _server(opts)  # the cache off: aligned in one go
+    cached = [o.replace("prealign_cache: false", "prealign_cache: true") for o in opts]
+    calls = []
+
+    def interrupted(self, steps):
+        calls.append(steps)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies during the second chunk
+        return real_align(self, steps)
+
+    monkeypatch.setattr(FedBiOT, "align", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _server(cached)
+    monkeypatch.setattr(FedBiOT, "align", real_align)
+    _, resumed, _ = _server(cached)
+    assert resumed.prealignment == reference.prealignment and reference.prealignment["prealign_steps_run"] == 6
+    assert [p[0] for p in resumed.prealignment["prealign_curve"]] == [2, 4, 6]
+    for n in reference.emulator_names:
+        assert torch.equal(resumed.params[n], reference.params[n]), n
+    assert resumed.align_calls == reference.align_calls  # the next round's alignment batches are the same too
+
+    monkeypatch.setattr(FedBiOT, "align", lambda self, steps: pytest.fail("a finished pre-alignment ran again"))
+    _, reused, _ = _server(cached)
+    assert reused.prealignment == reference.prealignment
+    assert all(torch.equal(reused.params[n], reference.params[n]) for n in reference.emulator_names)
+
+    def entry(seed=0, **options):  # the cache entry another set-up would use, without building it
+        other = copy.copy(reused)
+        other.cfg, other.opts = reused.cfg.model_copy(update={"seed": seed}), reused.opts.model_copy(update=options)
+        return other._prealign_cache_file()
+
+    assert entry() == reused._prealign_cache_file() and entry().exists()
+    # what the per-round alignment and the clients do is not part of it; the seed and the construction are
+    assert entry(align_steps=3, prox_eps=0.1) == entry()
+    assert entry(seed=1) != entry() and entry(drop=0.25) != entry() and entry(prealign_steps=8) != entry()
 
 
 def test_lm_only_alignment_moves_the_emulator_and_all_zero_weights_are_refused(biot_cfg):

@@ -182,6 +182,7 @@ def alpaca(path: Path, test_fraction: float, seed: int) -> tuple[TextData, TextD
 # --- Bring your own --------------------------------------------------------------------------------
 # Files are read with Hugging Face `datasets` (its csv/json/parquet builders), so every format and quirk
 # it handles (quoting, compression, Arrow types) is handled here too; fedzip only maps columns to roles.
+DEFAULT_ALPACA = Path("instruct") / "alpaca_en_demo.json"  # under the data root
 FORMATS = {"csv": "csv", "tsv": "csv", "jsonl": "json", "parquet": "parquet"}
 
 
@@ -281,7 +282,7 @@ def load_source(cfg, seed: int, root: Path) -> tuple[TextData, TextData]:
     elif src == "gsm8k":
         train, test = gsm8k(root)
     elif src == "alpaca":
-        path = Path(cfg.path).expanduser() if cfg.path else root / "instruct" / "alpaca_en_demo.json"
+        path = Path(cfg.path).expanduser() if cfg.path else root / DEFAULT_ALPACA
         if not cfg.path and not path.exists():
             raise missing_data("the default Alpaca-format set (or give data.path)", path)
         train, test = alpaca(path, cfg.test_fraction, seed)

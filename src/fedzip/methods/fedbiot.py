@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ from torch import nn
 from fedzip.data.task import model_device, to_device
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, Method, OneTimePayload, one_client, weighted_average
-from fedzip.methods.state import ServerState
+from fedzip.methods.state import ServerState, load_server_state, save_server_state
 from fedzip.methods.training import load_optimizer_state, optimizer_state_to_tensors, round_train_config, train_locally
 from fedzip.models.emulator import find_decoder_layers, make_split, swapped_layers
 from fedzip.models.lora import canonical, lora_a, lora_b, lora_modules
@@ -77,6 +79,9 @@ class FedBiOTOptions(BaseModel):
     public_max_examples: int | None = Field(512, ge=1)
     public_eval_examples: int | None = Field(None, ge=1, description="held-out public examples behind the "
                                              "pre-alignment report and gate (default: all, about 50)")
+    prealign_cache: bool = Field(True, description="keep the pre-alignment in fedzip's cache folder, saved at every "
+                                                   "gate check: an interrupted one continues where it stopped, a "
+                                                   "finished one is reused by a run of the same set-up and seed")
 
 
 @register_method
@@ -89,6 +94,7 @@ class FedBiOT(Method):
     runs_on_accelerator = True
     layout: Literal["top", "sandwich"] = "top"
     aligns = True
+    resumable_options = frozenset({"prealign_cache"})
 
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
@@ -207,6 +213,12 @@ class FedBiOT(Method):
             emu = self.rt.task.evaluate(m, self.cfg.eval.batch_size, max_examples, seed=self.cfg.seed)
         return {f"emu_{k}": v for k, v in emu.items() if k != "eval_examples"}
 
+    def _public_path(self) -> Path:
+        """The public data file; the default is resolved as the alpaca loader resolves it."""
+        from fedzip.data.sources import DEFAULT_ALPACA
+
+        return Path(self.opts.public_data).expanduser() if self.opts.public_data else self.cfg.data_root() / DEFAULT_ALPACA
+
     def _public(self):
         if not hasattr(self, "_public_task"):
             from fedzip.config import DataConfig
@@ -231,16 +243,28 @@ class FedBiOT(Method):
         The gate compares the emulator + adapter with the full model on held-out public data: aligned means
         within ``prealign_margin`` nats. Both losses are reported either way (round 1's metrics, method.json)."""
         opts = self.opts
-        report = {"public_loss_full": self.public_loss(emulated=False),
-                  "public_loss_emulator_before": self.public_loss(emulated=True)}
-        done, gate = 0, opts.prealign_margin
+        cache = self._prealign_cache_file() if opts.prealign_cache else None
+        saved = self._load_prealignment(cache) if cache is not None else None
+        if saved is not None and saved["finished"]:
+            log.info("pre-alignment: reusing the emulator this set-up aligned before (%d steps, from the cache)",
+                     saved["report"]["prealign_steps_run"])
+            return saved["report"]
+        if saved is not None:
+            report, done, curve = saved["report"], saved["done"], saved["curve"]
+            log.info("pre-alignment: continuing after step %d (from the cache)", done)
+        else:
+            report = {"public_loss_full": self.public_loss(emulated=False),
+                      "public_loss_emulator_before": self.public_loss(emulated=True)}
+            done, curve = 0, []  # curve: (steps, public loss) at each check
+        gate = opts.prealign_margin
         # one call without a gate: align()'s batches are drawn per call, so chunks would change them
         chunk = opts.prealign_check_every if gate is not None else opts.prealign_steps
-        full, t0, curve = report["public_loss_full"], time.time(), []  # (steps, public loss) at each check
+        full, t0, start = report["public_loss_full"], time.time(), done
         log.info("pre-aligning the emulator: at most %d steps; public loss full model %.3f, emulator %.3f%s",
                  opts.prealign_steps, full, report["public_loss_emulator_before"],
                  "" if gate is None else f", gate {full + gate:.3f}")
-        while done < opts.prealign_steps:
+        met = bool(curve) and gate is not None and curve[-1][1] <= full + gate
+        while done < opts.prealign_steps and not met:
             steps = min(chunk, opts.prealign_steps - done)
             self.last_align_loss = self.align(steps)
             done += steps
@@ -249,14 +273,58 @@ class FedBiOT(Method):
                 curve.append([done, now])
             log.info("pre-align step %d/%d: align loss %.3f%s (%.1f s a step)", done, opts.prealign_steps,
                      self.last_align_loss, "" if now is None else f", emulator public loss {now:.3f}",
-                     (time.time() - t0) / done)
-            if now is not None and now <= full + gate:
-                break
+                     (time.time() - t0) / (done - start))
+            met = now is not None and now <= full + gate
+            if cache is not None and done < opts.prealign_steps and not met:
+                self._save_prealignment(cache, report, done, curve, finished=False)
         report |= {"prealign_steps_run": done, "public_loss_emulator_after": self.public_loss(emulated=True)}
         if gate is not None:
             report |= {"prealign_margin": gate, "prealign_curve": curve,
                        "prealign_gate_met": report["public_loss_emulator_after"] <= report["public_loss_full"] + gate}
+        if cache is not None:
+            self._save_prealignment(cache, report, done, curve, finished=True)
         return report
+
+    def _prealign_cache_file(self) -> Path:
+        """The cache entry of this pre-alignment: a hash of everything its result depends on."""
+        from fedzip.models.load import file_sha256
+        from fedzip.paths import cache_root
+
+        cfg, public = self.cfg, self._public_path()
+        setup = {"version": 1, "variant": self.name, "model": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
+                 "dtype": str(next(self.rt.model.parameters()).dtype),
+                 "lora": cfg.lora.model_dump(mode="json"), "seed": cfg.seed, "max_length": cfg.data.max_length,
+                 "device": model_device(self.rt.model).type, "public_data": file_sha256(public),
+                 "options": self.opts.model_dump(mode="json", exclude={"prealign_cache", "align_steps", "prox_eps",
+                                                                       "prox_gradient", "public_data"})}
+        key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:24]
+        return cache_root(cfg.model.cache_dir) / "fedbiot_prealign" / f"{key}.safetensors"
+
+    def _save_prealignment(self, path: Path, report: dict, done: int, curve: list, finished: bool) -> None:
+        state = ServerState({"emulator": {n: self.params[n].detach().to("cpu", copy=True) for n in self.emulator_names},
+                             "align_optimizer": optimizer_state_to_tensors(self.align_opt, self.emulator_names)},
+                            {"report": report, "done": done, "curve": curve, "finished": finished,
+                             "align_calls": self.align_calls, "last_align_loss": self.last_align_loss})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_server_state(state, tmp)
+        tmp.replace(path)  # a reader never sees half a file
+
+    def _load_prealignment(self, path: Path) -> dict | None:
+        if not path.exists():
+            return None
+        try:
+            state = load_server_state(path)
+            emulator = state.group("emulator")
+            with torch.no_grad():
+                for n in self.emulator_names:
+                    self.params[n].copy_(emulator[n])
+            load_optimizer_state(self.align_opt, self.emulator_names, state.group("align_optimizer"))
+        except Exception as exc:  # a damaged entry costs a fresh pre-alignment, never the run
+            log.warning("pre-alignment cache entry %s unreadable (%s); aligning afresh", path.name, exc)
+            return None
+        self.align_calls, self.last_align_loss = int(state.facts["align_calls"]), state.facts["last_align_loss"]
+        return state.facts
 
     def align(self, steps: int) -> float:
         """Server steps on the emulator's LoRA: hidden-state match to the teacher + KL to the full model."""
