@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,8 @@ def run_one(label: str, config: str, overrides: list[str], out: Path, threads: i
     resume = (out / "checkpoints" / "state.json").exists()
     if resume:
         cmd.append("--resume")  # an interrupted benchmark continues where it stopped
+    elif out.exists():  # stopped before its first checkpoint: nothing to resume (fedzip run would write <out>-2)
+        shutil.rmtree(out)
     t0 = time.time()
     say(f"[{label}] start: {' '.join(cmd[3:])}")
     log = out.with_suffix(".log")
