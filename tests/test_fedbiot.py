@@ -253,45 +253,67 @@ def test_an_interrupted_prealignment_continues_where_it_stopped_and_a_finished_o
 
     monkeypatch.setattr(fedzip.paths, "cache_root", lambda cache_dir=None: tmp_path / "cache")
     real_loss, real_align = FedBiOT.public_loss, FedBiOT.align
-    # a gate that is never met, so that all three chunks of 2 steps run and two checkpoints are written
+    # a gate that is never met, so that every chunk of 2 steps runs and is saved
     monkeypatch.setattr(FedBiOT, "public_loss", lambda self, emulated: real_loss(self, emulated) + 100 * emulated)
-    opts = [o.replace("prealign_steps: 2,", "prealign_steps: 6, prealign_check_every: 2, prealign_margin: 0.5,")
-            for o in biot_cfg]
-    _, reference, _ = _server(opts)  # the cache off: aligned in one go
-    cached = [o.replace("prealign_cache: false", "prealign_cache: true") for o in opts]
-    calls = []
+    calls, runtime = [], {}
 
-    def interrupted(self, steps):
+    def counted(self, steps):
         calls.append(steps)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the process dies during the second chunk
         return real_align(self, steps)
 
-    monkeypatch.setattr(FedBiOT, "align", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _server(cached)
-    monkeypatch.setattr(FedBiOT, "align", real_align)
-    _, resumed, _ = _server(cached)
-    assert resumed.prealignment == reference.prealignment and reference.prealignment["prealign_steps_run"] == 6
-    assert [p[0] for p in resumed.prealignment["prealign_curve"]] == [2, 4, 6]
-    for n in reference.emulator_names:
-        assert torch.equal(resumed.params[n], reference.params[n]), n
-    assert resumed.align_calls == reference.align_calls  # the next round's alignment batches are the same too
+    monkeypatch.setattr(FedBiOT, "align", counted)
 
-    monkeypatch.setattr(FedBiOT, "align", lambda self, steps: pytest.fail("a finished pre-alignment ran again"))
-    _, reused, _ = _server(cached)
-    assert reused.prealignment == reference.prealignment
-    assert all(torch.equal(reused.params[n], reference.params[n]) for n in reference.emulator_names)
+    def server(steps, cache=True):  # the server alone: pre-alignment is all it does here
+        cfg = load_config(None, [o.replace("prealign_steps: 2,", f"prealign_steps: {steps}, prealign_check_every: 2, "
+                                                                  "prealign_margin: 0.5, public_eval_examples: 8,")
+                                 .replace("prealign_cache: false", f"prealign_cache: {str(cache).lower()}")
+                                 for o in biot_cfg])
+        if not runtime:  # one model for all: pre-alignment changes only the emulator, a copy of its layers
+            runtime["rt"] = build_runtime(cfg, FedBiOT)
+        method = FedBiOT(cfg, runtime["rt"])
+        calls.clear()
+        method.init_global()
+        return method
+
+    def same(a, b):
+        assert a.prealignment == b.prealignment and a.align_calls == b.align_calls
+        assert all(torch.equal(a.params[n], b.params[n]) for n in a.emulator_names)
+
+    reference = server(6, cache=False)  # aligned in one go, three chunks
+    assert reference.prealignment["prealign_steps_run"] == 6 and calls == [2, 2, 2]
+
+    def die_in_second_chunk(self, steps):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return counted(self, steps)
+
+    monkeypatch.setattr(FedBiOT, "align", die_in_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        server(6)
+    monkeypatch.setattr(FedBiOT, "align", counted)
+    resumed = server(6)
+    assert calls == [2, 2]  # the first chunk came from the cache
+    same(resumed, reference)  # bit for bit, and the next round's alignment batches are the same too
+    reused = server(6)
+    assert calls == []  # finished: nothing to align
+    same(reused, reference)
+    shorter = server(4)  # a shorter budget cannot come out of a longer alignment: it aligns afresh
+    assert calls == [2, 2] and shorter.prealignment["prealign_steps_run"] == 4
+    assert server(6) and calls == []  # and left the longer one in the cache
+    longer = server(8)  # a longer budget continues the finished one
+    assert calls == [2] and longer.prealignment["prealign_steps_run"] == 8
+    assert longer.prealignment["prealign_curve"][:3] == reference.prealignment["prealign_curve"]
 
     def entry(seed=0, **options):  # the cache entry another set-up would use, without building it
         other = copy.copy(reused)
         other.cfg, other.opts = reused.cfg.model_copy(update={"seed": seed}), reused.opts.model_copy(update=options)
         return other._prealign_cache_file()
 
-    assert entry() == reused._prealign_cache_file() and entry().exists()
-    # what the per-round alignment and the clients do is not part of it; the seed and the construction are
-    assert entry(align_steps=3, prox_eps=0.1) == entry()
-    assert entry(seed=1) != entry() and entry(drop=0.25) != entry() and entry(prealign_steps=8) != entry()
+    assert entry().exists()
+    # what the per-round alignment and the clients do is not part of it, nor the budget of a gated one;
+    # the seed, the construction and the gate are
+    assert entry(align_steps=3, prox_eps=0.1, prealign_steps=10) == entry()
+    assert entry(seed=1) != entry() and entry(drop=0.25) != entry() and entry(prealign_margin=0.4) != entry()
 
 
 def test_lm_only_alignment_moves_the_emulator_and_all_zero_weights_are_refused(biot_cfg):

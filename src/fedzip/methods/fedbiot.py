@@ -244,13 +244,20 @@ class FedBiOT(Method):
         within ``prealign_margin`` nats. Both losses are reported either way (round 1's metrics, method.json)."""
         opts = self.opts
         cache = self._prealign_cache_file() if opts.prealign_cache else None
-        saved = self._load_prealignment(cache) if cache is not None else None
-        if saved is not None and saved["finished"]:
-            log.info("pre-alignment: reusing the emulator this set-up aligned before (%d steps, from the cache)",
-                     saved["report"]["prealign_steps_run"])
-            return saved["report"]
+        saved = self._cached_prealignment(cache) if cache is not None else None
+        if saved is not None and saved["done"] > opts.prealign_steps:
+            log.info("pre-alignment: the cache holds a longer one of this set-up (%d steps); aligning afresh and "
+                     "leaving it there", saved["done"])
+            saved, cache = None, None
+        elif saved is not None and saved["done"] % opts.prealign_check_every and saved["done"] < opts.prealign_steps:
+            saved = None  # a budget off the check grid: continuing it would draw other batches than one long run
         if saved is not None:
+            self._restore_prealignment(saved)
             report, done, curve = saved["report"], saved["done"], saved["curve"]
+            if saved["finished"] and (saved["report"].get("prealign_gate_met") or done >= opts.prealign_steps):
+                log.info("pre-alignment: reusing the emulator this set-up aligned before (%d steps, from the cache)",
+                         done)
+                return report
             log.info("pre-alignment: continuing after step %d (from the cache)", done)
         else:
             report = {"public_loss_full": self.public_loss(emulated=False),
@@ -286,17 +293,22 @@ class FedBiOT(Method):
         return report
 
     def _prealign_cache_file(self) -> Path:
-        """The cache entry of this pre-alignment: a hash of everything its result depends on."""
+        """The cache entry of this pre-alignment: a hash of everything its result depends on.
+
+        A gated pre-alignment checks (and is saved) every ``prealign_check_every`` steps, so a longer budget
+        continues a shorter one exactly: the budget is not part of the key. Ungated, it is one call."""
         from fedzip.models.load import file_sha256
         from fedzip.paths import cache_root
 
         cfg, public = self.cfg, self._public_path()
+        not_in_key = {"prealign_cache", "align_steps", "prox_eps", "prox_gradient", "public_data"}
+        if self.opts.prealign_margin is not None:
+            not_in_key.add("prealign_steps")
         setup = {"version": 1, "variant": self.name, "model": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
                  "dtype": str(next(self.rt.model.parameters()).dtype),
                  "lora": cfg.lora.model_dump(mode="json"), "seed": cfg.seed, "max_length": cfg.data.max_length,
                  "device": model_device(self.rt.model).type, "public_data": file_sha256(public),
-                 "options": self.opts.model_dump(mode="json", exclude={"prealign_cache", "align_steps", "prox_eps",
-                                                                       "prox_gradient", "public_data"})}
+                 "options": self.opts.model_dump(mode="json", exclude=not_in_key)}
         key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:24]
         return cache_root(cfg.model.cache_dir) / "fedbiot_prealign" / f"{key}.safetensors"
 
@@ -310,21 +322,28 @@ class FedBiOT(Method):
         save_server_state(state, tmp)
         tmp.replace(path)  # a reader never sees half a file
 
-    def _load_prealignment(self, path: Path) -> dict | None:
+    def _cached_prealignment(self, path: Path) -> dict | None:
+        """The entry's facts and tensors, or None (absent; unreadable, which costs a fresh pre-alignment)."""
         if not path.exists():
             return None
         try:
             state = load_server_state(path)
-            emulator = state.group("emulator")
-            with torch.no_grad():
-                for n in self.emulator_names:
-                    self.params[n].copy_(emulator[n])
-            load_optimizer_state(self.align_opt, self.emulator_names, state.group("align_optimizer"))
-        except Exception as exc:  # a damaged entry costs a fresh pre-alignment, never the run
+            facts = dict(state.facts)
+            facts["tensors"] = {"emulator": state.group("emulator"), "optimizer": state.group("align_optimizer")}
+            missing = [n for n in self.emulator_names if n not in facts["tensors"]["emulator"]]
+            if missing or not {"report", "done", "curve", "finished", "align_calls"} <= set(facts):
+                raise ValueError("incomplete entry")
+        except Exception as exc:
             log.warning("pre-alignment cache entry %s unreadable (%s); aligning afresh", path.name, exc)
             return None
-        self.align_calls, self.last_align_loss = int(state.facts["align_calls"]), state.facts["last_align_loss"]
-        return state.facts
+        return facts
+
+    def _restore_prealignment(self, saved: dict) -> None:
+        with torch.no_grad():
+            for n in self.emulator_names:
+                self.params[n].copy_(saved["tensors"]["emulator"][n])
+        load_optimizer_state(self.align_opt, self.emulator_names, saved["tensors"]["optimizer"])
+        self.align_calls, self.last_align_loss = int(saved["align_calls"]), saved["last_align_loss"]
 
     def align(self, steps: int) -> float:
         """Server steps on the emulator's LoRA: hidden-state match to the teacher + KL to the full model."""
