@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
 from b1_cpu import CONFIG, HAFL_TIERS, PROFILE  # noqa: E402
 from common import RESULTS, say  # noqa: E402
-from seeded import SeededBenchmark, figure_lines  # noqa: E402
+from seeded import SeededBenchmark, by_seed, figure_lines, verdict  # noqa: E402
 
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, mean_std_text  # noqa: E402
 from fedzip.report.targets import fixed_subset_curve, smoothed  # noqa: E402
@@ -75,10 +75,6 @@ def smoothed_at(record: dict, rnd: int) -> float | None:
     return points[-1] if points else None
 
 
-def by_seed(records: list[dict], label: str) -> dict[int, dict]:
-    return {r["seed"]: r for r in records if r["label"] == label}
-
-
 def paired_points(records: list[dict], a: str, b: str, rnd: int) -> list[float]:
     """Per seed both rows have: a's smoothed accuracy at ``rnd`` minus b's, in points."""
     ra, rb = by_seed(records, a), by_seed(records, b)
@@ -88,19 +84,6 @@ def paired_points(records: list[dict], a: str, b: str, rnd: int) -> list[float]:
         if va is not None and vb is not None:
             diffs.append(100 * (va - vb))
     return diffs
-
-
-def verdict(diffs: list[float], need: int = 3) -> str:
-    """With at least ``need`` seeds, ``holds``: ahead on every seed; ``does not hold``: not ahead on the mean."""
-    if not diffs:
-        return "not measured yet"
-    ahead = sum(d > 0 for d in diffs)
-    text = f"{mean_std_text(mean_std(diffs), '+.1f')} points over {len(diffs)} seed(s), ahead on {ahead}"
-    if len(diffs) < need:
-        return f"provisional ({text})"
-    if sum(diffs) <= 0:
-        return f"**does not hold** ({text})"
-    return f"{'**holds**' if ahead == len(diffs) else 'not shown'} ({text})"
 
 
 def tier_gaps(records: list[dict], label: str, tier: int) -> list[float]:

@@ -122,6 +122,26 @@ class SeededBenchmark:
             raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
+def by_seed(records: list[dict], label: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in records if r["label"] == label}
+
+
+def verdict(diffs: list[float], need: int = 3, unit: str = "points", fmt: str = "+.1f") -> str:
+    """Seed-by-seed differences in the row's favour (positive: ahead). With at least ``need`` seeds, ``holds``:
+    ahead on every seed; ``does not hold``: not ahead on the mean; else ``not shown``. Fewer: provisional."""
+    from fedzip.report.leaderboard import mean_std, mean_std_text
+
+    if not diffs:
+        return "not measured yet"
+    ahead = sum(d > 0 for d in diffs)
+    text = f"{mean_std_text(mean_std(diffs), fmt)} {unit} over {len(diffs)} seed(s), ahead on {ahead}"
+    if len(diffs) < need:
+        return f"provisional ({text})"
+    if sum(diffs) <= 0:
+        return f"**does not hold** ({text})"
+    return f"{'**holds**' if ahead == len(diffs) else 'not shown'} ({text})"
+
+
 def figure_lines(board: dict, records: list[dict], name: str, title: str, alt: str) -> list[str]:
     """Draw the board's figure to ``results/<name>`` and return its markdown line (none without matplotlib)."""
     from fedzip.report.leaderboard import leaderboard_figure

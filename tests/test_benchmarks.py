@@ -143,7 +143,8 @@ def test_every_b2_aligned_row_is_a_valid_config_of_its_method():
 
 def test_hafl_claims_compare_rows_seed_by_seed_and_read_each_tiers_model():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from b1_hetero import paired_points, tier_gaps, verdict
+    from b1_hetero import paired_points, tier_gaps
+    from seeded import verdict
 
     def record(label, seed, accs, tier4=None):  # evaluations every 30 rounds on an 800-example subset
         curve = [{"round": 30 * (i + 1), "accuracy": a, "eval_examples": 800} for i, a in enumerate(accs)]
@@ -178,3 +179,25 @@ def test_every_b1_hetero_row_is_a_valid_config_and_the_truncating_rows_evaluate_
         if cls.Options is not None:
             opts = cls.Options.model_validate(cfg.method_options)
             assert (opts.degradation_every > 0) == (label in TRUNCATING), label
+
+
+def test_b2_claims_compare_losses_seed_by_seed_lower_being_ahead():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b2_aligned import claims, paired_last
+
+    def record(label, seed, losses, emu=None):  # evaluations every 2 rounds
+        curve = [{"round": 2 * (i + 1), "loss": v} for i, v in enumerate(losses)]
+        if emu is not None:
+            curve[-1]["emu_loss"] = emu
+        return {"label": label, "seed": seed, "curve": curve}
+
+    records = [record("fedbiot", s, [2.0, 1.5 - s / 100], emu=1.9) for s in range(3)]
+    records += [record("fedot", s, [2.1, 1.6], emu=1.8) for s in range(3)]
+    records += [record("offsite_tuning", s, [2.1, 1.4]) for s in range(2)]
+    assert paired_last(records, "fedbiot", "fedot", "loss") == pytest.approx([0.10, 0.11, 0.12])  # the last point
+    assert paired_last(records, "fedbiot", "fedot", "emu_loss") == pytest.approx([-0.1] * 3)
+    text = "\n".join(claims(records))
+    assert "`fedbiot` beats `fedot`: AdapFu **holds** (+0.110 ± 0.010 nats over 3 seed(s), ahead on 3)" in text
+    assert "AdapEmu **does not hold** (-0.100" in text
+    assert "`fedbiot` beats `offsite_tuning`: AdapFu provisional (-0.095" in text  # 2 seeds only, behind
+    assert "`fedbiot_authors` beats `fedot`: AdapFu not measured yet" in text
