@@ -201,3 +201,20 @@ def test_b2_claims_compare_losses_seed_by_seed_lower_being_ahead():
     assert "AdapEmu **does not hold** (-0.100" in text
     assert "`fedbiot` beats `offsite_tuning`: AdapFu provisional (-0.095" in text  # 2 seeds only, behind
     assert "`fedbiot_authors` beats `fedot`: AdapFu not measured yet" in text
+
+
+def test_hetlora_collapse_rounds_are_the_first_rounds_no_sampled_client_holds_the_components():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b1_hetero import CONFIG, PROFILE, ROWS, collapse_rounds
+
+    from fedzip.config import load_config
+    from fedzip.engine.simulation import sample_clients
+    from fedzip.methods.hafl import HetLoRAOptions, assign_ranks
+
+    cfg = load_config(CONFIG, [*PROFILE, *dict((lab, o) for lab, o, _ in ROWS)["hetlora"]])
+    ranks = assign_ranks(HetLoRAOptions.model_validate(cfg.method_options), cfg.num_clients, cfg.lora.rank, 0)
+    r8, r4 = collapse_rounds([0])[0]
+    top = [max(ranks[c] for c in sample_clients(0, rnd, cfg.num_clients, cfg.clients_per_round))
+           for rnd in range(1, cfg.rounds + 1)]  # the highest rank sampled in each round
+    assert top[r8 - 1] <= 8 and all(t == 16 for t in top[:r8 - 1])
+    assert top[r4 - 1] == 4 and all(t > 4 for t in top[:r4 - 1])
