@@ -157,6 +157,14 @@ def claims(records: list[dict]) -> list[str]:
                                       for seed, (r8, r4) in collapse_rounds((0, 1, 2)).items())
                           + ". Where both have died the global model is rank 4 and a gap of zero means the rank-8 "
                           "and rank-16 clients lost their extra rank, not that the rank-4 clients lost nothing."]
+            gaps = [g for t in (4, 8) for g in tier_gaps(records, label, t)]
+            if label == "flexlora" and gaps and max(abs(g) for g in gaps) < 0.5:
+                lines += ["  FlexLoRA's gap is near zero because its averaged update itself concentrates in the lowest "
+                          "rank: on seed 0's final checkpoint the singular values of every module's update beyond "
+                          "the 4th are 0.0000 to four decimals. This is the rank collapse of SVD-based allocation "
+                          "that Wu et al. (arXiv 2602.13486) analyse. fedzip's refactorisation splits each singular "
+                          "value evenly between A and B, which leaves small directions near the A = B = 0 saddle; "
+                          "putting the singular values in B (A = V^T) might slow the collapse. Not measured."]
     return lines + [""]
 
 
