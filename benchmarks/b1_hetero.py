@@ -155,8 +155,9 @@ def claims(records: list[dict]) -> list[str]:
                           "for good. From each seed's client sampling, components 8-15 and 4-7 die at: "
                           + "; ".join(f"seed {seed}: {when(r8)} and {when(r4)}"
                                       for seed, (r8, r4) in collapse_rounds((0, 1, 2)).items())
-                          + ". Where both have died the global model is rank 4 and a gap of zero means the rank-8 "
-                          "and rank-16 clients lost their extra rank, not that the rank-4 clients lost nothing."]
+                          + ". Components that survive are diluted by every round's lower-rank clients. A gap of zero "
+                          "therefore means the rank-8 and rank-16 clients' extra rank carries nothing by the end, not "
+                          "that the rank-4 clients lost nothing."]
             gaps = [g for t in (4, 8) for g in tier_gaps(records, label, t)]
             if label == "flexlora" and gaps and max(abs(g) for g in gaps) < 0.5:
                 lines += ["  FlexLoRA's gap is near zero because its averaged update itself concentrates in the lowest "
