@@ -243,6 +243,7 @@ class FedBiOT(Method):
         The gate compares the emulator + adapter with the full model on held-out public data: aligned means
         within ``prealign_margin`` nats. Both losses are reported either way (round 1's metrics, method.json)."""
         opts = self.opts
+        self._public()  # a missing public data file fails here, with its one clear line
         cache = self._prealign_cache_file() if opts.prealign_cache else None
         saved = self._cached_prealignment(cache) if cache is not None else None
         if saved is not None and saved["done"] > opts.prealign_steps:
@@ -316,7 +317,8 @@ class FedBiOT(Method):
         state = ServerState({"emulator": {n: self.params[n].detach().to("cpu", copy=True) for n in self.emulator_names},
                              "align_optimizer": optimizer_state_to_tensors(self.align_opt, self.emulator_names)},
                             {"report": report, "done": done, "curve": curve, "finished": finished,
-                             "align_calls": self.align_calls, "last_align_loss": self.last_align_loss})
+                             "align_calls": self.align_calls,
+                             "last_align_loss": self.last_align_loss if np.isfinite(self.last_align_loss) else None})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         save_server_state(state, tmp)
@@ -343,7 +345,8 @@ class FedBiOT(Method):
             for n in self.emulator_names:
                 self.params[n].copy_(saved["tensors"]["emulator"][n])
         load_optimizer_state(self.align_opt, self.emulator_names, saved["tensors"]["optimizer"])
-        self.align_calls, self.last_align_loss = int(saved["align_calls"]), saved["last_align_loss"]
+        loss = saved["last_align_loss"]
+        self.align_calls, self.last_align_loss = int(saved["align_calls"]), float("nan") if loss is None else loss
 
     def align(self, steps: int) -> float:
         """Server steps on the emulator's LoRA: hidden-state match to the teacher + KL to the full model."""
