@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
 from b1_cpu import CONFIG, HAFL_TIERS, PROFILE  # noqa: E402
 from common import RESULTS, say  # noqa: E402
-from seeded import SeededBenchmark, by_seed, figure_lines, verdict  # noqa: E402
+from seeded import SeededBenchmark, by_seed, figure_lines, paired_values, verdict  # noqa: E402
 
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, mean_std_text  # noqa: E402
 from fedzip.report.targets import fixed_subset_curve, smoothed  # noqa: E402
@@ -80,13 +80,7 @@ def smoothed_at(record: dict, rnd: int) -> float | None:
 
 def paired_points(records: list[dict], a: str, b: str, rnd: int) -> list[float]:
     """Per seed both rows have: a's smoothed accuracy at ``rnd`` minus b's, in points."""
-    ra, rb = by_seed(records, a), by_seed(records, b)
-    diffs = []
-    for seed in sorted(set(ra) & set(rb)):
-        va, vb = smoothed_at(ra[seed], rnd), smoothed_at(rb[seed], rnd)
-        if va is not None and vb is not None:
-            diffs.append(100 * (va - vb))
-    return diffs
+    return [100 * (va - vb) for va, vb in paired_values(records, a, b, lambda r: smoothed_at(r, rnd))]
 
 
 def tier_gaps(records: list[dict], label: str, tier: int) -> list[float]:

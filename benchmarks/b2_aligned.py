@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, say  # noqa: E402
-from seeded import SeededBenchmark, by_seed, figure_lines, verdict  # noqa: E402
+from seeded import SeededBenchmark, figure_lines, paired_values, verdict  # noqa: E402
 
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, mean_std_text  # noqa: E402
 
@@ -103,13 +103,7 @@ def adapters_lines(records: list[dict]) -> list[str]:
 def paired_last(records: list[dict], row: str, baseline: str, key: str) -> list[float]:
     """Per seed both rows have: the baseline's loss at its last evaluation minus the row's (positive: the
     row's loss is lower, it is ahead)."""
-    ra, rb = by_seed(records, row), by_seed(records, baseline)
-    diffs = []
-    for seed in sorted(set(ra) & set(rb)):
-        a, b = last(ra[seed], key), last(rb[seed], key)
-        if a is not None and b is not None:
-            diffs.append(b - a)
-    return diffs
+    return [vb - va for va, vb in paired_values(records, row, baseline, lambda r: last(r, key))]
 
 
 def claims(records: list[dict]) -> list[str]:

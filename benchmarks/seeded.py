@@ -126,6 +126,13 @@ def by_seed(records: list[dict], label: str) -> dict[int, dict]:
     return {r["seed"]: r for r in records if r["label"] == label}
 
 
+def paired_values(records: list[dict], a: str, b: str, value) -> list[tuple[float, float]]:
+    """Per seed both rows have, in seed order: (``value`` of a's record, of b's), where neither is None."""
+    ra, rb = by_seed(records, a), by_seed(records, b)
+    pairs = [(value(ra[seed]), value(rb[seed])) for seed in sorted(set(ra) & set(rb))]
+    return [(va, vb) for va, vb in pairs if va is not None and vb is not None]
+
+
 def verdict(diffs: list[float], need: int = 3, unit: str = "points", fmt: str = "+.1f") -> str:
     """Seed-by-seed differences in the row's favour (positive: ahead). With at least ``need`` seeds, ``holds``:
     ahead on every seed; ``does not hold``: not ahead on the mean; else ``not shown``. Fewer: provisional."""
