@@ -58,8 +58,10 @@ def runs_for(profile: str) -> list[tuple[str, list[str], str]]:
          "HAFL: client ranks 4/8/16, importance freezing, adaptive rank-1 aggregation"),
         ("hetlora", ["method=hetlora", f"method_options={{aggregation: zero_pad, {HAFL_TIERS}}}"],
          "HetLoRA: client ranks 4/8/16, zero-padding aggregation"),
-        ("flexlora", ["method=flexlora", f"method_options={{{HAFL_TIERS}}}"],
-         "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product"),
+        # sqrt(Sigma) on each factor is how this row ran; FlexLoRA's own split (B = U Sigma, A = V^T, fedzip's
+        # default) is b1_hetero's flexlora row, and b1_hetero's flexlora_sqrt row compares the two
+        ("flexlora", ["method=flexlora", f"method_options={{{HAFL_TIERS}, factor_split: sqrt}}"],
+         "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product, sqrt(Sigma) on each factor"),
         # 200 epochs on every recorded map, no held-out maps and no gate: how this row first ran (its gated
         # successor is b1_compression's cgfedllm_linear16_gated)
         ("cgfedllm_linear16", ["method=cgfedllm", "method_options={autoencoder: linear, linear_ratio: 16, "

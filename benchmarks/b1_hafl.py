@@ -21,10 +21,10 @@ from common import RESULTS, accuracy_figure, collect, merge_results, profile_sec
 TIERS = "tiers: [{rank: 4, share: 0.3334}, {rank: 8, share: 0.3333}, {rank: 16, share: 0.3333}]"
 
 
-def hafl(method: str, agg: str | None) -> list[str]:
+def hafl(method: str, agg: str | None, extra: str = "") -> list[str]:
     every = "degradation_every: 5, degradation_examples: 2000"
     aggregation = f"aggregation: {agg}, " if agg else ""
-    return [f"method={method}", f"method_options={{{aggregation}{TIERS}, {every}}}"]
+    return [f"method={method}", f"method_options={{{aggregation}{extra}{TIERS}, {every}}}"]
 
 
 RUNS = [
@@ -32,7 +32,7 @@ RUNS = [
     ("hafl_freeze_zero_pad", hafl("hafl", "zero_pad")),
     ("hafl_truncate", hafl("hafl_truncate", "adaptive")),
     ("hetlora", hafl("hetlora", "zero_pad")),
-    ("flexlora", hafl("flexlora", None)),
+    ("flexlora", hafl("flexlora", None, "factor_split: sqrt, ")),  # how it ran (FlexLoRA's own split: b1_hetero)
     ("fedit_rank16", dict(FEDIT_RUNS)["fedit_fp32"], "b1_fedit/fedit_fp32"),  # B1 FedIT's run, reused
     ("fedit_rank4", ["method=fedit", "lora.rank=4", "lora.alpha=4"]),
 ]

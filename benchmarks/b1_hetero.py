@@ -18,6 +18,9 @@ while truncation (HAFL's scheme 1, HetLoRA's first r_k, FlexLoRA's SVD) hands a 
 ``hafl_truncate``, ``hetlora`` and ``flexlora`` therefore run here with each tier's received model evaluated
 every 30 rounds on the evaluation subset (``degradation_every``).
 
+``flexlora_sqrt`` is FlexLoRA refactored with sqrt(Sigma) on each factor, as fedzip did before and b1_cpu's
+flexlora row ran, against FlexLoRA's own B = U Sigma, A = V^T: the same product, a different start for training.
+
 HAFL and FedIT r16 come from b1_cpu's compact results (the same profile and seeds).
 
     python benchmarks/b1_hetero.py --commit        # every row x seeds 0,1,2 not done yet
@@ -59,17 +62,20 @@ ROWS = [
     ("hafl_zeropad", ["method=hafl", f"method_options={{aggregation: zero_pad, {HAFL_TIERS}}}"],
      "HAFL (freeze) with HetLoRA's zero-padding aggregation"),
     ("flexlora", ["method=flexlora", f"method_options={{{HAFL_TIERS}, {TIER_EVAL}}}"],
-     "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product"),
+     "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product, B = U Sigma, A = V^T"),
+    ("flexlora_sqrt", ["method=flexlora", f"method_options={{{HAFL_TIERS}, {TIER_EVAL}, factor_split: sqrt}}"],
+     "FlexLoRA with sqrt(Sigma) on each factor instead of B = U Sigma, A = V^T (a control)"),
 ]
 BORROWED = ["fedit", "hafl"]  # from b1_cpu
-# b1_cpu's runs of these are this benchmark's without the tier evaluations, which do not touch training (seed 0:
-# the same accuracy at every evaluation): they stand in for the seeds not run here yet.
-STAND_INS = ["hetlora", "flexlora"]
+# b1_cpu's runs of these (row here: b1_cpu's row) are this benchmark's without the tier evaluations, which do
+# not touch training (seed 0: the same accuracy at every evaluation): they stand in for the seeds not run here.
+STAND_INS = {"hetlora": "hetlora", "flexlora_sqrt": "flexlora"}
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, ROWS, references=[])
 
 
 CHECKPOINTS = (30, 60, 150)  # early, middle and final rounds of the 150-round profile
-TRUNCATING = ["hetlora", "hafl_truncate", "flexlora"]  # tier models are cut; HAFL's freezing hands out all R
+# tier models are cut; HAFL's freezing hands out all R
+TRUNCATING = ["hetlora", "hafl_truncate", "flexlora", "flexlora_sqrt"]
 
 
 def smoothed_at(record: dict, rnd: int) -> float | None:
@@ -130,6 +136,12 @@ def claims(records: list[dict]) -> list[str]:
                      "diluted, then zeroed (below). A 1/3 step on every component is far harsher, so a loss here does "
                      "not say HAFL's lead is its step size; FedIT at rank 4 and 16 is the control that separates rank "
                      "from the choice of components.")
+    if "flexlora_sqrt" in labels:
+        lines.append(f"- FlexLoRA's own split (B = U Sigma, A = V^T) ahead of sqrt(Sigma) on each factor at round "
+                     f"{early}: {verdict(paired_points(records, 'flexlora', 'flexlora_sqrt', early))}; at round "
+                     f"{final}: {verdict(paired_points(records, 'flexlora', 'flexlora_sqrt', final))}. Both hand out "
+                     "the same product; under the sqrt split a direction with a small singular value has both factors "
+                     "small, near the A = B = 0 saddle, while FlexLoRA's A = V^T has unit rows.")
     if "hafl_random" in labels:
         lines.append(f"- Importance-based selection ahead of random components at round {early}: "
                      f"{verdict(paired_points(records, 'hafl', 'hafl_random', early))}; at round {final}: "
@@ -188,8 +200,9 @@ def collapse_rounds(seeds) -> dict[int, tuple[int | None, int | None]]:
 def write_board() -> None:
     own = BENCHMARK.records()
     have = {(r["label"], r["seed"]) for r in own}
-    records = own + B1_CPU.records(set(BORROWED)) + [r for r in B1_CPU.records(set(STAND_INS))
-                                                      if (r["label"], r["seed"]) not in have]
+    stand_ins = [r | {"label": here} for here, there in STAND_INS.items() for r in B1_CPU.records({there})
+                 if (here, r["seed"]) not in have]
+    records = own + B1_CPU.records(set(BORROWED)) + stand_ins
     what = BENCHMARK.what | {label: f"{B1_CPU.what[label]} (b1_cpu)" for label in BORROWED}
     what |= {label: f"{BENCHMARK.what[label]} (seeds not run here: b1_cpu's run, the same training without "
                     "tier evaluations)" for label in STAND_INS}

@@ -128,20 +128,44 @@ def test_truncation_sends_the_highest_scoring_components(tiny_cfg):
     assert top_components(torch.tensor([3.0, 1.0, 3.0, 2.0]), 2) == [0, 2]
 
 
-def test_flexlora_redistribution_is_the_best_rank_r_approximation():
+@pytest.mark.parametrize("split", ["sigma_in_b", "sqrt"])
+def test_flexlora_redistribution_is_the_best_rank_r_approximation(split):
     g = torch.Generator().manual_seed(0)
     dw = torch.randn(12, 9, generator=g)
     scale = 2.0
+    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
     for r in (1, 3, 5):
-        a, b = best_rank_r(dw, r, scale, torch.zeros(9, 9))
+        a, b = best_rank_r(dw, r, scale, torch.zeros(9, 9), split)
         assert a.shape == (r, 9) and b.shape == (12, r)
-        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
         best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
         assert torch.allclose(scale * b @ a, best, atol=1e-5)
         # Eckart-Young: the error is exactly the discarded singular values
         assert torch.linalg.norm(dw - scale * b @ a) == pytest.approx(float(s[r:].square().sum().sqrt()), rel=1e-4)
-    a, b = best_rank_r(torch.zeros(4, 3), 2, 1.0, torch.ones(3, 3))
+        # where the singular values sit: FlexLoRA's A = V^T has orthonormal rows; sqrt puts sqrt(s / scale) on each
+        row_norms = torch.linalg.norm(a, dim=1)
+        want = torch.ones(r) if split == "sigma_in_b" else torch.sqrt(s[:r] / scale)
+        assert torch.allclose(row_norms, want, atol=1e-5)
+    a, b = best_rank_r(torch.zeros(4, 3), 2, 1.0, torch.ones(3, 3), split)
     assert torch.all(a == 1) and torch.all(b == 0)  # from dw = 0 clients start like a fresh LoRA
+
+
+@pytest.mark.parametrize("split", ["sigma_in_b", "sqrt"])
+def test_flexlora_sends_factors_split_as_configured(tiny_cfg, split):
+    server = make(tiny_cfg, "flexlora", extra=f"factor_split: {split}, client_ranks: [2, 2, 4, 4]")
+    assert server.opts.factor_split == split
+    g = torch.Generator().manual_seed(1)
+    for m in server.modules:
+        server.dw[m] = 1e-3 * torch.randn(server.dw[m].shape, generator=g)  # small, as early in training
+    m = server.modules[0]
+    sent = server.factors_for(2, None)
+    a, b = sent[lora_a(m)], sent[lora_b(m)]
+    assert torch.allclose(server.scale * b @ a, best_rank_r(server.dw[m], 4, 1.0, server.init_a[m])[1]
+                          @ best_rank_r(server.dw[m], 4, 1.0, server.init_a[m])[0], atol=1e-7)
+    norms = torch.linalg.norm(a, dim=1)
+    if split == "sigma_in_b":
+        assert torch.allclose(norms, torch.ones(4), atol=1e-5)  # A = V^T: unit rows however small dW is
+    else:
+        assert norms.max() < 0.2  # sqrt(Sigma): both factors shrink with dW
 
 
 def test_rank_assignment_by_tier_shares_and_validation():

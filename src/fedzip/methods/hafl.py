@@ -71,6 +71,12 @@ class HetLoRAOptions(HeteroRankOptions):
     aggregation: Literal["adaptive", "zero_pad"] = "zero_pad"
 
 
+class FlexLoRAOptions(HeteroRankOptions):
+    factor_split: Literal["sigma_in_b", "sqrt"] = Field(
+        "sigma_in_b", description="how a truncated SVD U Sigma V^T becomes LoRA factors: B = U Sigma, A = V^T "
+                                  "(FlexLoRA's convention), or sqrt(Sigma) on each side")
+
+
 class HaflOptions(HetLoRAOptions):
     aggregation: Literal["adaptive", "zero_pad"] = "adaptive"
     selection: Literal["importance", "random"] = Field(
@@ -134,15 +140,23 @@ def random_components(R: int, r: int, seed: list[int]) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(R, size=r, replace=False))
 
 
-def best_rank_r(dw: torch.Tensor, r: int, scale: float, init_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def best_rank_r(dw: torch.Tensor, r: int, scale: float, init_a: torch.Tensor,
+                split: str = "sigma_in_b") -> tuple[torch.Tensor, torch.Tensor]:
     """(A (r, d_in), B (d_out, r)) with scale * B @ A the best rank-r approximation of dw (Eckart-Young).
 
+    ``split`` says where the singular values go: "sigma_in_b" (A = V^T, B = U Sigma / scale, FlexLoRA's
+    convention) or "sqrt" (sqrt(Sigma) on each side). The product is the same; training from it is not: under
+    "sqrt" a direction with a small singular value has both factors small, near the A = B = 0 saddle where
+    each factor's gradient is proportional to the other, while under "sigma_in_b" its A row has unit norm.
     Directions with a zero singular value get the shared random init for A and zero for B, so that a
     client starting from dw = 0 trains like a fresh LoRA rather than being stuck at a zero gradient."""
     u, s, vh = torch.linalg.svd(dw, full_matrices=False)
     u, s, vh = u[:, :r], s[:r], vh[:r]
-    root = torch.sqrt(s / scale)
-    a, b = root[:, None] * vh, u * root[None, :]
+    if split == "sqrt":
+        root = torch.sqrt(s / scale)
+        a, b = root[:, None] * vh, u * root[None, :]
+    else:
+        a, b = vh.clone(), u * (s / scale)[None, :]
     dead = s <= s.max().clamp_min(1e-30) * 1e-7 if len(s) else s.bool()
     a[dead], b[:, dead] = init_a[: len(s)][dead], 0.0
     return a, b
@@ -463,6 +477,7 @@ class FlexLoRA(HeteroRankLoRA):
     """FlexLoRA (baseline): average the clients' full-rank dW_k, send each client its truncated SVD."""
 
     name = "flexlora"
+    Options = FlexLoRAOptions
 
     def init_global(self) -> None:
         super().init_global()
@@ -484,7 +499,8 @@ class FlexLoRA(HeteroRankLoRA):
     def factors_for(self, cid, held):
         out = {}
         for m in self.modules:
-            out[lora_a(m)], out[lora_b(m)] = best_rank_r(self.dw[m], self.ranks[cid], self.scale, self.init_a[m])
+            out[lora_a(m)], out[lora_b(m)] = best_rank_r(self.dw[m], self.ranks[cid], self.scale, self.init_a[m],
+                                                               self.opts.factor_split)
         return out
 
     def merge(self, replies, weights, held) -> None:
@@ -505,11 +521,12 @@ class FlexLoRA(HeteroRankLoRA):
 
     def _set_global_from_dw(self) -> None:
         for m in self.modules:
-            self.global_[lora_a(m)], self.global_[lora_b(m)] = best_rank_r(self.dw[m], self.R, self.scale, self.init_a[m])
+            self.global_[lora_a(m)], self.global_[lora_b(m)] = best_rank_r(self.dw[m], self.R, self.scale, self.init_a[m],
+                                                                     self.opts.factor_split)
 
     def tier_view(self, r, j):
         m = self.modules[j]
-        a, b = best_rank_r(self.dw[m], r, self.scale, self.init_a[m])
+        a, b = best_rank_r(self.dw[m], r, self.scale, self.init_a[m], self.opts.factor_split)
         return list(range(r)), a, b
 
 
