@@ -281,6 +281,7 @@ def test_an_interrupted_prealignment_continues_where_it_stopped_and_a_finished_o
 
     reference = server(6, cache=False)  # aligned in one go, three chunks
     assert reference.prealignment["prealign_steps_run"] == 6 and calls == [2, 2, 2]
+    assert reference.prealign_steps_here == 6
 
     def die_in_second_chunk(self, steps):
         if len(calls) == 1:
@@ -292,10 +293,10 @@ def test_an_interrupted_prealignment_continues_where_it_stopped_and_a_finished_o
         server(6)
     monkeypatch.setattr(FedBiOT, "align", counted)
     resumed = server(6)
-    assert calls == [2, 2]  # the first chunk came from the cache
+    assert calls == [2, 2] and resumed.prealign_steps_here == 4  # the first chunk came from the cache
     same(resumed, reference)  # bit for bit, and the next round's alignment batches are the same too
     reused = server(6)
-    assert calls == []  # finished: nothing to align
+    assert calls == [] and reused.prealign_steps_here == 0  # finished: nothing to align
     same(reused, reference)
     shorter = server(4)  # a shorter budget cannot come out of a longer alignment: it aligns afresh
     assert calls == [2, 2] and shorter.prealignment["prealign_steps_run"] == 4

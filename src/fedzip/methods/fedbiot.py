@@ -258,6 +258,7 @@ class FedBiOT(Method):
             if saved["finished"] and (saved["report"].get("prealign_gate_met") or done >= opts.prealign_steps):
                 log.info("pre-alignment: reusing the emulator this set-up aligned before (%d steps, from the cache)",
                          done)
+                self.prealign_steps_here = 0
                 return report
             log.info("pre-alignment: continuing after step %d (from the cache)", done)
         else:
@@ -285,6 +286,7 @@ class FedBiOT(Method):
             met = now is not None and now <= full + gate
             if cache is not None and done < opts.prealign_steps and not met:
                 self._save_prealignment(cache, report, done, curve, finished=False)
+        self.prealign_steps_here = done - start  # the steps this call ran (the rest came from the cache)
         report |= {"prealign_steps_run": done, "public_loss_emulator_after": self.public_loss(emulated=True)}
         if gate is not None:
             report |= {"prealign_margin": gate, "prealign_curve": curve,
