@@ -58,10 +58,14 @@ def runs_for(profile: str) -> list[tuple[str, list[str], str]]:
          "HAFL: client ranks 4/8/16, importance freezing, adaptive rank-1 aggregation"),
         ("hetlora", ["method=hetlora", f"method_options={{aggregation: zero_pad, {HAFL_TIERS}}}"],
          "HetLoRA: client ranks 4/8/16, zero-padding aggregation"),
-        # sqrt(Sigma) on each factor is how this row ran; FlexLoRA's own split (B = U Sigma, A = V^T, fedzip's
-        # default) is b1_hetero's flexlora row, and b1_hetero's flexlora_sqrt row compares the two
-        ("flexlora", ["method=flexlora", f"method_options={{{HAFL_TIERS}, factor_split: sqrt}}"],
-         "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product, sqrt(Sigma) on each factor"),
+        # FlexLoRA with its own split, B = U Sigma, A = V^T. On the cpu profile its runs are b1_hetero's (the
+        # same training, with each tier's received model evaluated too), joined into the leaderboard below.
+        *([("flexlora", ["method=flexlora", f"method_options={{{HAFL_TIERS}}}"],
+            "FlexLoRA: client ranks 4/8/16, SVD redistribution of the full-rank product (B = U Sigma, A = V^T)")]
+          if profile != "cpu" else []),
+        # how this profile's FlexLoRA first ran: sqrt(Sigma) on each factor
+        *([("flexlora_sqrt", ["method=flexlora", f"method_options={{{HAFL_TIERS}, factor_split: sqrt}}"],
+            "FlexLoRA with sqrt(Sigma) on each factor instead of B = U Sigma, A = V^T")] if profile == "cpu" else []),
         # 200 epochs on every recorded map, no held-out maps and no gate: how this row first ran (its gated
         # successor is b1_compression's cgfedllm_linear16_gated)
         ("cgfedllm_linear16", ["method=cgfedllm", "method_options={autoencoder: linear, linear_ratio: 16, "
@@ -72,7 +76,7 @@ def runs_for(profile: str) -> list[tuple[str, list[str], str]]:
 
 RUNS = runs_for("cpu")
 # (label, seed) of runs whose measured compute is inflated: other work shared the cores for part of the run
-SHARED_CORES = [("hafl", 2), ("hetlora", 2), ("flexlora", 2), ("cgfedllm_linear16", 2)]
+SHARED_CORES = [("hafl", 2), ("hetlora", 2), ("flexlora_sqrt", 2), ("cgfedllm_linear16", 2)]
 WHAT = {label: what for label, _, what in RUNS}
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, RUNS)
 
@@ -97,7 +101,7 @@ def longer_runs(records: list[dict]) -> str:
 
 # Benchmarks whose rows run this profile exactly, with these seeds, judged against these FedIT runs: their
 # rows join the leaderboard (each compact result says what its row runs). None: every row of it; else these.
-JOINED = {"b6_frontier": None, "b1_compression": {"cgfedllm_linear16_gated", "topk_up_1_16"}}
+JOINED = {"b6_frontier": None, "b1_compression": {"cgfedllm_linear16_gated", "topk_up_1_16"}, "b1_hetero": {"flexlora"}}
 
 
 def joined_records() -> list[dict]:
@@ -168,12 +172,14 @@ def write_board() -> dict | None:
     lines += ["", *linear_lines]
     shown = [r for b in (board, linear_board or {"rows": []}) for r in b["rows"]]
     short = [r["label"] for r in shown if len(r["seeds"]) < 3]
-    missing = [label for label in WHAT if label not in {r["label"] for r in board["rows"]}]
+    expected = [*WHAT, *[label for labels in JOINED.values() if labels for label in sorted(labels)]]
+    missing = [label for label in expected if label not in {r["label"] for r in board["rows"]}]
     if short or missing:
         lines += ["**Provisional.** The protocol asks for three seeds a row. "
                   + (f"Fewer so far: {', '.join(short)}. " if short else "")
                   + (f"Not run yet: {', '.join(missing)}. " if missing else "")
-                  + "The benchmark that owns a row (`b1_cpu.py`, `b1_compression.py`, `b6_frontier.py`) continues "
+                  + "The benchmark that owns a row (`b1_cpu.py`, `b1_compression.py`, `b1_hetero.py`, `b6_frontier.py`) "
+                  "continues "
                   "where its last run stopped with `--commit`.", ""]
     shared = [f"{label} s{seed}" for label, seed in shared_cores()
               if any(r["label"] == label and seed in r["seeds"] for r in shown)]

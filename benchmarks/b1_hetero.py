@@ -69,7 +69,7 @@ ROWS = [
 BORROWED = ["fedit", "hafl"]  # from b1_cpu
 # b1_cpu's runs of these (row here: b1_cpu's row) are this benchmark's without the tier evaluations, which do
 # not touch training (seed 0: the same accuracy at every evaluation): they stand in for the seeds not run here.
-STAND_INS = {"hetlora": "hetlora", "flexlora_sqrt": "flexlora"}
+STAND_INS = {"hetlora": "hetlora", "flexlora_sqrt": "flexlora_sqrt"}
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, ROWS, references=[])
 
 
