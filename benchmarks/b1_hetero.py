@@ -25,6 +25,7 @@ HAFL and FedIT r16 come from b1_cpu's compact results (the same profile and seed
 
     python benchmarks/b1_hetero.py --commit        # every row x seeds 0,1,2 not done yet
     python benchmarks/b1_hetero.py --board         # rebuild results/b1_hetero.{md,json,png}
+    python benchmarks/b1_hetero.py --spectrum      # live components of the run directories on this machine
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
 from b1_cpu import CONFIG, HAFL_TIERS, PROFILE  # noqa: E402
-from common import RESULTS, say  # noqa: E402
+from common import RESULTS, ROOT, say  # noqa: E402
 from seeded import SeededBenchmark, by_seed, figure_lines, paired_values, verdict  # noqa: E402
 
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std, mean_std_text  # noqa: E402
@@ -197,6 +198,58 @@ def collapse_rounds(seeds) -> dict[int, tuple[int | None, int | None]]:
     return out
 
 
+SPECTRUM = RESULTS / "b1_hetero_spectrum.json"
+LIVE = 1e-3  # a component is alive when its singular value is at least this fraction of the module's largest
+
+
+def live_components(checkpoint: Path) -> list[int]:
+    """Per LoRA module of a final server checkpoint: how many singular values of the global update B @ A are
+    at least ``LIVE`` times the largest (FlexLoRA: of the averaged full-rank update it keeps)."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(checkpoint))
+    full = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("full_rank_update/")}
+    if not full:
+        full = {k[len("global/"):-len(".lora_A.weight")]: tensors[k.replace("lora_A", "lora_B")] @ v
+                for k, v in tensors.items() if k.startswith("global/") and k.endswith(".lora_A.weight")}
+    counts = []
+    for dw in full.values():
+        s = torch.linalg.svdvals(dw.double())
+        counts.append(int((s >= LIVE * s[0]).sum()) if s[0] > 0 else 0)
+    return counts
+
+
+def measure_spectrum(commit: bool, seeds: list[int]) -> None:
+    """``--spectrum``: the live components of every finished run directory of this benchmark (the run
+    directories stay on the machine that trained them; the counts go to results/b1_hetero_spectrum.json)."""
+    found = json.loads(SPECTRUM.read_text()) if SPECTRUM.exists() else {}
+    for label, _, _ in ROWS:
+        for seed in seeds:
+            run = ROOT / "runs" / BENCH / "cpu" / f"{label}-s{seed}"
+            if (run / "summary.json").exists():
+                found[f"{label}-s{seed}"] = live_components(run / "checkpoints" / "server.safetensors")
+                say(f"[{label}-s{seed}] live components per module: {found[f'{label}-s{seed}']}")
+    SPECTRUM.write_text(json.dumps(dict(sorted(found.items())), indent=1) + "\n")
+
+
+def spectrum_lines() -> list[str]:
+    if not SPECTRUM.exists():
+        return []
+    found = json.loads(SPECTRUM.read_text())
+    lines = ["## How much rank the global model keeps", "",
+             f"Live components of the final global update (singular values at least {LIVE:g} of the module's "
+             "largest), over the 18 LoRA modules; of 16 (fedit_r4: of 4). From each finished run's last checkpoint "
+             "(`python benchmarks/b1_hetero.py --spectrum`).", "",
+             "| row | seeds | min | median | max |", "|---|---|---|---|---|"]
+    for label, _, _ in ROWS:
+        seeds = sorted(int(name.rsplit("-s", 1)[1]) for name in found if name.rsplit("-s", 1)[0] == label)
+        if seeds:
+            c = sorted(n for seed in seeds for n in found[f"{label}-s{seed}"])
+            lines.append(f"| {label} | {', '.join(map(str, seeds))} | {c[0]} | {c[len(c) // 2]} | {c[-1]} |")
+    return lines + [""]
+
+
 def write_board() -> None:
     own = BENCHMARK.records()
     have = {(r["label"], r["seed"]) for r in own}
@@ -217,6 +270,7 @@ def write_board() -> None:
         row["what"] = what.get(row["label"], "")
     lines += [*leaderboard_markdown(board), "", *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""]
     lines += claims(records)
+    lines += spectrum_lines()
     (RESULTS / "b1_hetero.json").write_text(json.dumps(board, indent=1) + "\n")
     lines += figure_lines(board, records, "b1_hetero.png", "B1 cpu profile, heterogeneous ranks: smoothed accuracy, "
                           "mean over seeds, band = 1 std", "smoothed accuracy")
@@ -225,7 +279,8 @@ def write_board() -> None:
 
 
 def main() -> None:
-    BENCHMARK.main(__doc__.split("\n")[0], write_board)
+    BENCHMARK.main(__doc__.split("\n")[0], write_board, modes={
+        "--spectrum": ("count the live components of every finished run directory here", measure_spectrum)})
 
 
 if __name__ == "__main__":

@@ -218,3 +218,25 @@ def test_hetlora_collapse_rounds_are_the_first_rounds_no_sampled_client_holds_th
            for rnd in range(1, cfg.rounds + 1)]  # the highest rank sampled in each round
     assert top[r8 - 1] <= 8 and all(t == 16 for t in top[:r8 - 1])
     assert top[r4 - 1] == 4 and all(t > 4 for t in top[:r4 - 1])
+
+
+def test_live_components_count_the_singular_values_of_the_global_update(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from b1_hetero import LIVE, live_components
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(12, 4, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(10, 4, generator=g))
+    # singular values 1, 0.5, 0.1 * LIVE (dead) and 0: two components live
+    a = torch.diag(torch.tensor([1.0, 0.5, 0.1 * LIVE, 0.0])) @ v.T
+    lora = {"global/m.q.lora_A.weight": a, "global/m.q.lora_B.weight": u, "global/m.v.lora_A.weight": a[:1],
+            "global/m.v.lora_B.weight": u[:, :1], "global/classifier.weight": torch.ones(2, 3)}
+    lora = {k: t.clone().contiguous() for k, t in lora.items()}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    assert sorted(live_components(tmp_path / "lora.safetensors")) == [1, 2]
+    # FlexLoRA's checkpoint keeps the averaged full-rank update: that is what is counted
+    full = {"full_rank_update/m.q": (u[:, :3] @ torch.diag(torch.tensor([2.0, 1.0, 1.0])) @ v[:, :3].T).contiguous()} | lora
+    save_file(full, str(tmp_path / "flex.safetensors"))
+    assert live_components(tmp_path / "flex.safetensors") == [3]
