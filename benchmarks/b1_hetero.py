@@ -120,7 +120,7 @@ def claims(records: list[dict]) -> list[str]:
              "when the row is ahead on every one of at least 3 seeds and **does not hold** when it is not ahead on "
              "the mean.", ""]
     early, final = CHECKPOINTS[0], CHECKPOINTS[-1]
-    for other in ("hetlora", "flexlora", "hafl_zeropad"):
+    for other in ("hetlora", "flexlora", "flexlora_sqrt", "hafl_zeropad"):
         if other in labels:
             lines.append(f"- HAFL ahead of {other} at round {early} (faster convergence): "
                          f"{verdict(paired_points(records, 'hafl', other, early))}; at round {final} (final): "
