@@ -240,3 +240,16 @@ def test_live_components_count_the_singular_values_of_the_global_update(tmp_path
     full = {"full_rank_update/m.q": (u[:, :3] @ torch.diag(torch.tensor([2.0, 1.0, 1.0])) @ v[:, :3].T).contiguous()} | lora
     save_file(full, str(tmp_path / "flex.safetensors"))
     assert live_components(tmp_path / "flex.safetensors") == [3]
+
+
+def test_peaks_give_each_seeds_best_accuracy_its_round_and_the_last():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b1_hetero import peaks
+
+    def record(seed, accs):
+        return {"label": "flexlora", "seed": seed,
+                "curve": [{"round": 6 * (i + 1), "accuracy": a, "eval_examples": 800} for i, a in enumerate(accs)]}
+
+    records = [record(0, [0.2, 0.44, 0.3, 0.05]), record(1, [0.1, 0.2, 0.3])]
+    assert peaks(records, "flexlora") == {0: (0.44, 12, 0.05), 1: (0.3, 18, 0.3)}
+    assert peaks(records, "hafl") == {}
