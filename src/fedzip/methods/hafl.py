@@ -14,8 +14,9 @@ rank-1 component i is the pair (A[i, :], B[:, i]). One round of every variant:
                    clients that trained it ("adaptive"; ``aggregation: zero_pad`` counts absentees as zero)
     hafl_truncate  HAFL scheme 1: the server sends each client its top-r_k components by global importance
     hetlora        baseline: the FIRST r_k components, zero-padding aggregation
-    flexlora       baseline: the best rank-r_k factorisation of the global dW (truncated SVD); the server
-                   averages the clients' full dW_k = s B_k A_k
+    flexlora       baseline: the best rank-r_k factorisation of the global dW (truncated SVD U Sigma V^T, as
+                   B = U Sigma, A = V^T by default: ``factor_split``); the server averages the clients' full
+                   dW_k = s B_k A_k
 
 Controls, not in the paper: ``selection: random`` (HAFL) trains r_k components drawn blindly instead of the
 top-r_k by importance; ``server_lr`` < 1 steps only part of the way to the merge, which separates
