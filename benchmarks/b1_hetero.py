@@ -194,7 +194,10 @@ def claims(records: list[dict]) -> list[str]:
             if label.startswith("flexlora") and gaps and max(abs(g) for g in gaps) < 0.5 and live:
                 lines += [f"  {label}'s gap is near zero because its averaged update itself keeps about {max(live)} "
                           "live components of 16 in every module (the table below): the rank collapse of SVD-based "
-                          "allocation that Wu et al. (arXiv 2602.13486) analyse."]
+                          "allocation that Wu et al. (arXiv 2602.13486) analyse. Whichever the split, the clients' "
+                          "truncated products are averaged whole, so a direction that only the rank-8 and rank-16 "
+                          "clients hold is diluted by the rank-4 clients' products every round."
+                          if label == "flexlora" else f"  {label}: the same collapse (the table below)."]
     return lines + [""]
 
 
