@@ -116,20 +116,39 @@ def shared_cores() -> list[tuple[str, int]]:
     return SHARED_CORES + b1_compression.SHARED_CORES
 
 
-def all_linear_section() -> tuple[list[str], dict | None]:
-    """The FLASC rows, which need LoRA on every linear layer and so their own FedIT: a second table, as
-    ``b1_compression.py --board`` last wrote it."""
-    path = RESULTS / "b1_compression.json"
-    board = json.loads(path.read_text()).get("flasc") if path.exists() else None
-    if not board:
+def joined_section(file: str, key: str | None, title: str, intro: str) -> tuple[list[str], dict | None]:
+    """A second table from another benchmark's board (``results/<file>``, under ``key`` if given), as that
+    benchmark's ``--board`` last wrote it: its markdown lines and the board, or nothing before it has one."""
+    path = RESULTS / file
+    data = json.loads(path.read_text()) if path.exists() else {}
+    board = data.get(key) if key else data
+    if not board or not board.get("rows"):
         return [], None
-    return ["## The same profile with LoRA on every linear layer (FLASC's set-up)", "",
-            "FLASC's paper puts LoRA on every attention and MLP projection; with q/k/v only, its download mask "
-            "drops most of B on this small model. These rows run that set-up against FedIT with the same LoRA "
-            "(`fedit_al`, client lr 0.2 chosen on it); the rest of the profile is the one above. From "
-            "[b1_compression.md](b1_compression.md), which also sets each run's accuracy against FedIT's at equal "
-            "total bytes.", "", *leaderboard_markdown(board), "",
+    return [f"## {title}", "", intro, "", *leaderboard_markdown(board), "",
             *[f"- `{r['label']}`: {r['what']}" for r in board["rows"]], ""], board
+
+
+def all_linear_section() -> tuple[list[str], dict | None]:
+    """The FLASC rows, which need LoRA on every linear layer and so their own FedIT."""
+    return joined_section(
+        "b1_compression.json", "flasc", "The same profile with LoRA on every linear layer (FLASC's set-up)",
+        "FLASC's paper puts LoRA on every attention and MLP projection; with q/k/v only, its download mask drops "
+        "most of B on this small model. These rows run that set-up against FedIT with the same LoRA (`fedit_al`, "
+        "client lr 0.2 chosen on it); the rest of the profile is the one above. From "
+        "[b1_compression.md](b1_compression.md), which also sets each run's accuracy against FedIT's at equal "
+        "total bytes.")
+
+
+def fedbiot_section() -> tuple[list[str], dict | None]:
+    """B2's rows: FedBiOT, FedOT and offsite-tuning against FedIT on the full model, by loss on GSM8K."""
+    return joined_section(
+        "b2_aligned.json", None, "B2: the FedBiOT family on SmolLM2-135M (GSM8K, loss: lower is better)",
+        "A causal LM the clients never hold whole: FedBiOT (emulator pre-aligned to its quality gate), FedOT and "
+        "offsite-tuning train an adapter on a compressed emulator; the reference is FedIT's LoRA on the full "
+        "model. 3 iid clients, 12 rounds of 8 local steps; the metric is the adapter in the full model (AdapFu), "
+        "its loss on a fixed 50-question subset; target: FedIT's smoothed final loss + 0.01. From "
+        "[b2_aligned.md](b2_aligned.md), which also gives AdapEmu, the emulator's gate and the paper's claim "
+        "seed by seed.")
 
 
 def write_board() -> dict | None:
@@ -143,7 +162,9 @@ def write_board() -> dict | None:
         row["what"] = what.get(row["label"], "")
     board |= {"benchmark": BENCH, "profile": PROFILE, "config": f"configs/{CONFIG}.yaml"}
     linear_lines, linear_board = all_linear_section()
-    (RESULTS / "LEADERBOARD.json").write_text(json.dumps(board | {"all_linear": linear_board}, indent=1) + "\n")
+    fedbiot_lines, fedbiot_board = fedbiot_section()
+    (RESULTS / "LEADERBOARD.json").write_text(json.dumps(board | {"all_linear": linear_board, "b2": fedbiot_board},
+                                                         indent=1) + "\n")
     ref = board["rows"][0]
     gain = ref["plateau_gain_last_20pct"]
     by_seed = ", ".join(f"{s}: {g * 100:+.1f}" for s, g in sorted(ref["plateau_gain_by_seed"].items()))
@@ -169,8 +190,8 @@ def write_board() -> dict | None:
              *leaderboard_markdown(board), ""]
     lines += ["What each row runs:", ""]
     lines += [f"- `{r['label']}`: {r['what']}" for r in board["rows"]]
-    lines += ["", *linear_lines]
-    shown = [r for b in (board, linear_board or {"rows": []}) for r in b["rows"]]
+    lines += ["", *linear_lines, *fedbiot_lines]
+    shown = [r for b in (board, linear_board, fedbiot_board) if b for r in b["rows"]]
     short = [r["label"] for r in shown if len(r["seeds"]) < 3]
     expected = [*WHAT, *[label for labels in JOINED.values() if labels for label in sorted(labels)]]
     missing = [label for label in expected if label not in {r["label"] for r in board["rows"]}]
@@ -178,7 +199,8 @@ def write_board() -> dict | None:
         lines += ["**Provisional.** The protocol asks for three seeds a row. "
                   + (f"Fewer so far: {', '.join(short)}. " if short else "")
                   + (f"Not run yet: {', '.join(missing)}. " if missing else "")
-                  + "The benchmark that owns a row (`b1_cpu.py`, `b1_compression.py`, `b1_hetero.py`, `b6_frontier.py`) "
+                  + "The benchmark that owns a row (`b1_cpu.py`, `b1_compression.py`, `b1_hetero.py`, `b6_frontier.py`, "
+                  "`b2_aligned.py`) "
                   "continues "
                   "where its last run stopped with `--commit`.", ""]
     shared = [f"{label} s{seed}" for label, seed in shared_cores()

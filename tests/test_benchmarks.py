@@ -253,3 +253,24 @@ def test_peaks_give_each_seeds_best_accuracy_its_round_and_the_last():
     records = [record(0, [0.2, 0.44, 0.3, 0.05]), record(1, [0.1, 0.2, 0.3])]
     assert peaks(records, "flexlora") == {0: (0.44, 12, 0.05), 1: (0.3, 18, 0.3)}
     assert peaks(records, "hafl") == {}
+
+
+def test_the_leaderboard_joins_another_benchmarks_board_only_once_it_has_rows(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import b1_cpu
+
+    monkeypatch.setattr(b1_cpu, "RESULTS", tmp_path)
+    assert b1_cpu.fedbiot_section() == ([], None)  # no board written yet
+    (tmp_path / "b2_aligned.json").write_text(json.dumps({"rows": []}))
+    assert b1_cpu.fedbiot_section() == ([], None)  # a board without rows
+    rows = [{"label": label, "what": f"{label} runs", "seeds": [0, 1, 2], "machines": ["m"]}
+            for label in ("fedit_full_model", "fedbiot")]
+    board = {"rows": rows, "metric": "loss"}
+    (tmp_path / "b2_aligned.json").write_text(json.dumps(board))
+    monkeypatch.setattr(b1_cpu, "leaderboard_markdown", lambda b: [f"| {r['label']} |" for r in b["rows"]])
+    lines, got = b1_cpu.fedbiot_section()
+    assert got == board
+    assert lines[0].startswith("## B2: the FedBiOT family")
+    assert "| fedbiot |" in lines and "- `fedbiot`: fedbiot runs" in lines
+    (tmp_path / "b1_compression.json").write_text(json.dumps({"flasc": board}))
+    assert b1_cpu.all_linear_section()[1] == board  # the FLASC board sits under its key
