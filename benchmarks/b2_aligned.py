@@ -8,9 +8,10 @@ The reference is FedIT on the full model. For the FedBiOT rows the server pre-al
 within ``MARGIN`` nats of the full model on held-out public data, or for ``BUDGET`` steps; each run's
 ``method_facts.prealignment`` says which, with the curve of the public loss.
 
-Rows: FedBiOT with our alignment loss (hidden-state match + KL) on the emulator construction that
-``b2_emulator.py`` found aligns best, FedBiOT with the authors' GSM8K alignment (LM loss alone, drop 0.2,
-proximal term without gradient), FedOT and offsite-tuning (drop 0.5, adapter = first 2 + last 2 layers).
+Rows: FedBiOT with the authors' GSM8K alignment (LM loss alone, drop 0.2, proximal term without gradient) at
+an alignment rate of 1e-3 on all ~950 public examples (the authors' 3e-4 does not meet the gate in their 500
+steps: ``b2_emulator.py``), FedBiOT with our alignment loss (hidden-state match + KL) on the same emulator,
+FedOT and offsite-tuning (drop 0.5, adapter = first 2 + last 2 layers).
 AdapFu is the run's loss (the adapter in the full model); AdapEmu is ``emu_loss`` (the adapter on the
 emulator, what clients trained).
 
@@ -41,9 +42,12 @@ PROFILE = ["rounds=12", "eval.every=2", "eval.max_examples=50", "data.max_test_e
 # MARGIN nats. The entries are cached per seed (prealign_cache): b2_emulator.py's measurement of a construction
 # is this benchmark's seed-0 pre-alignment of it, and an interrupted one continues.
 BUDGET, MARGIN = 500, 0.5
+# The rate is 1e-3 on every public example, not the authors' 3e-4: at 3e-4 (and 256 examples) their alignment
+# levels off 0.56 nats above the full model after 500 steps, at 1e-3 on all ~950 it meets the gate at 300
+# (b2_emulator.py, seed 0), just: 2.35, 2.36, 2.34 at steps 250, 275, 300 against a gate of 2.35.
 GATE = (f"prealign_steps: {BUDGET}, prealign_margin: {MARGIN}, prealign_check_every: 25, align_steps: 5, "
-        "align_batch: 4, align_lr: 0.0003, public_max_examples: 256")
-OURS = "drop: 0.5, keep_bottom: 2"  # the construction b2_emulator.py aligned best under our loss
+        "align_batch: 4, align_lr: 0.001, public_max_examples: null")
+OURS = "drop: 0.2, keep_bottom: 0"  # the authors' construction, so that the row differs from theirs in the loss alone
 AUTHORS = "drop: 0.2, align_l2_weight: 0, align_lambda: 0, align_lm_weight: 1, prox_gradient: false"
 
 ROWS = [
@@ -51,7 +55,8 @@ ROWS = [
     ("fedbiot", ["method=fedbiot", f"method_options={{adapter_layers: 2, {OURS}, {GATE}}}"],
      f"FedBiOT ({OURS}), our alignment loss, pre-aligned to the gate"),
     ("fedbiot_authors", ["method=fedbiot", f"method_options={{adapter_layers: 2, {AUTHORS}, {GATE}}}"],
-     "FedBiOT as the authors' GSM8K code aligns (LM loss alone, drop 0.2), pre-aligned to the gate"),
+     "FedBiOT as the authors' GSM8K code aligns (LM loss alone, drop 0.2, proximal term without gradient), at "
+     "align lr 1e-3 on every public example, pre-aligned to the gate"),
     ("fedot", ["method=fedot", "method_options={drop: 0.5}"], "FedOT: adapter first 2 + last 2, emulator not aligned"),
     ("offsite_tuning", ["method=offsite_tuning", "method_options={drop: 0.5}"], "offsite-tuning: FedOT with one client"),
 ]
