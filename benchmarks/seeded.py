@@ -58,11 +58,14 @@ class SeededBenchmark:
         out = ROOT / "runs" / self.name / "cpu" / f"{label}-s{seed}"
         run_one(f"{label}-s{seed}", f"configs/{self.config}.yaml", [*self.profile, *overrides, f"seed={seed}"],
                 out, threads)
-        result = compact_run(out, label) | {"what": self.what[label], "benchmark": self.name, "profile": "cpu"}
+        result = compact_run(out, label)
+        on_gpu = str(result.get("device", "cpu")).startswith("cuda")  # train.device=auto takes a lent GPU
+        result |= {"what": self.what[label], "benchmark": self.name, "profile": "gpu" if on_gpu else "cpu"}
         path = self.compact_path(label, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=None, separators=(",", ":")) + "\n")
-        say(f"[{label}-s{seed}] compact result: {path.relative_to(ROOT.parent)}")
+        say(f"[{label}-s{seed}] compact result: "
+            f"{path.relative_to(ROOT.parent) if path.is_relative_to(ROOT.parent) else path}")
         if commit:
             with GIT:
                 commit_file(path, f"{self.name}: {label} seed {seed} finished (compact result)")

@@ -274,3 +274,16 @@ def test_the_leaderboard_joins_another_benchmarks_board_only_once_it_has_rows(tm
     assert "| fedbiot |" in lines and "- `fedbiot`: fedbiot runs" in lines
     (tmp_path / "b1_compression.json").write_text(json.dumps({"flasc": board}))
     assert b1_cpu.all_linear_section()[1] == board  # the FLASC board sits under its key
+
+
+@pytest.mark.parametrize("device, profile", [("cpu", "cpu"), ("cuda:0", "gpu")])
+def test_a_seeded_runs_compact_result_names_the_profile_of_the_device_it_ran_on(tmp_path, monkeypatch, device, profile):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import seeded
+
+    monkeypatch.setattr(seeded, "run_one", lambda *a, **k: None)
+    monkeypatch.setattr(seeded, "compact_run", lambda out, label: {"label": label, "device": device})
+    bench = seeded.SeededBenchmark("t", "b1_fedit", [], [("row", [], "a row")], results_dir=tmp_path)
+    bench.run_and_keep("row", [], 0, 1, commit=False)
+    kept = json.loads((tmp_path / "row-s0.json").read_text())
+    assert kept == {"label": "row", "device": device, "what": "a row", "benchmark": "t", "profile": profile}
