@@ -20,6 +20,7 @@ sampling amplification is left and epsilon 8 would need about 8 times the noise.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def clip_pilot(commit: bool, _seeds: list[int]) -> None:
     out = ROOT / "runs" / BENCH / "clip_pilot"
     run_one("clip_pilot", f"configs/{CONFIG}.yaml", [*PROFILE, "rounds=6", "privacy.mode=central",
                                                       "privacy.clip=1e6", "privacy.noise_multiplier=0", "seed=0"],
-            out, threads=2)
+            out, threads=int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or 2)
     norms = [json.loads(x)["dp_update_norm"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     norms = [n for n in norms if n > 0]
     clip = round(sorted(norms)[len(norms) // 2], 3)
