@@ -43,6 +43,8 @@ SETUPS = {  # label -> method_options beyond the budget and the gate
     # or is it the 256 public examples (8 passes over them in 500 steps) that hold the plateau up? all ~950 here
     "drop0.2_keep0_lm_lr1e-3_all": "drop: 0.2, keep_bottom: 0, align_l2_weight: 0, align_lambda: 0, "
                                    "align_lm_weight: 1, align_lr: 0.001, public_max_examples: null",
+    # our loss on the same emulator and data: b2_aligned's `fedbiot` row (its seed-0 pre-alignment is this one)
+    "drop0.2_keep0_ours_lr1e-3_all": "drop: 0.2, keep_bottom: 0, align_lr: 0.001, public_max_examples: null",
 }
 
 
