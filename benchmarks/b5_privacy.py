@@ -71,12 +71,13 @@ BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, rows(chosen_clip()), referen
 
 
 def clip_pilot(commit: bool, _seeds: list[int]) -> None:
-    """FedIT with DP's clipping and Poisson sampling but no noise and a clip no update reaches, 6 rounds,
-    seed 0: the median of the clients' update norms (``dp_update_norm``) becomes every DP row's clip."""
+    """FedIT with DP's clipping and Poisson sampling but no noise and a clip no update reaches, the first 6
+    of the profile's rounds (its learning-rate schedule, not one squeezed into 6 rounds), seed 0: the median of
+    the clients' update norms (``dp_update_norm``) becomes every DP row's clip."""
     out = ROOT / "runs" / BENCH / "clip_pilot"
-    run_one("clip_pilot", f"configs/{CONFIG}.yaml", [*PROFILE, "rounds=6", "privacy.mode=central",
-                                                      "privacy.clip=1e6", "privacy.noise_multiplier=0", "seed=0"],
-            out, threads=int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or 2)
+    run_one("clip_pilot", f"configs/{CONFIG}.yaml", [*PROFILE, "privacy.mode=central", "privacy.clip=1e6",
+                                                      "privacy.noise_multiplier=0", "seed=0"],
+            out, threads=int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or 2, stop_after=6)
     norms = [json.loads(x)["dp_update_norm"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     norms = [n for n in norms if n > 0]
     clip = round(sorted(norms)[len(norms) // 2], 3)
