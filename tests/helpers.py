@@ -125,10 +125,16 @@ def condensed(text: str, tail: int) -> str:
     return "\n".join(out + ["\n".join(end)[-tail:]])
 
 
-def node_wire(fed: LocalFederation) -> dict[tuple[int, int], tuple[int, int]]:
-    """(round, client) -> (down, up) payload bytes as each SuperNode recorded them (the last attempt)."""
+def wire_files(fed: LocalFederation) -> set[Path]:
+    """The SuperNodes' wire records so far: one a node and experiment (``<state-dir>/<run key>/wire.jsonl``)."""
+    return set(fed.home.glob("node*-state/*/wire.jsonl"))
+
+
+def node_wire(fed: LocalFederation, earlier: set[Path] = frozenset()) -> dict[tuple[int, int], tuple[int, int]]:
+    """(round, client) -> (down, up) payload bytes as each SuperNode recorded them (the last attempt), leaving
+    out the ``earlier`` experiments' records (a federation shared by several runs)."""
     out = {}
-    for f in sorted(fed.home.glob("node*-state/*/wire.jsonl")):
+    for f in sorted(wire_files(fed) - set(earlier)):
         for line in f.read_text().splitlines():
             e = json.loads(line)
             out[(e["round"], e["client"])] = (e["down"], e["up"])

@@ -16,7 +16,15 @@ import json
 
 import pytest
 import torch
-from helpers import assert_resume_is_exact, assert_same_adapter, flower_run, ledger_pairs, node_wire, simulate
+from helpers import (
+    assert_resume_is_exact,
+    assert_same_adapter,
+    flower_run,
+    ledger_pairs,
+    node_wire,
+    simulate,
+    wire_files,
+)
 
 from fedzip.config import load_config
 from fedzip.deploy.local import LocalFederation
@@ -173,14 +181,25 @@ def test_every_registered_method_has_a_flower_family():
         assert issubclass(METHODS[method], root), (method, family)
 
 
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """One federation for the whole matrix, as a real one serves run after run: its SuperNodes and their
+    workers start once (each run is a new experiment to them), not once a method."""
+    with LocalFederation(tmp_path_factory.mktemp("flower"), nodes=3) as fed:
+        yield fed
+
+
 @pytest.mark.deploy
 @pytest.mark.parametrize("family", sorted(FLOWER_ROWS))
-def test_a_flower_run_equals_the_simulation_and_its_ledger_equals_the_wire(tmp_path, tiny_cfg, family):
+def test_a_flower_run_equals_the_simulation_and_its_ledger_equals_the_wire(tmp_path, tiny_cfg, family, federation):
     overrides = tiny_cfg + ["rounds=2", "num_clients=6", "clients_per_round=3"] + FLOWER_ROWS[family]
     sim = simulate(tmp_path, overrides)
-    with LocalFederation(tmp_path / "flower", nodes=3) as fed:
-        flower_run(fed, overrides, tmp_path / "flower-run")
-        wire = node_wire(fed)
+    earlier = wire_files(federation)
+    try:
+        flower_run(federation, overrides, tmp_path / "flower-run")
+    finally:
+        federation.kill_serverapps()  # a failed run's ServerApp must not hold up the next family's
+    wire = node_wire(federation, earlier)
     run = tmp_path / "flower-run"
     assert_same_adapter(run, sim)
     assert read_ledger(run / "ledger.jsonl") == read_ledger(sim / "ledger.jsonl")
