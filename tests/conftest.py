@@ -9,6 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FEDZIP_DATA", str((REPO.parent / "shared" / "data").resolve()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread a worker (and for the processes it starts),
+    # since torch's default of one a core, times N workers, slows small ops by up to 100x on a loaded machine
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 WORDS = {0: "goal match team season league", 1: "vote party election minister law",
          2: "software chip computer network data"}

@@ -190,6 +190,7 @@ def federation(tmp_path_factory):
 
 
 @pytest.mark.deploy
+@pytest.mark.xdist_group("flower-matrix")  # pytest -n N --dist loadgroup: the whole matrix on one worker, one federation
 @pytest.mark.parametrize("family", sorted(FLOWER_ROWS))
 def test_a_flower_run_equals_the_simulation_and_its_ledger_equals_the_wire(tmp_path, tiny_cfg, family, federation):
     overrides = tiny_cfg + ["rounds=2", "num_clients=6", "clients_per_round=3"] + FLOWER_ROWS[family]
