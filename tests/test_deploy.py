@@ -186,3 +186,20 @@ def test_waiting_for_a_run_ends_when_its_summary_is_written_and_fails_at_once_wh
     failed.wait()
     with pytest.raises(FedzipError, match="could not submit the run .code 1.: Connection to the SuperLink is unavail"):
         fed.wait_for_run(failed, tmp_path / "other", deadline=time.time() + 30.0)
+
+
+def test_stopping_a_federation_stops_its_superlink_supernodes_and_node_workers(tmp_path):
+    from fedzip.deploy import node_worker
+
+    fed = LocalFederation(tmp_path / "flower", nodes=2).start()
+    try:
+        workers = [node_worker.call(fed.state_dir(i), {"op": "ping"}, b"", idle_s=60)[0]["pid"] for i in range(2)]
+        procs = [fed.superlink, *fed.supernodes.values()]
+    finally:
+        fed.stop()
+    assert all(p.poll() is not None for p in procs)  # each has exited and been waited for
+    for i, pid in enumerate(workers):
+        assert not (fed.state_dir(i) / "worker.pid").exists()
+        status = Path(f"/proc/{pid}/status")  # started from this process, an exited worker stays a zombie until reaped
+        assert not status.exists() or "\nState:\tZ" in status.read_text()
+    assert fed.superlink is None and not fed.supernodes
