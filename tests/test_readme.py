@@ -72,11 +72,21 @@ def user_files(cwd: Path) -> None:
     (cwd / "configs").symlink_to(REPO / "configs")  # a clone's configs/ folder, as the README uses it
 
 
-def test_readme_commands_run_as_written(tmp_path, cache_dir, monkeypatch, capsys):
+def causal(args: list[str]) -> bool:
+    """A command on SmolLM2 through a B2/B3 config (minutes each even when shortened)."""
+    return len(args) > 1 and args[1].startswith(("b2_", "b3_", "configs/b2_", "configs/b3_"))
+
+
+# Two halves, so that two pytest-xdist workers can share the README: the causal-LM configs' commands, and the
+# rest with the reports (which compare the quickstart runs the rest makes).
+@pytest.mark.parametrize("half", ["causal_lm", "the_rest"])
+def test_readme_commands_run_as_written(tmp_path, cache_dir, monkeypatch, capsys, half):
     commands = readme_commands()
-    runs = [c for c in commands if c[0] == "run"]
-    reports = [c for c in commands if c[0] == "report"]
-    assert len(runs) >= 10 and reports, "the README lost its commands"
+    assert len([c for c in commands if c[0] == "run"]) >= 10 and any(c[0] == "report" for c in commands), \
+        "the README lost its commands"
+    assert any(causal(c) for c in commands), "the README lost its B2/B3 commands"
+    runs = [c for c in commands if c[0] == "run" and causal(c) == (half == "causal_lm")]
+    reports = [c for c in commands if c[0] == "report" and half == "the_rest"]
     user_files(tmp_path)
     monkeypatch.chdir(tmp_path)  # in-process (one torch import for all), from the folder a user would be in
     monkeypatch.setenv("FEDZIP_CACHE", cache_dir)
