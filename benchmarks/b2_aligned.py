@@ -61,6 +61,9 @@ ROWS = [
     ("offsite_tuning", ["method=offsite_tuning", "method_options={drop: 0.5}"], "offsite-tuning: FedOT with one client"),
 ]
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, ROWS)
+# Runs that shared the 2 cores with more than the other benchmark run (the test suite): their loss and bytes
+# are unaffected, their step times inflated.
+SHARED_CORES = [("fedbiot_authors", 2), ("fedot", 2)]
 
 
 def last(record: dict, key: str) -> float | None:
@@ -149,6 +152,12 @@ def write_board() -> None:
                       *figure_lines(board, records, "b2_aligned.png", "B2: AdapFu loss, mean over seeds, band = 1 std",
                                     "AdapFu loss")]
     lines += [f"- `{label}`: {what}" for label, _, what in ROWS] + [""]
+    shared = [f"{label} s{seed}" for label, seed in SHARED_CORES
+              if any(r["label"] == label and r["seed"] == seed for r in records)]
+    if shared:
+        lines += [f"**Timing caveat.** Besides the one other benchmark run, these runs shared the 2 cores with test "
+                  f"runs for part of their run: {', '.join(shared)}. Their loss and bytes are unaffected; their client "
+                  "step times are inflated.", ""]
     (RESULTS / "b2_aligned.md").write_text("\n".join(lines))
     say("\n".join(lines))
 
