@@ -72,17 +72,28 @@ def last(record: dict, key: str) -> float | None:
     return values[-1] if values else None
 
 
+def prealignments(records: list[dict], label: str) -> list[dict]:
+    """The pre-alignment report of each finished run of ``label``."""
+    return [r["method_facts"]["prealignment"] for r in records
+            if r["label"] == label and r.get("method_facts", {}).get("prealignment")]
+
+
+def gate_met(records: list[dict], label: str) -> tuple[int, int]:
+    """(runs whose emulator met the gate, runs) for a FedBiOT row."""
+    reports = prealignments(records, label)
+    return sum(bool(p.get("prealign_gate_met")) for p in reports), len(reports)
+
+
 def emulator_lines(records: list[dict]) -> list[str]:
     """Per FedBiOT row: the pre-alignment's gate (steps, public loss of full model and emulator, met?)."""
     lines = ["| row | seeds | steps run | public loss: full model | emulator before | emulator after | gate met |",
              "|---|---|---|---|---|---|---|"]
     for label in ("fedbiot", "fedbiot_authors"):
-        reports = [r["method_facts"]["prealignment"] for r in records
-                   if r["label"] == label and r.get("method_facts", {}).get("prealignment")]
+        reports = prealignments(records, label)
         if not reports:
             continue
         cell = lambda k: mean_std([p[k] for p in reports])  # noqa: E731
-        met = sum(bool(p.get("prealign_gate_met")) for p in reports)
+        met, _ = gate_met(records, label)
         lines.append(f"| {label} | {len(reports)} | {mean_std_text(cell('prealign_steps_run'), '.0f')} | "
                      f"{mean_std_text(cell('public_loss_full'), '.2f')} | "
                      f"{mean_std_text(cell('public_loss_emulator_before'), '.2f')} | "
@@ -123,10 +134,12 @@ def claims(records: list[dict]) -> list[str]:
              "one of at least 3 seeds and **does not hold** when it is not ahead on the mean. The comparison is "
              "meaningful only where the emulator passed its gate (the table above).", ""]
     for row in ("fedbiot", "fedbiot_authors"):
+        met, runs = gate_met(records, row)
+        gate = f" (gate met on {met} of {runs} seed(s))" if runs else ""
         for baseline in ("fedot", "offsite_tuning"):
             fu = verdict(paired_last(records, row, baseline, "loss"), unit="nats", fmt="+.3f")
             emu = verdict(paired_last(records, row, baseline, "emu_loss"), unit="nats", fmt="+.3f")
-            lines.append(f"- `{row}` beats `{baseline}`: AdapFu {fu}; AdapEmu {emu}.")
+            lines.append(f"- `{row}` beats `{baseline}`{gate}: AdapFu {fu}; AdapEmu {emu}.")
     return lines + [""]
 
 
