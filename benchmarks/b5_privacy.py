@@ -20,12 +20,11 @@ sampling amplification is left and epsilon 8 would need about 8 times the noise.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, run_one, say  # noqa: E402
+from common import RESULTS, ROOT, bench_threads, run_one, say  # noqa: E402
 from seeded import SeededBenchmark, commit_file, figure_lines  # noqa: E402
 
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
@@ -77,7 +76,7 @@ def clip_pilot(commit: bool, _seeds: list[int]) -> None:
     out = ROOT / "runs" / BENCH / "clip_pilot"
     run_one("clip_pilot", f"configs/{CONFIG}.yaml", [*PROFILE, "privacy.mode=central", "privacy.clip=1e6",
                                                       "privacy.noise_multiplier=0", "seed=0"],
-            out, threads=int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or 2, stop_after=6)
+            out, threads=bench_threads(1), stop_after=6)
     norms = [json.loads(x)["dp_update_norm"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     norms = [n for n in norms if n > 0]
     clip = round(sorted(norms)[len(norms) // 2], 3)

@@ -65,12 +65,18 @@ def _run_dir(bench: str, profile: str, label: str, home: list[str]) -> Path:
     return ROOT / "runs" / other_bench / profile / other_label
 
 
+def bench_threads(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` parallel runs: ``FEDZIP_BENCH_THREADS`` if set (1 when two trainers
+    share 2 cores: they run faster so), else the cores shared out."""
+    return int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // jobs)
+
+
 def run_matrix(bench: str, profile: str, runs: list[tuple], jobs: int) -> dict[str, Path]:
     """Run (label, config, overrides[, home]) in ``jobs`` parallel subprocesses; return each label's run dir.
 
     ``home`` ("<bench>/<label>") names the same run in another benchmark (identical config and overrides):
     its directory is reused, so a shared reference such as FedIT is trained once for every benchmark."""
-    threads = int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // jobs)
+    threads = bench_threads(jobs)
     dirs = {label: _run_dir(bench, profile, label, home) for label, _, _, *home in runs}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_one, label, cfg, ov, dirs[label], threads) for label, cfg, ov, *_ in runs]

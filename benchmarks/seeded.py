@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import RESULTS, ROOT, run_one, say
+from common import RESULTS, ROOT, bench_threads, run_one, say
 
 from fedzip.report.compact import compact_run, load_compact
 
@@ -79,7 +78,7 @@ class SeededBenchmark:
     def run(self, seeds: list[int], only: set[str], jobs: int, commit: bool) -> list[str]:
         """Every (row, seed) not done yet, ``jobs`` at a time; returns the names of the runs that failed."""
         todo = self.todo(seeds, only)
-        threads = int(os.environ.get("FEDZIP_BENCH_THREADS", 0)) or max(1, (os.cpu_count() or 2) // jobs)
+        threads = bench_threads(jobs)
         say(f"{len(todo)} run(s) to do, {jobs} at a time, {threads} thread(s) each")
         failed = []
         with ThreadPoolExecutor(max_workers=jobs) as pool:
