@@ -130,21 +130,26 @@ def wire_files(fed: LocalFederation) -> set[Path]:
     return set(fed.home.glob("node*-state/*/wire.jsonl"))
 
 
-def node_wire(fed: LocalFederation, earlier: set[Path] = frozenset()) -> dict[tuple[int, int], tuple[int, int]]:
-    """(round, client) -> (down, up) payload bytes as each SuperNode recorded them (the last attempt), leaving
-    out the ``earlier`` experiments' records (a federation shared by several runs)."""
+def node_wire(fed: LocalFederation, earlier: set[Path] = frozenset(), kind: str = "update"
+              ) -> dict[tuple[int, int], tuple[int, int]]:
+    """(round, client) -> (down, up) payload bytes of the ``kind`` messages (``update``: training; ``eval``:
+    personalised evaluation) as each SuperNode recorded them (the last attempt), leaving out the ``earlier``
+    experiments' records (a federation shared by several runs)."""
     out = {}
     for f in sorted(wire_files(fed) - set(earlier)):
         for line in f.read_text().splitlines():
             e = json.loads(line)
-            out[(e["round"], e["client"])] = (e["down"], e["up"])
+            if e.get("kind", "update") == kind:
+                out[(e["round"], e["client"])] = (e["down"], e["up"])
     return out
 
 
-def ledger_pairs(run_dir: Path) -> dict[tuple[int, int], tuple[int, int]]:
+def ledger_pairs(run_dir: Path, kind: str = "update") -> dict[tuple[int, int], tuple[int, int]]:
+    """(round, client) -> (down, up) bytes of the ledger's delivered ``kind`` messages (``update`` takes every
+    training message, whatever it carried)."""
     pairs: dict[tuple[int, int], dict[str, int]] = {}
     for e in read_ledger(run_dir / "ledger.jsonl"):
-        if "status" not in e:
+        if "status" not in e and (e["kind"] == "eval") == (kind == "eval"):
             pairs.setdefault((e["round"], e["client"]), {})[e["direction"]] = e["bytes"]
     return {k: (v["down"], v["up"]) for k, v in pairs.items() if "up" in v}
 

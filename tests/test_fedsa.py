@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 from fedzip.config import load_config
 from fedzip.data.partition import client_test_indices
 from fedzip.engine import run_experiment
+from fedzip.engine.ledger import read_ledger
+from fedzip.engine.personal import own_test_indices, read_reply
 from fedzip.engine.simulation import sample_clients
 from fedzip.engine.state import ClientStateStore
-from fedzip.errors import PayloadError
+from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods import ClientContext
 from fedzip.models.lora import is_lora, is_lora_a
 from fedzip.wire import Message, decode, encode
@@ -93,6 +95,65 @@ def test_personalised_evaluation_judges_client_models(tiny_cfg, tmp_path):
     assert "accuracy_of" not in row and "personal_accuracy" in row and "accuracy" in row
     # the client models share out the evaluation set: together they score each example once
     assert last["eval_examples"] == row["eval_examples"]
+
+
+def test_personalised_evaluation_travels_as_counted_messages_and_scores_each_clients_own_model(tiny_cfg, tmp_path):
+    """The clients score themselves from what they were sent: the ledger holds each evaluation message (kind
+    ``eval``: A only down, scores only up), training's byte totals do not include them, and the personal
+    accuracy is that of each client's exported model on its own test draw."""
+    overrides = tiny_cfg + ["method=fedsa_lora", "rounds=2", "eval.personal_clients=3", "eval.personal_examples=12"]
+    cfg = load_config(None, overrides)
+    summary = run_experiment(cfg, tmp_path / "fedsa", progress=False)
+    run = tmp_path / "fedsa"
+    ledger = read_ledger(run / "ledger.jsonl")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    evals = [e for e in ledger if e["kind"] == "eval"]
+    clients = set(last["personal_clients"])
+    # one message each way per evaluated client (twice in the last round when it also scores the fixed subset)
+    calls = 2 if "fixed_subset" in last else 1
+    assert {(e["client"], e["direction"]) for e in evals if e["round"] == 2} == {(c, d) for c in clients
+                                                                                 for d in ("up", "down")}
+    assert len([e for e in evals if e["round"] == 2]) == 3 * 2 * calls
+    _, rt, server, _ = server_and_client(overrides)
+    a_only = {n: t for n, t in server.global_tensors().items() if is_lora_a(n)}
+    assert {e["bytes"] for e in evals if e["direction"] == "down"} == {len(encode(Message(tensors=a_only), "fp32"))}
+    assert last["bytes_eval_down"] == sum(e["bytes"] for e in evals if e["round"] == 2 and e["direction"] == "down")
+    assert summary["bytes_eval_total"] == sum(e["bytes"] for e in evals)
+    training = [e for e in ledger if e["kind"] != "eval"]
+    assert summary["bytes_up_total"] + summary["bytes_down_total"] == sum(e["bytes"] for e in training)
+    # each client's own model (exported) on its own draw: the mean, min and max of the row
+    own = []
+    for cid in sorted(clients):
+        mine = load_file(str(run / "personal" / f"client_{cid}" / "adapter_model.safetensors"))
+        rt.view.set({n: mine["base_model.model." + n] for n in rt.view.names()})
+        own.append(rt.task.evaluate(rt.model, cfg.eval.batch_size, indices=own_test_indices(cfg, rt, cid))["accuracy"])
+    assert last["personal_accuracy"] == pytest.approx(np.mean(own), abs=1e-9)
+    assert (last["personal_accuracy_min"], last["personal_accuracy_max"]) == pytest.approx((min(own), max(own)))
+
+
+def test_personalised_evaluation_is_refused_where_clients_do_not_hold_the_servers_model(tiny_cfg, tmp_path):
+    fedbiot = ["method=fedbiot", "model.name=tiny-llama-8", "data.source=alpaca", "data.path=null", "data.max_length=48",
+               "data.max_test_examples=16", "method_options={prealign_steps: 1, align_steps: 1, align_batch: 2, "
+               "public_max_examples: 16}", "eval.personal_clients=2"]
+    with pytest.raises(ConfigError, match="personal_clients"):
+        run_experiment(load_config(None, tiny_cfg + fedbiot), tmp_path / "fedbiot", progress=False)
+
+
+def test_an_evaluation_reply_is_checked_before_its_scores_count():
+    good = {"cid": 3, "round": 2, "own": {"accuracy": 0.5, "loss": 1.2, "eval_examples": 12}}
+    metrics, scores = read_reply(json.dumps(good).encode(), 3, 2, own=True, share=False)
+    assert metrics == good["own"] and scores is None
+    bad = [b"\x80 not json", json.dumps(good | {"cid": 4}).encode(), json.dumps(good | {"round": 1}).encode(),
+           json.dumps(good | {"own": {"accuracy": float("nan"), "loss": 1.0, "eval_examples": 1}}).encode(),
+           json.dumps(good | {"own": {"accuracy": 0.5}}).encode(),  # no loss, no count
+           json.dumps(good).encode()]  # asked for its shared scores, it sends none
+    for i, payload in enumerate(bad):
+        with pytest.raises(PayloadError):
+            read_reply(payload, 3, 2, own=True, share=i == len(bad) - 1)
+    shared = good | {"shared": {"loss_sum": 3.0, "count": 2, "examples": 2, "preds": [1, 0], "golds": [1]}}
+    with pytest.raises(PayloadError):  # one prediction without its gold
+        read_reply(json.dumps(shared).encode(), 3, 2, own=True, share=True)
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_cfg):

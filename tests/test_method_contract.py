@@ -165,9 +165,8 @@ FLOWER_ROWS = {
                  "method_options={tgap_rounds: 1, ae_epochs: 2, ae_lr: 0.001, ae_gate: warn}"],
     # the gradient round, then the basis sent once and kept on the nodes
     "fedsb": ["method=fedsb"],
-    # A travels, B stays on the nodes; client models are not evaluated there (personalised evaluation needs
-    # the clients' state), so both sides evaluate nothing
-    "fedsa_lora": ["method=fedsa_lora", "eval.personal_clients=0"],
+    # A travels, B stays on the nodes; the nodes score their clients' own models (personalised evaluation)
+    "fedsa_lora": ["method=fedsa_lora", "eval.personal_clients=2", "eval.personal_examples=8"],
     # seeds and scalars only; each client replays the rounds it missed from its own synchronised model
     "fedkseed": ["method=fedkseed", "method_options={num_seeds: 16}", "train.lr=0.0001"],
 }
@@ -205,5 +204,9 @@ def test_a_flower_run_equals_the_simulation_and_its_ledger_equals_the_wire(tmp_p
     assert_same_adapter(run, sim)
     assert read_ledger(run / "ledger.jsonl") == read_ledger(sim / "ledger.jsonl")
     assert ledger_pairs(run) == wire and len(wire) == 2 * 3  # every message, as the nodes counted it
+    evals = ledger_pairs(run, "eval")
+    assert evals == node_wire(federation, earlier, "eval") and (bool(evals) == (family == "fedsa_lora"))
+    assert [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1].get("personal_accuracy") == \
+        [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()][-1].get("personal_accuracy")
     assert json.loads((run / "summary.json").read_text())["final_metrics"] == \
         json.loads((sim / "summary.json").read_text())["final_metrics"]

@@ -131,7 +131,8 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(256, ge=1, description="generation length for exact match")
     personal_clients: int | None = Field(
         None, ge=0, description="clients whose own model is evaluated on test examples drawn like their training "
-        "labels (personalised evaluation, simulation only); unset: 10 (at most every client) for methods whose "
+        "labels (personalised evaluation: the clients score themselves, in a simulation or on their SuperNodes, "
+        "and the ledger counts the messages as kind 'eval'); unset: 10 (at most every client) for methods whose "
         "clients keep a model of their own, 0 (off) for the others")
     personal_examples: int = Field(100, ge=1, description="test examples a client's own test set holds")
 

@@ -41,10 +41,21 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Each client record of the message in turn (the node's clients train one after another, as in a
     simulation); a client that fails gets an ``error`` in its reply record and the others go on."""
+    return _relay(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised evaluation (``fedzip.engine.personal``): each client's own model on its own test draw;
+    the reply carries scores, never the model."""
+    return _relay(msg, context, "evaluate")
+
+
+def _relay(msg: Message, context: Context, op: str) -> Message:
     node = context.node_config
     names = [n for n in msg.content.config_records if n.startswith(RECORD + ".")]
     if not names:
-        raise PayloadError(f"train message has no {RECORD}.<cid> record")
+        raise PayloadError(f"{op} message has no {RECORD}.<cid> record")
     out = {}
     for name in names:
         rec = msg.content.config_records[name]
@@ -52,8 +63,10 @@ def train(msg: Message, context: Context) -> Message:
         if not isinstance(cid, int) or name != client_record(cid) or not isinstance(rnd, int) or rnd < 1 \
                 or not isinstance(down, bytes):
             raise PayloadError(f"record {name}: needs int 'cid' (its name's), int 'round' >= 1 and bytes 'payload'")
-        request = {"op": "train", "cid": cid, "round": rnd, "run_config": dict(context.run_config),
+        request = {"op": op, "cid": cid, "round": rnd, "run_config": dict(context.run_config),
                    "node_config": dict(node.items())}
+        if op == "evaluate":  # checked by the worker (fedzip.engine.personal.evaluate_client)
+            request |= {"own": rec.get("own"), "share": rec.get("share")}
         if _flag(node.get("worker"), True):
             idle = float(node.get("worker-idle-s") or node_worker.DEFAULT_IDLE_S)
             reply, up = node_worker.call(node_worker.state_dir_of(node), request, down, idle_s=idle)

@@ -113,11 +113,24 @@ class FlowerExchange:
             log.warning("round %d: client %d failed: %s", rnd, cid, reason)
         return replies, failures, {}  # no diagnostics cross the network
 
-    def _send(self, rnd: int, downs: dict[int, bytes], client_s: dict[int, float]
-              ) -> tuple[dict[int, bytes], dict[int, str]]:
+    # -- personalised evaluation (fedzip.engine.personal) ---------------------------------------------
+    evaluates_clients = True
+
+    def evaluate(self, rnd: int, down: bytes, requests: dict[int, dict]) -> tuple[dict[int, bytes], dict[int, str]]:
+        """Each evaluated client's request as an ``evaluate`` message to its SuperNode; asked once (a client that
+        does not answer is left out of the round's personalised metrics)."""
+        def record(req: dict) -> dict:
+            return {"own": req["own"]} | ({"share": req["share"]} if req.get("share") is not None else {})
+
+        return self._send(rnd, {cid: down for cid in requests}, {}, "evaluate",
+                          {cid: record(req) for cid, req in requests.items()})
+
+    def _send(self, rnd: int, downs: dict[int, bytes], client_s: dict[int, float], message_type: str = "train",
+              extra: dict[int, dict] | None = None) -> tuple[dict[int, bytes], dict[int, str]]:
         """One Flower message per node, carrying the payloads of all its sampled clients: Flower 1.41 handles a
         node's messages one after another and starts a process for each, so per-client messages would pay that
-        start and the node's polling once per client instead of once per node (B4)."""
+        start and the node's polling once per client instead of once per node (B4). ``extra``: more fields of
+        each client's record (an evaluation request's)."""
         self.refresh_nodes()
         failures: dict[int, str] = {}
         by_node: dict[int, dict[int, bytes]] = {}
@@ -127,8 +140,9 @@ class FlowerExchange:
                 failures[cid] = "no SuperNode hosts this client"
                 continue
             by_node.setdefault(node, {})[cid] = payload
-        messages = [Message(RecordDict({client_record(cid): ConfigRecord({"payload": p, "cid": cid, "round": rnd})
-                                        for cid, p in batch.items()}), dst_node_id=node, message_type="train")
+        messages = [Message(RecordDict({client_record(cid): ConfigRecord({"payload": p, "cid": cid, "round": rnd,
+                                                                          **(extra or {}).get(cid, {})})
+                                        for cid, p in batch.items()}), dst_node_id=node, message_type=message_type)
                     for node, batch in by_node.items()]
         replies: dict[int, bytes] = {}
         answers = self.send_and_receive(messages, timeout=self.cfg.deploy.round_timeout_s) if messages else []

@@ -101,7 +101,8 @@ def recv_frame(sock: socket.socket) -> tuple[dict, bytes]:
 
 # -- the work: one experiment's client side, kept between messages ----------------------------------------
 class NodeWorker:
-    """Answers ``train`` requests; used by the worker process and, with ``worker = false``, by the ClientApp."""
+    """Answers ``train`` and ``evaluate`` requests; used by the worker process and, with ``worker = false``, by
+    the ClientApp."""
 
     def __init__(self):
         self._key: str | None = None
@@ -140,29 +141,49 @@ class NodeWorker:
         return self._method
 
     def train(self, request: dict, down: bytes) -> tuple[dict, bytes]:
+        from fedzip.engine.client import run_client
+
+        method, store, cid, rnd = self._client(request)
+        store.rollback(rnd - 1, cid)  # drop state from an attempt at this round the server never completed
+        store.commit(rnd - 1, cid)
+        t0 = time.time()
+        up = run_client(method, store, rnd, cid, down).up  # diagnostics stay on the node
+        return self._audited(store, {"round": rnd, "client": cid}, down, up, t0)
+
+    def evaluate(self, request: dict, down: bytes) -> tuple[dict, bytes]:
+        """Personalised evaluation after round ``round``: the client's model as that round left it."""
+        from fedzip.engine.personal import evaluate_client
+
+        method, store, cid, rnd = self._client(request)
+        store.rollback(rnd, cid)  # state from rounds after it belongs to an attempt the server never completed
+        t0 = time.time()
+        up = evaluate_client(method, store, cid, down, {"round": rnd, "own": request.get("own"),
+                                                         "share": request.get("share")})
+        return self._audited(store, {"round": rnd, "client": cid, "kind": "eval"}, down, up, t0)
+
+    def _client(self, request: dict):
+        """(client-side method, the experiment's state store, client id, round) of a checked request."""
         from fedzip.config import dump_config
         from fedzip.deploy.task import experiment_config, hosted_clients
-        from fedzip.engine.client import run_client
         from fedzip.engine.state import ClientStateStore
         from fedzip.errors import PayloadError
 
         node_config, cid, rnd = request.get("node_config") or {}, request.get("cid"), request.get("round")
         if not isinstance(cid, int) or not isinstance(rnd, int) or rnd < 1:
-            raise PayloadError("a train request needs int 'cid' and int 'round' >= 1")
+            raise PayloadError(f"a {request.get('op')} request needs int 'cid' and int 'round' >= 1")
         cfg = experiment_config(request.get("run_config") or {}, node_config)
         if cid not in hosted_clients(node_config, cfg.num_clients):
             raise PayloadError(f"client {cid} is not hosted on this SuperNode")
         method = self.client_method(cfg, node_config)
         run_key = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]  # the same experiment resumes its state
-        store = ClientStateStore(state_dir_of(node_config) / run_key)
-        store.rollback(rnd - 1, cid)  # drop state from an attempt at this round the server never completed
-        store.commit(rnd - 1, cid)
-        t0 = time.time()
-        up = run_client(method, store, rnd, cid, down).up  # diagnostics stay on the node
+        return method, ClientStateStore(state_dir_of(node_config) / run_key), cid, rnd
+
+    @staticmethod
+    def _audited(store, entry: dict, down: bytes, up: bytes, t0: float) -> tuple[dict, bytes]:
         client_s = time.time() - t0
         store.root.mkdir(parents=True, exist_ok=True)
         with open(store.root / "wire.jsonl", "a", encoding="utf-8") as f:  # the node's own audit of the ledger
-            f.write(json.dumps({"round": rnd, "client": cid, "down": len(down), "up": len(up)}) + "\n")
+            f.write(json.dumps({**entry, "down": len(down), "up": len(up)}) + "\n")
         return {"client_s": client_s}, up
 
     def handle(self, request: dict, payload: bytes) -> tuple[dict, bytes]:
@@ -172,9 +193,9 @@ class NodeWorker:
         try:
             if request.get("op") == "ping":
                 return {"ok": True, "pid": os.getpid()}, b""
-            if request.get("op") != "train":
+            if request.get("op") not in ("train", "evaluate"):
                 return {"error": f"unknown request {request.get('op')!r}", "kind": "PayloadError"}, b""
-            reply, up = self.train(request, payload)
+            reply, up = (self.train if request["op"] == "train" else self.evaluate)(request, payload)
             return {"ok": True, **reply}, up
         except FedzipError as exc:
             return {"error": str(exc), "kind": type(exc).__name__}, b""

@@ -23,11 +23,11 @@ import yaml
 
 from fedzip import privacy
 from fedzip.config import ExperimentConfig, dump_config
-from fedzip.data.partition import client_test_indices
-from fedzip.data.task import EvalScores, model_device
+from fedzip.data.task import model_device
 from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
 from fedzip.engine.ledger import Ledger
 from fedzip.engine.memory import PeakMemory
+from fedzip.engine.personal import PersonalEvaluation, evaluate_client, personal_clients
 from fedzip.engine.runtime import build_runtime, client_runtime
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError, PayloadError, RunDirError
@@ -71,65 +71,21 @@ class InProcessExchange:
             self.bar.client_done()
         return replies, {}, diagnostics  # (replies, failures: cid -> reason, diagnostics)
 
+    evaluates_clients = True
 
-def personal_clients(cfg, method_cls) -> int:
-    if cfg.eval.personal_clients is not None:
-        return min(cfg.eval.personal_clients, cfg.num_clients)
-    return min(10, cfg.num_clients) if method_cls.personalised else 0
+    def evaluate(self, rnd: int, down: bytes, requests: dict[int, dict]) -> tuple[dict[int, bytes], dict[int, str]]:
+        """Personalised evaluation (``fedzip.engine.personal``): each client answers from its own state."""
+        return {cid: evaluate_client(self.method, self.store, cid, down, req) for cid, req in requests.items()}, {}
 
 
-class PersonalEvaluation:
-    """Client models judged on test sets of their own (personalised FL), in simulation.
-
-    A fixed sample of clients (``eval.personal_clients``), each with ``eval.personal_examples`` test examples
-    drawn like its training labels (``client_test_indices``). Each client's model is what it holds: the global
-    tensors plus whatever its method keeps on it (``Method.personal_tensors``, from the client's store). The row
-    gets ``personal_accuracy`` (mean over the clients, on their own test sets) and its spread.
-
-    For a method without one global model (``Method.personalised``) the row's ``accuracy``, ``loss`` ... are those
-    of the client models on the shared evaluation set (``accuracy_of: client_models``), so that its curve
-    compares with others': the set is dealt out among the sampled clients (client i takes every n-th example
-    from the i-th), each client's model scores its share, and the scores are pooled. That estimates the mean
-    client model's accuracy at the cost of one evaluation. Needs the clients' stores: the in-process exchange."""
-
-    def __init__(self, cfg, rt, method, exchange: InProcessExchange):
-        self.cfg, self.rt, self.method, self.exchange = cfg, rt, method, exchange
-        n = personal_clients(cfg, type(method))
-        self.cids = sorted(int(c) for c in np.random.default_rng([cfg.seed, 7]).permutation(cfg.num_clients)[:n])
-        train_labels, test_labels = rt.task.train_data.labels, rt.task.test_data.labels
-        self.tests = {cid: client_test_indices(train_labels, rt.parts[cid], test_labels, cfg.eval.personal_examples,
-                                               np.random.default_rng([cfg.seed, 11, cid])) for cid in self.cids}
-
-    def __call__(self, rnd: int, full: bool, own: bool = True) -> dict:
-        cfg, task = self.cfg, self.rt.task
-        glob = self.method.global_tensors()
-        shared = task.eval_indices(None if full else cfg.eval.max_examples, cfg.seed)
-        pooled, own_rows = EvalScores(), []
-        for i, cid in enumerate(self.cids):
-            self.rt.view.set(self.exchange.method.personal_tensors(cid, self.exchange.store, glob))
-            if own:
-                own_rows.append(task.evaluate(self.rt.model, cfg.eval.batch_size, indices=self.tests[cid]))
-            if type(self.method).personalised:
-                pooled += task.score(self.rt.model, shared[i::len(self.cids)], cfg.eval.batch_size)
-        self.rt.view.set(glob)
-        row: dict = {}
-        if own_rows:
-            key = "accuracy" if "accuracy" in own_rows[0] else "loss"
-            values = [r[key] for r in own_rows]
-            row |= {f"personal_{key}": float(np.mean(values)), f"personal_{key}_min": float(np.min(values)),
-                    f"personal_{key}_max": float(np.max(values)), "personal_clients": self.cids,
-                    "personal_examples": int(sum(r["eval_examples"] for r in own_rows))}
-        if pooled.examples:
-            row |= task.metrics(pooled) | {"accuracy_of": "client_models"}
-        return row
-
-    def export(self, out: Path) -> None:
-        """The evaluated clients' own models at the end, each a peft adapter: ``personal/client_<cid>``."""
-        glob = self.method.global_tensors()
-        for cid in self.cids:
-            self.rt.view.set(self.exchange.method.personal_tensors(cid, self.exchange.store, glob))
-            save_adapter(self.rt.model, out / "personal" / f"client_{cid}")
-        self.rt.view.set(glob)
+def export_personal_models(exchange: InProcessExchange, glob: dict[str, torch.Tensor], cids: list[int],
+                           out: Path) -> None:
+    """The evaluated clients' own models at the end (the global tensors ``glob`` with what each keeps), each a
+    peft adapter: ``personal/client_<cid>``. In a simulation only: a deployed client's model stays on its node."""
+    method = exchange.method
+    for cid in cids:
+        method.rt.view.set(method.personal_tensors(cid, exchange.store, {n: glob[n] for n in method.personal_spec()}))
+        save_adapter(method.rt.model, out / "personal" / f"client_{cid}")
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -235,14 +191,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
         exchange = InProcessExchange(method_cls(cfg, client_runtime(rt, method_cls)), store, bar)
     personal = None
     if personal_clients(cfg, method_cls):
-        if isinstance(exchange, InProcessExchange):
-            personal = PersonalEvaluation(cfg, rt, method, exchange)
-        elif cfg.eval.personal_clients:
-            raise ConfigError("eval.personal_clients: personalised evaluation reads the clients' own state, which "
-                              "stays on their nodes in a deployment; set it to 0")
-        else:
-            log.warning("%s: the clients keep models of their own on their nodes; a deployment evaluates none of "
-                        "them (personalised evaluation runs in simulation)", cfg.method)
+        personal = PersonalEvaluation(cfg, rt, method, exchange, ledger)
     elif method_cls.personalised:
         log.warning("%s: its clients keep models of their own and eval.personal_clients is 0: nothing is evaluated",
                     cfg.method)
@@ -272,6 +221,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                     row.update(own)
                     row["method_eval_keys"] = sorted(own)  # which of the row's metrics are the method's own
                 row["eval_s"] = time.time() - t0
+                if rnd in ledger.eval_bytes:  # personalised evaluation's traffic, apart from training's
+                    row |= {"bytes_eval_up": ledger.eval_bytes[rnd]["up"], "bytes_eval_down": ledger.eval_bytes[rnd]["down"]}
             row["wall_seconds"] = elapsed_before + time.time() - t_start
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -288,8 +239,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
 
     rt.view.set(method.global_tensors())
     export_model(rt.model, method_cls, out)
-    if personal is not None and method_cls.personalised and method_cls.uses_lora:
-        personal.export(out)  # adapter/ is no client's model: what only the clients keep is at its initial value
+    if personal is not None and method_cls.personalised and method_cls.uses_lora and \
+            isinstance(exchange, InProcessExchange):
+        # adapter/ is no client's model: what only the clients keep is at its initial value there
+        export_personal_models(exchange, method.global_tensors(), personal.cids, out)
         log.info("%s: adapter/ holds the shared tensors only; the evaluated clients' own models are in %s",
                  cfg.method, out / "personal")
     summary = write_summary(cfg, out, elapsed_before + time.time() - t_start, device_name(rt.model))
@@ -408,6 +361,8 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
     summary = {
         "method": cfg.method, "name": out.name, "rounds_completed": len(rows), "final_metrics": final,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        **({"bytes_eval_total": sum(r.get("bytes_eval_up", 0) + r.get("bytes_eval_down", 0) for r in rows)}
+           if any("bytes_eval_up" in r for r in rows) else {}),
         "wall_seconds": wall,
         "time_split_s": {k: sum(r.get(k, 0.0) or 0.0 for r in rows)
                          for k in ("compute_s", "encode_s", "decode_s", "aggregate_s", "eval_s")},

@@ -141,6 +141,12 @@ class Method:
         """Train on ``client.indices`` from what ``message`` brought; the reply is all that leaves the client."""
         raise NotImplementedError
 
+    def personal_spec(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the global tensors a client's own model takes from the server for personalised
+        evaluation (default: the whole trainable view; a personalised method only what it shares). Both sides
+        know them: the server sends exactly these, the client accepts nothing else."""
+        return self.rt.view.shapes()
+
     def personal_tensors(self, cid: int, store, global_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Client side, for evaluation: client ``cid``'s own model given the global tensors (default: the global
         model itself; a personalised method adds what the client keeps in its ``store``)."""

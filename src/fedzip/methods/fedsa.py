@@ -90,6 +90,9 @@ class FedSALoRA(FedIT):
                        meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
                              **privacy.record_meta(self.cfg, client.num_examples, steps, client.round)})
 
+    def personal_spec(self) -> dict[str, tuple[int, ...]]:
+        return self.rt.view.shapes(self.shared)  # B (and the head) are the client's own: they never travel
+
     def personal_tensors(self, cid: int, store, global_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         own, _ = self.own_tensors(cid, store)
         return {n: global_tensors[n] for n in self.shared} | own

@@ -74,6 +74,7 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
         "time_split_s": {k: round(v, 2) for k, v in summary["time_split_s"].items()},
         "final_metrics": summary["final_metrics"], "rounds": summary["rounds_completed"],
         "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"],
+        **({"bytes_eval_total": summary["bytes_eval_total"]} if "bytes_eval_total" in summary else {}),
         "client_step_s": round(compute / steps, 4) if steps else None,
         "client_peak_rss_bytes": peak_rss, "client_cuda_peak_bytes": peak_cuda,
         "curve": curve, "link_seconds": link_seconds, "warnings": summary.get("warnings", []),

@@ -49,6 +49,8 @@ def round_seconds(row: dict, ledger_rows: list[dict], link: Link) -> float:
     for entry in ledger_rows:
         if entry.get("status"):  # a message that never arrived does not hold the round up to its size
             continue
+        if entry.get("kind") == "eval":  # personalised evaluation: after the round, not part of training's time
+            continue
         cid = int(entry["client"])
         per_client[cid] = per_client.get(cid, compute.get(cid, 0.0)) + link.message_seconds(entry["bytes"],
                                                                                               entry["direction"])
