@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["rounds=1", "num_clients=4", "clients_per_round=2", "train.max_steps=1", "data.max_train_examples=96",
          "data.max_test_examples=24", "eval.max_examples=24", "eval.exact_match_examples=0",
-         "eval.ceval=false"]  # C-Eval in a real run: tests/test_ceval.py
+         "eval.ceval=false",  # C-Eval in a real run: tests/test_ceval.py
+         "data.max_length=64"]  # short texts: the B2/B3 configs' 256 tokens made SmolLM2's evaluations most of CI
 
 
 def readme_commands() -> list[list[str]]:
@@ -50,7 +51,9 @@ def small(args: list[str]) -> list[str]:
     config = args[1] if len(args) > 1 and not args[1].startswith("-") else None
     sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
     method = load_config(config, [s for s in sets if s.startswith("method=")]).method
-    return [w for kv in SMALL + SMALL_METHOD.get(method, []) for w in ("--set", kv)]
+    keep = [kv for kv in SMALL if not (kv.startswith("data.max_length=") and  # a length the command sets stays
+                                       any(s.startswith("data.max_length=") for s in sets))]
+    return [w for kv in keep + SMALL_METHOD.get(method, []) for w in ("--set", kv)]
 
 
 def user_files(cwd: Path) -> None:
