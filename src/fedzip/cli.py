@@ -61,6 +61,8 @@ def cmd_run(args) -> int:
     print(f"bytes up {summary['bytes_up_total']:,} ({summary['bytes_up_total'] / 1e6:.2f} MB), "
           f"down {summary['bytes_down_total']:,} ({summary['bytes_down_total'] / 1e6:.2f} MB), "
           f"{summary['wall_seconds']:.0f} s")
+    if summary.get("bytes_eval_total"):
+        print(f"personalised evaluation: {summary['bytes_eval_total']:,} bytes more, both ways (ledger kind 'eval')")
     if "privacy" in summary:
         p = summary["privacy"]
         print(f"client-level DP ({p['mode']}): epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} "
