@@ -56,14 +56,16 @@ def test_every_privacy_row_is_a_valid_config_with_a_calibrated_noise():
     from fedzip.config import load_config
 
     table = rows(0.3)
-    assert len(table) == 3 * (1 + len(EPSILONS))
+    assert len(table) == 3 * (1 + len(EPSILONS)) + 1  # and FedIT at epsilon 8 with an adaptive clip
     for label, overrides, _ in table:
         cfg = load_config(CONFIG, [*PROFILE, *overrides])
         if label.endswith("_none"):
             assert not privacy.enabled(cfg)
             continue
-        eps = float(label.rsplit("eps", 1)[1])
+        eps = float(label.rsplit("eps", 1)[1].split("_")[0])
         assert privacy.run_epsilon(cfg, cfg.rounds) == pytest.approx(eps, rel=0.01) and cfg.privacy.clip == 0.3
+        assert privacy.adaptive(cfg) == label.endswith("_adaptive")
+        assert privacy.update_noise_multiplier(cfg) >= privacy.noise_multiplier(cfg)  # the count's share is paid
 
 
 def test_every_frontier_row_is_a_valid_config_of_its_method():
