@@ -138,7 +138,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
 
     ``exchange(rnd, {cid: bytes}, timing) -> ({cid: reply bytes}, {cid: failure reason}, {cid: diagnostics})``
     carries a round's messages; by default clients run in this process (:class:`InProcessExchange`), the only
-    exchange whose diagnostics are not empty.
+    exchange whose diagnostics are not empty. Its ``evaluate`` carries personalised evaluation's
+    (``fedzip.engine.personal``).
     ``stop_after`` ends the process after that round's checkpoint, as an interruption would (tests).
     """
     method_cls = method_class(cfg.method)
