@@ -91,6 +91,19 @@ def test_stochastic_rounding_is_unbiased_and_deterministic():
     assert abs(det.decode(det.encode(t)[0], (20000,), {})[2::2].mean().item() - 0.3035) > 2e-3
 
 
+def test_stochastic_rounding_is_unbiased_for_a_value_sent_again_and_again():
+    """A full model state sent every round repeats most values: their rounding must not repeat with them."""
+    c = get_codec("int4(block=64,stochastic=1)")
+    decoded = []
+    for rnd in range(400):
+        t = torch.zeros(64)
+        t[0] = 1.0  # the block's scale: 1/7
+        t[1] = 0.1  # between levels 0 and 1
+        t[2] = rnd * 1e-6  # the rest of the state moves a little each round
+        decoded.append(c.decode(c.encode(t)[0], (64,), {})[1].item())
+    assert abs(sum(decoded) / len(decoded) - 0.1) < 0.01  # deterministic rounding would give 1/7 every time
+
+
 def test_zstd_shrinks_redundant_data_and_counts_its_bytes():
     t = torch.zeros(10000)
     t[::100] = 1.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +133,9 @@ class BlockQuant:
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         x = blocks / safe[:, None]
         if self.stochastic:
-            g = torch.Generator().manual_seed(0)  # deterministic: same update, same bytes
+            # seeded by the tensor itself: the same update gives the same bytes, and the dither differs from one
+            # tensor (and round) to the next, so a value sent again and again is not rounded the same way each time
+            g = torch.Generator().manual_seed(zlib.crc32(v.cpu().numpy().tobytes()))
             x = torch.floor(x + torch.rand(x.shape, generator=g))
         else:
             x = torch.round(x)
