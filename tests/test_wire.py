@@ -3,12 +3,13 @@ import struct
 
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedzip.errors import PayloadError
 from fedzip.wire import Message, decode, encode
-from fedzip.wire.payload import PREFIX
+from fedzip.wire.payload import MAX_HEADER_BYTES, PREFIX
 
 
 def sample(seed=0):
@@ -47,8 +48,7 @@ def test_fp16_halves_dense_bytes():
 def test_per_tensor_codec_mapping():
     msg = sample()
     data = encode(msg, {"layer.lora_A.weight": "fp16", "layer.lora_B.weight": "fp32", "head.bias": "bf16"})
-    header = json.loads(data[PREFIX.size:PREFIX.size + PREFIX.unpack_from(data)[1]])
-    assert [e["codec"] for e in header["tensors"]] == ["fp16", "fp32", "bf16"]
+    assert [e["codec"] for e in header_of(data)["tensors"]] == ["fp16", "fp32", "bf16"]
     assert set(decode(data).tensors) == set(msg.tensors)
 
 
@@ -105,9 +105,38 @@ def test_non_finite_values_rejected():
         decode(encode(Message({"x": torch.tensor([float("inf")])}), "fp16"))
 
 
-def _forge(header: dict, body: bytes = b"") -> bytes:
+def header_of(data: bytes) -> dict:
+    raw = data[PREFIX.size:PREFIX.size + PREFIX.unpack_from(data)[1]]
+    return json.loads(zstandard.ZstdDecompressor().decompress(raw) if data[:4] == b"FZP2" else raw)
+
+
+def _forge(header: dict, body: bytes = b"", magic: bytes = b"FZP2") -> bytes:
     h = json.dumps(header).encode()
-    return struct.pack("<4sI", b"FZP1", len(h)) + h + body
+    if magic == b"FZP2":
+        h = zstandard.ZstdCompressor().compress(h)
+    return struct.pack("<4sI", magic, len(h)) + h + body
+
+
+def test_header_is_compressed_and_plain_headers_still_read():
+    """Long module names repeat in every entry: compressed, the header of a small message stops dominating it."""
+    names = [f"base_model.model.encoder.layer.{i}.attention.self.{m}.lora_A.parametrizations.weight.0.R"
+             for i in range(6) for m in ("query", "key", "value")]
+    msg = Message({n: torch.randn(16, 16) for n in names}, {"round": 1})
+    data = encode(msg, "int8")
+    plain = json.dumps(header_of(data), separators=(",", ":")).encode()
+    assert PREFIX.unpack_from(data)[1] < len(plain) / 5
+    # the same message with its header as plain JSON (FZP1) decodes to the same tensors
+    old = _forge(header_of(data), data[PREFIX.size + PREFIX.unpack_from(data)[1]:], magic=b"FZP1")
+    for n, t in decode(old).tensors.items():
+        assert torch.equal(t, decode(data).tensors[n])
+
+
+def test_header_bomb_and_broken_zstd_rejected():
+    bomb = zstandard.ZstdCompressor().compress(b" " * (MAX_HEADER_BYTES + 10))
+    with pytest.raises(PayloadError, match="more than"):
+        decode(struct.pack("<4sI", b"FZP2", len(bomb)) + bomb)
+    with pytest.raises(PayloadError, match="zstd"):
+        decode(struct.pack("<4sI", b"FZP2", 8) + b"notzstd!")
 
 
 @pytest.mark.parametrize("header,body", [
@@ -120,9 +149,10 @@ def _forge(header: dict, body: bytes = b"") -> bytes:
     ({"meta": {}, "tensors": [{"name": "x"}]}, b""),
     ({"meta": {}, "tensors": [], "extra": 1}, b""),
 ])
-def test_forged_headers_rejected(header, body):
+@pytest.mark.parametrize("magic", [b"FZP2", b"FZP1"])
+def test_forged_headers_rejected(header, body, magic):
     with pytest.raises(PayloadError):
-        decode(_forge(header, body))
+        decode(_forge(header, body, magic))
 
 
 def test_size_limit_and_magic():

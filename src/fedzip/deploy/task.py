@@ -1,7 +1,7 @@
 """What the Flower ServerApp and ClientApp share: the experiment config and the message layout.
 
 A ``train`` message carries one ConfigRecord per logical client of the node it goes to, named
-``fedzip.<cid>``: ``payload`` (the FZP1 bytes that the ledger counts), ``cid`` and ``round``; the reply has one
+``fedzip.<cid>``: ``payload`` (the fedzip payload bytes that the ledger counts), ``cid`` and ``round``; the reply has one
 per client too, with the reply's ``payload`` and the client's ``client_s``, or an ``error``. ``query``
 messages use one record named ``fedzip``. Nothing in them is pickled.
 """

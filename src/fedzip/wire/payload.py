@@ -2,28 +2,36 @@
 
 Layout (all integers little-endian)::
 
-    b"FZP1" | u32 header_length | header (UTF-8 JSON) | buffer_0 | buffer_1 | ...
+    b"FZP2" | u32 header_length | zstd(header, UTF-8 JSON) | buffer_0 | buffer_1 | ...
 
 The header is ``{"meta": {...}, "tensors": [{"name", "shape", "codec", "params", "nbytes"}, ...]}``;
-buffers follow in the order of ``tensors``. Nothing is ever unpickled. :func:`decode` checks every
-declared size against the bytes actually present, the names and shapes the receiver expects, and
-that decoded values are finite, and raises :class:`PayloadError` on any mismatch.
+buffers follow in the order of ``tensors``. The header is compressed because its long, repetitive tensor
+names would otherwise be a third of a small method's message (Fed-SB's r x r matrices, FedKSeed's scalars);
+``b"FZP1"`` payloads, with the header as plain JSON, are still read. Nothing is ever unpickled.
+:func:`decode` checks every declared size against the bytes actually present (the header decompresses to
+at most ``MAX_HEADER_BYTES``), the names and shapes the receiver expects, and that decoded values are
+finite, and raises :class:`PayloadError` on any mismatch.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+import zstandard
 
 from fedzip.errors import PayloadError
 from fedzip.wire.codecs import numel
 from fedzip.wire.stages import get_codec
 
-MAGIC = b"FZP1"
+MAGIC = b"FZP2"  # the header zstd-compressed
+PLAIN_MAGIC = b"FZP1"  # the header as plain JSON: read, no longer written
+HEADER_ZSTD_LEVEL = 10  # a 5 kB header: 0.02 ms; level 19 saves 8 more bytes for 1.3 ms
+# with a checksum (4 bytes): a corrupted header is an error, never a different valid header
 PREFIX = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 2**31
@@ -54,7 +62,22 @@ def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
         entries.append({"name": name, "shape": list(tensor.shape), "codec": c.name, "params": params, "nbytes": len(buf)})
         buffers.append(buf)
     header = json.dumps({"meta": message.meta, "tensors": entries}, separators=(",", ":"), allow_nan=False).encode()
+    header = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_checksum=True).compress(header)
     return b"".join([PREFIX.pack(MAGIC, len(header)), header, *buffers])
+
+
+def _header_text(magic: bytes, raw: bytes) -> bytes:
+    """The header's JSON bytes: decompressed (FZP2) without ever holding more than MAX_HEADER_BYTES of it."""
+    if magic == PLAIN_MAGIC:
+        return raw
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+            text = reader.read(MAX_HEADER_BYTES + 1)
+    except zstandard.ZstdError as exc:
+        raise PayloadError(f"payload header is not valid zstd: {exc}") from None
+    if len(text) > MAX_HEADER_BYTES:
+        raise PayloadError(f"payload header decompresses to more than {MAX_HEADER_BYTES} bytes")
+    return text
 
 
 def decode(
@@ -77,12 +100,13 @@ def decode(
     if len(data) < PREFIX.size:
         raise PayloadError(f"payload truncated: {len(data)} bytes, the prefix alone is {PREFIX.size}")
     magic, header_len = PREFIX.unpack_from(data)
-    if magic != MAGIC:
+    if magic not in (MAGIC, PLAIN_MAGIC):
         raise PayloadError(f"not a fedzip payload (magic {magic!r})")
     if header_len > MAX_HEADER_BYTES or PREFIX.size + header_len > len(data):
         raise PayloadError(f"header length {header_len} does not fit in a payload of {len(data)} bytes")
+    text = _header_text(magic, data[PREFIX.size : PREFIX.size + header_len])
     try:
-        header = json.loads(data[PREFIX.size : PREFIX.size + header_len].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"payload header is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or set(header) != {"meta", "tensors"}:
