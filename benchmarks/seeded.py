@@ -35,6 +35,7 @@ class SeededBenchmark:
     rows: list[tuple[str, list[str], str]]  # (label, overrides, what the row is)
     references: list[str] = field(default_factory=list)  # labels that run first (default: the first row)
     results_dir: Path | None = None  # where compact results go (default: results/runs/<name>)
+    seeds_of: dict[str, list[int]] = field(default_factory=dict)  # a row run on these seeds only (default: all)
 
     @property
     def what(self) -> dict[str, str]:
@@ -73,7 +74,8 @@ class SeededBenchmark:
         first = self.references or [self.rows[0][0]]
         todo = [(label, ov, s) for label, ov, _ in self.rows if label in first for s in seeds]
         todo += [(label, ov, s) for s in seeds for label, ov, _ in self.rows if label not in first]
-        return [t for t in todo if (not only or t[0] in only) and not self.compact_path(t[0], t[2]).exists()]
+        return [t for t in todo if (not only or t[0] in only) and t[2] in self.seeds_of.get(t[0], seeds)
+                and not self.compact_path(t[0], t[2]).exists()]
 
     def run(self, seeds: list[int], only: set[str], jobs: int, commit: bool) -> list[str]:
         """Every (row, seed) not done yet, ``jobs`` at a time; returns the names of the runs that failed."""

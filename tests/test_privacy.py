@@ -206,6 +206,31 @@ def test_adaptive_clipping_moves_the_bound_towards_the_quantile(tmp_path, tiny_c
     assert_same_adapter(tmp_path / "whole", tmp_path / "split")
 
 
+def test_clip_max_caps_the_adaptive_bound_and_lets_it_fall(tiny_cfg):
+    """Every update above the bound pushes it up, to clip_max and no further; every update below brings it down."""
+    cfg = load_config("quickstart", tiny_cfg + DP + ["privacy.clip=0.5", "privacy.clip_quantile=0.5",
+                                                     "privacy.clip_lr=1.0", "privacy.clip_max=0.6"])
+    bound = privacy.ClipBound(cfg)
+    cohort = [False] * cfg.clients_per_round
+    for rnd in range(1, 6):
+        bound.after_round(cohort, rnd)
+        assert bound.value <= 0.6
+    assert bound.value == 0.6
+    for rnd in range(6, 9):
+        before = bound.value
+        bound.after_round([True] * cfg.clients_per_round, rnd)
+        assert bound.value < before
+    uncapped = privacy.ClipBound(load_config("quickstart", tiny_cfg + DP + [
+        "privacy.clip=0.5", "privacy.clip_quantile=0.5", "privacy.clip_lr=1.0"]))
+    for rnd in range(1, 6):
+        uncapped.after_round(cohort, rnd)
+    assert uncapped.value > 0.6  # the same rounds without the cap: the bound runs past it
+    for bad, match in ((["privacy.clip_max=2"], "give clip_quantile"),
+                       (["privacy.clip=1", "privacy.clip_quantile=0.5", "privacy.clip_max=0.5"], "below the starting")):
+        with pytest.raises(ConfigError, match=match):
+            load_config("quickstart", tiny_cfg + DP + bad)
+
+
 def test_adaptive_clipping_is_refused_in_local_mode_and_a_bad_bound_in_a_message(tiny_cfg):
     with pytest.raises(ConfigError, match="adaptive clipping needs the server"):
         load_config("quickstart", tiny_cfg + ["privacy.mode=local", "privacy.noise_multiplier=1",

@@ -175,6 +175,8 @@ class PrivacyConfig(Section):
     clip_quantile: float | None = Field(None, gt=0, lt=1, description="adaptive clipping (central mode): move the "
                                         "clip each round towards this quantile of the update norms, from `clip`")
     clip_lr: float = Field(0.2, gt=0, description="adaptive clipping: the geometric step")
+    clip_max: float | None = Field(None, gt=0, description="adaptive clipping: the clip never grows past this "
+                                   "(e.g. `clip`, so it can only follow the update norms down); none: no ceiling")
     clip_count_noise: float | None = Field(None, gt=0, description="adaptive clipping: std of the noise on the "
                                            "count of unclipped updates (default: expected cohort / 20)")
     records: RecordPrivacyConfig = Field(default_factory=RecordPrivacyConfig)
@@ -188,6 +190,10 @@ class PrivacyConfig(Section):
         if self.mode == "local" and self.clip_quantile is not None:
             raise ValueError("clip_quantile: adaptive clipping needs the server's count of unclipped updates, "
                              "which local mode does not trust it with; use central")
+        if self.clip_max is not None and self.clip_quantile is None:
+            raise ValueError("clip_max bounds adaptive clipping: give clip_quantile too (a fixed clip is `clip`)")
+        if self.clip_max is not None and self.clip_max < self.clip:
+            raise ValueError(f"clip_max {self.clip_max:g} is below the starting clip {self.clip:g}")
         return self
 
 

@@ -121,7 +121,7 @@ def describe(cfg) -> dict:
     """What a run records about its guarantee (``method.json``, ``summary.json``)."""
     z = noise_multiplier(cfg)
     return {"mode": cfg.privacy.mode, "unit": "client", "clip": cfg.privacy.clip, "noise_multiplier": z,
-            "adaptive_clip": {"quantile": cfg.privacy.clip_quantile, "lr": cfg.privacy.clip_lr,
+            "adaptive_clip": {"quantile": cfg.privacy.clip_quantile, "lr": cfg.privacy.clip_lr, "max": cfg.privacy.clip_max,
                               "count_noise": count_noise(cfg), "update_noise_multiplier": update_noise_multiplier(cfg)}
             if adaptive(cfg) else None,
             "sampling": "poisson", "sampling_rate": sampling_rate(cfg), "delta": target_delta(cfg),
@@ -190,7 +190,10 @@ class ClipBound:
     moved each round towards that quantile of the clients' update norms by a geometric step on a noised
     count (Andrew et al., "Differentially private learning with adaptive clipping", 2021):
         b = (#{k : ||Delta_k|| <= C} + N(0, sigma_b^2)) / (q N);   C <- C * exp(-clip_lr * (b - quantile))
-    Clients learn each round's bound from the server's message (``dp_clip``)."""
+    ``privacy.clip_max`` caps C: the noise grows with C, and a model the noise degrades has larger updates,
+    so at small epsilon an uncapped C can chase its own noise upwards (B5, epsilon 3). The cap is applied to
+    the already-noised estimate, so it costs no privacy. Clients learn each round's bound from the server's
+    message (``dp_clip``)."""
 
     def __init__(self, cfg):
         self.cfg, self.value = cfg, float(cfg.privacy.clip)
@@ -215,6 +218,8 @@ class ClipBound:
         below = sum(b is True for b in below_bits) + noise
         share = below / (sampling_rate(self.cfg) * self.cfg.num_clients)
         self.value = used * math.exp(-p.clip_lr * (share - p.clip_quantile))
+        if p.clip_max is not None:
+            self.value = min(self.value, p.clip_max)
         return {"dp_clip": used, "dp_unclipped_share_noised": share}
 
 

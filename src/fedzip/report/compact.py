@@ -23,7 +23,8 @@ FORMAT = "fedzip-compact-run/1"
 _CURVE_KEYS = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match", "eval_examples",
                "train_loss", "emu_loss", "emu_exact_match", "fixed_subset", "personal_accuracy", "personal_accuracy_min",
                "personal_accuracy_max", "personal_loss", "accuracy_of",
-               "epsilon")  # client-level DP: the accountant's epsilon after each round
+               "epsilon",  # client-level DP: the accountant's epsilon after each round
+               "dp_clip")  # adaptive clipping: the round's bound
 # the model each rank tier of a heterogeneous-rank method receives (``degradation_every``): tier4_accuracy, ...
 _TIER_KEY = re.compile(r"^tier\d+_(accuracy|loss)$")
 
