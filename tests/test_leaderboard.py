@@ -3,12 +3,14 @@
 import json
 
 import pytest
+import torch
 
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.report.compact import compact_run, load_compact, seedless_label
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std
 from fedzip.report.targets import fixed_subset_curve, smoothed
+from fedzip.wire import Message, encode
 
 
 def _curve(values, bytes_per_round=100):
@@ -75,6 +77,10 @@ def test_a_finished_run_becomes_a_compact_result_and_a_board(tmp_path, tiny_cfg)
     metrics = [json.loads(x) for x in (tmp_path / "fedit-s0" / "metrics.jsonl").read_text().splitlines()]
     assert [p["bytes_up"] for p in rec["curve"]] == [m["bytes_up"] for m in metrics]
     assert rec["bytes_up_total"] == sum(m["bytes_up"] for m in metrics) and rec["config"]["seed"] == 0
+    ledger = tmp_path / "fedit-s0" / "ledger.jsonl"  # the bytes are of the format the result names
+    assert rec["wire_format"] == "FZP2" and b"FZP2" == encode(Message({"x": torch.zeros(1)}))[:4]
+    ledger_bytes = sum(json.loads(x)["bytes"] for x in ledger.read_text().splitlines())
+    assert ledger_bytes == rec["bytes_up_total"] + rec["bytes_down_total"]
     assert set(rec["link_seconds"]) == {"3g", "4g", "home", "datacenter"}
     assert rec["link_seconds"]["3g"][-1] > rec["link_seconds"]["datacenter"][-1] > 0
     assert rec["client_step_s"] > 0 and len(json.dumps(rec)) < 20_000  # small enough to commit per run

@@ -36,6 +36,7 @@ from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
 from fedzip.registry import method_class
 from fedzip.wire import decode, encode
+from fedzip.wire.payload import MAGIC as WIRE_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,7 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
         "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device,
         "torch": torch.__version__,
+        "wire_format": WIRE_FORMAT.decode(),  # what the ledger's bytes are bytes of (FZP1: the header as plain JSON)
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         # what a method flagged while going on (e.g. a learned codec below its quality gate): every report repeats it
         "warnings": [f"round {r['round']}: {r['warning']}" for r in rows if r.get("warning")],

@@ -77,6 +77,7 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
         "final_metrics": summary["final_metrics"], "rounds": summary["rounds_completed"],
         "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"],
         **({"bytes_eval_total": summary["bytes_eval_total"]} if "bytes_eval_total" in summary else {}),
+        "wire_format": summary.get("wire_format", "FZP1"),  # runs from before the key all sent FZP1
         "client_step_s": round(compute / steps, 4) if steps else None,
         "client_peak_rss_bytes": peak_rss, "client_cuda_peak_bytes": peak_cuda,
         "curve": curve, "link_seconds": link_seconds, "warnings": summary.get("warnings", []),
