@@ -113,6 +113,18 @@ def test_zstd_shrinks_redundant_data_and_counts_its_bytes():
     assert torch.equal(decode(packed).tensors["x"], t)
 
 
+def test_zstd_never_makes_a_tensor_bigger():
+    """int4 values of a random tensor do not compress: the stage sends them as they are, not in a larger frame."""
+    t = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    plain, packed = get_codec("int4"), get_codec("int4+zstd")
+    buf, params = packed.encode(t)
+    assert len(buf) == len(plain.encode(t)[0]) == params["raw"]
+    assert torch.equal(packed.decode(buf, (256,), params), plain.decode(plain.encode(t)[0], (256,), {}))
+    z = torch.zeros(256)
+    buf, params = packed.encode(z)
+    assert len(buf) < params["raw"] and torch.equal(packed.decode(buf, (256,), params), z)
+
+
 def test_config_accepts_chains_as_lists_and_rejects_bad_specs():
     cfg = load_config(None, ["wire.up=[topk(0.05), int8, zstd]"])
     assert cfg.wire.up == "topk(0.05)+int8(block=64)+zstd(level=3)"

@@ -7,7 +7,8 @@ A chain is named by a spec string, e.g. ``topk(0.05)+int8+zstd``, ``nonzero+fp16
   sent as a bitmap or as Rice-coded gaps, whichever is smaller for that tensor, chosen and counted.
 * value coder (optional, default ``fp32``): ``fp32``, ``fp16``, ``bf16``, or blockwise ``int8`` / ``int4``
   with one float32 scale per block (``block=64`` default; ``stochastic=1`` for stochastic rounding).
-* entropy stage (last, optional): ``zstd`` or ``zstd(level=N)`` over the tensor's final bytes.
+* entropy stage (last, optional): ``zstd`` or ``zstd(level=N)`` over the tensor's final bytes, kept only
+  where it makes them smaller.
 
 The spec string travels in the payload header, so a receiver rebuilds the same chain. Decoders treat
 every byte and parameter as hostile: bounded parsing, exact lengths, typed errors only.
@@ -257,7 +258,10 @@ class ChainCodec:
             import zstandard
 
             params["raw"] = len(raw)
-            raw = zstandard.ZstdCompressor(level=self.zstd_level).compress(raw)
+            packed = zstandard.ZstdCompressor(level=self.zstd_level).compress(raw)
+            # a frame costs about 9 bytes: a small or incompressible tensor (int4 values look random) goes as it
+            # is, which the receiver reads from its length, equal to the declared raw size only then
+            raw = packed if len(packed) < len(raw) else raw
         return raw, params
 
     def decode(self, buffer: bytes, shape: tuple[int, ...], params: dict[str, Any]) -> torch.Tensor:
@@ -275,7 +279,8 @@ class ChainCodec:
             if params["raw"] > limit:
                 raise PayloadError(f"codec {self.name}: declared size {params['raw']} is implausible for {n} values")
             try:
-                buffer = zstandard.ZstdDecompressor().decompress(buffer, max_output_size=params["raw"])
+                if len(buffer) != params["raw"]:  # equal: sent as it is (zstd would not have made it smaller)
+                    buffer = zstandard.ZstdDecompressor().decompress(buffer, max_output_size=params["raw"])
             except zstandard.ZstdError as exc:
                 raise PayloadError(f"codec {self.name}: zstd: {exc}") from None
             if len(buffer) != params["raw"]:
