@@ -125,6 +125,23 @@ def test_zstd_never_makes_a_tensor_bigger():
     assert len(buf) < params["raw"] and torch.equal(packed.decode(buf, (256,), params), z)
 
 
+def test_a_zstd_bomb_is_refused_before_it_is_decompressed():
+    """A frame of a few kB that declares 256 MB: refused from its declaration, whatever the header's raw says."""
+    import resource
+
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (1 << 28))
+    codec = get_codec("fp32+zstd")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(PayloadError, match="declares"):
+        codec.decode(bomb, (64,), {"raw": 256})
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing near 256 MB
+    good, params = codec.encode(torch.zeros(64))
+    with pytest.raises(PayloadError, match="zstd"):  # bytes after the frame
+        codec.decode(good + b"tail", (64,), params)
+
+
 def test_config_accepts_chains_as_lists_and_rejects_bad_specs():
     cfg = load_config(None, ["wire.up=[topk(0.05), int8, zstd]"])
     assert cfg.wire.up == "topk(0.05)+int8(block=64)+zstd(level=3)"

@@ -132,11 +132,21 @@ def test_header_is_compressed_and_plain_headers_still_read():
 
 
 def test_header_bomb_and_broken_zstd_rejected():
+    def framed(h: bytes) -> bytes:
+        return struct.pack("<4sI", b"FZP2", len(h)) + h
+
     bomb = zstandard.ZstdCompressor().compress(b" " * (MAX_HEADER_BYTES + 10))
-    with pytest.raises(PayloadError, match="more than"):
-        decode(struct.pack("<4sI", b"FZP2", len(bomb)) + bomb)
+    with pytest.raises(PayloadError, match="at most"):
+        decode(framed(bomb))
+    sizeless = zstandard.ZstdCompressor(write_content_size=False).compress(b'{"meta":{},"tensors":[]}')
+    with pytest.raises(PayloadError, match="declared size"):
+        decode(framed(sizeless))
     with pytest.raises(PayloadError, match="zstd"):
-        decode(struct.pack("<4sI", b"FZP2", 8) + b"notzstd!")
+        decode(framed(b"notzstd!"))
+    honest = zstandard.ZstdCompressor().compress(b'{"meta":{},"tensors":[]}')
+    assert decode(framed(honest)).tensors == {}
+    with pytest.raises(PayloadError, match="zstd"):  # bytes smuggled after the frame, inside the header's length
+        decode(framed(honest + b"extra"))
 
 
 @pytest.mark.parametrize("header,body", [

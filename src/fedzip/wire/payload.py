@@ -15,7 +15,6 @@ finite, and raises :class:`PayloadError` on any mismatch.
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 from dataclasses import dataclass, field
@@ -67,16 +66,20 @@ def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
 
 
 def _header_text(magic: bytes, raw: bytes) -> bytes:
-    """The header's JSON bytes: decompressed (FZP2) without ever holding more than MAX_HEADER_BYTES of it."""
+    """The header's JSON bytes: for FZP2, one zstd frame that declares its size, at most MAX_HEADER_BYTES (checked
+    before anything is decompressed), and nothing after it."""
     if magic == PLAIN_MAGIC:
         return raw
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
-            text = reader.read(MAX_HEADER_BYTES + 1)
+        size = zstandard.frame_content_size(raw)
+        if not 0 <= size <= MAX_HEADER_BYTES:
+            raise PayloadError(f"payload header declares {size} bytes decompressed; at most {MAX_HEADER_BYTES} "
+                               "and a declared size are accepted")
+        text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
-        raise PayloadError(f"payload header is not valid zstd: {exc}") from None
-    if len(text) > MAX_HEADER_BYTES:
-        raise PayloadError(f"payload header decompresses to more than {MAX_HEADER_BYTES} bytes")
+        raise PayloadError(f"payload header is not a valid zstd frame: {exc}") from None
+    if len(text) != size:
+        raise PayloadError(f"payload header decompressed to {len(text)} bytes, its frame declares {size}")
     return text
 
 

@@ -280,7 +280,14 @@ class ChainCodec:
                 raise PayloadError(f"codec {self.name}: declared size {params['raw']} is implausible for {n} values")
             try:
                 if len(buffer) != params["raw"]:  # equal: sent as it is (zstd would not have made it smaller)
-                    buffer = zstandard.ZstdDecompressor().decompress(buffer, max_output_size=params["raw"])
+                    # a frame that declares its size is decompressed to that size whatever max_output_size says:
+                    # check the declaration first, so a few kB cannot make the receiver allocate gigabytes
+                    declared = zstandard.frame_content_size(buffer)
+                    if declared != params["raw"]:
+                        raise PayloadError(f"codec {self.name}: zstd frame declares {declared} bytes, "
+                                           f"the header {params['raw']}")
+                    buffer = zstandard.ZstdDecompressor().decompress(buffer, max_output_size=params["raw"],
+                                                                     allow_extra_data=False)
             except zstandard.ZstdError as exc:
                 raise PayloadError(f"codec {self.name}: zstd: {exc}") from None
             if len(buffer) != params["raw"]:
