@@ -25,7 +25,7 @@ import zstandard
 
 from fedzip.errors import PayloadError
 from fedzip.wire.codecs import numel
-from fedzip.wire.stages import get_codec
+from fedzip.wire.stages import get_codec, read_zstd_frame
 
 MAGIC = b"FZP2"  # the header zstd-compressed
 PLAIN_MAGIC = b"FZP1"  # the header as plain JSON: read, no longer written
@@ -66,21 +66,8 @@ def encode(message: Message, codec: str | Mapping[str, str] = "fp32") -> bytes:
 
 
 def _header_text(magic: bytes, raw: bytes) -> bytes:
-    """The header's JSON bytes: for FZP2, one zstd frame that declares its size, at most MAX_HEADER_BYTES (checked
-    before anything is decompressed), and nothing after it."""
-    if magic == PLAIN_MAGIC:
-        return raw
-    try:
-        size = zstandard.frame_content_size(raw)
-        if not 0 <= size <= MAX_HEADER_BYTES:
-            raise PayloadError(f"payload header declares {size} bytes decompressed; at most {MAX_HEADER_BYTES} "
-                               "and a declared size are accepted")
-        text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise PayloadError(f"payload header is not a valid zstd frame: {exc}") from None
-    if len(text) != size:
-        raise PayloadError(f"payload header decompressed to {len(text)} bytes, its frame declares {size}")
-    return text
+    """The header's JSON bytes: for FZP2, one zstd frame of at most MAX_HEADER_BYTES, nothing after it."""
+    return raw if magic == PLAIN_MAGIC else read_zstd_frame(raw, "payload header", MAX_HEADER_BYTES)
 
 
 def decode(

@@ -113,6 +113,28 @@ def decode_positions(buf: bytes, mode: str, m: int, k: int, n: int) -> np.ndarra
     return idx
 
 
+# --- zstd, read from a hostile sender -----------------------------------------------------------------
+def read_zstd_frame(buf: bytes, what: str, size: int, exact: bool = False) -> bytes:
+    """One zstd frame that declares its decompressed size, at most ``size`` bytes (exactly, with ``exact``), and
+    nothing after it. python-zstandard decompresses a frame to the size it declares whatever ``max_output_size``
+    says, so the declaration is checked first: a few kB cannot make the receiver allocate gigabytes."""
+    import zstandard
+
+    try:
+        declared = zstandard.frame_content_size(buf)
+    except zstandard.ZstdError as exc:
+        raise PayloadError(f"{what}: not a zstd frame: {exc}") from None
+    if declared < 0:
+        raise PayloadError(f"{what}: the zstd frame has no declared size")
+    if declared > size or (exact and declared != size):
+        raise PayloadError(f"{what}: the zstd frame declares {declared} bytes, "
+                           f"{'the header says' if exact else 'at most'} {size}")
+    try:
+        return zstandard.ZstdDecompressor().decompress(buf, max_output_size=declared, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise PayloadError(f"{what}: zstd: {exc}") from None
+
+
 # --- blockwise quantisation -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BlockQuant:
@@ -273,25 +295,11 @@ class ChainCodec:
             if key in params and (not isinstance(params[key], int) or isinstance(params[key], bool) or params[key] < 0):
                 raise PayloadError(f"codec {self.name}: param {key!r} must be a non-negative integer")
         if self.zstd_level is not None:
-            import zstandard
-
             limit = 16 * n + (n + 7) // 8 + 1024  # no honest tensor needs more: refuse decompression bombs
             if params["raw"] > limit:
                 raise PayloadError(f"codec {self.name}: declared size {params['raw']} is implausible for {n} values")
-            try:
-                if len(buffer) != params["raw"]:  # equal: sent as it is (zstd would not have made it smaller)
-                    # a frame that declares its size is decompressed to that size whatever max_output_size says:
-                    # check the declaration first, so a few kB cannot make the receiver allocate gigabytes
-                    declared = zstandard.frame_content_size(buffer)
-                    if declared != params["raw"]:
-                        raise PayloadError(f"codec {self.name}: zstd frame declares {declared} bytes, "
-                                           f"the header {params['raw']}")
-                    buffer = zstandard.ZstdDecompressor().decompress(buffer, max_output_size=params["raw"],
-                                                                     allow_extra_data=False)
-            except zstandard.ZstdError as exc:
-                raise PayloadError(f"codec {self.name}: zstd: {exc}") from None
-            if len(buffer) != params["raw"]:
-                raise PayloadError(f"codec {self.name}: zstd gave {len(buffer)} bytes, header says {params['raw']}")
+            if len(buffer) != params["raw"]:  # equal: sent as it is (zstd would not have made it smaller)
+                buffer = read_zstd_frame(buffer, f"codec {self.name}", params["raw"], exact=True)
         if self.sparsifier is not None:
             k, npos = params["k"], params["np"]
             if k > n or npos > len(buffer):
