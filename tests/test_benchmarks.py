@@ -56,7 +56,8 @@ def test_every_privacy_row_is_a_valid_config_with_a_calibrated_noise():
     from fedzip.config import load_config
 
     table = rows(0.3)
-    assert len(table) == 3 * (1 + len(EPSILONS)) + len(ADAPTIVE_EPSILONS)  # and FedIT with an adaptive clip
+    # three methods at each epsilon and without DP, then FedIT with an adaptive clip, uncapped and capped
+    assert len(table) == 3 * (1 + len(EPSILONS)) + 2 * len(ADAPTIVE_EPSILONS)
     for label, overrides, _ in table:
         cfg = load_config(CONFIG, [*PROFILE, *overrides])
         if label.endswith("_none"):
@@ -64,7 +65,8 @@ def test_every_privacy_row_is_a_valid_config_with_a_calibrated_noise():
             continue
         eps = float(label.rsplit("eps", 1)[1].split("_")[0])
         assert privacy.run_epsilon(cfg, cfg.rounds) == pytest.approx(eps, rel=0.01) and cfg.privacy.clip == 0.3
-        assert privacy.adaptive(cfg) == label.endswith("_adaptive")
+        assert privacy.adaptive(cfg) == label.endswith(("_adaptive", "_capped"))
+        assert cfg.privacy.clip_max == (0.3 if label.endswith("_capped") else None)
         assert privacy.update_noise_multiplier(cfg) >= privacy.noise_multiplier(cfg)  # the count's share is paid
 
 
