@@ -39,7 +39,7 @@ from b1_cpu import BENCHMARK as B1_CPU  # noqa: E402
 from b1_cpu import CONFIG, FEDAVG_SERVER, PROFILE  # noqa: E402
 from b1_cpu import write_board as write_leaderboard  # noqa: E402
 from common import RESULTS, ROOT, run_one, say  # noqa: E402
-from seeded import SeededBenchmark, commit_file, figure_lines  # noqa: E402
+from seeded import SeededBenchmark, commit_file, figure_lines, ratio_verdict  # noqa: E402
 
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown, mean_std  # noqa: E402
 from fedzip.report.targets import cumulative_bytes, fixed_subset_curve, smoothed  # noqa: E402
@@ -332,26 +332,6 @@ def summary_lines(records: list[dict], board: dict, reference: str, also: list[s
         lines.append("- " + ", ".join(parts) + ".")
     ref = board["rows"][0]["smoothed_final_accuracy"]
     return [f"- `{reference}` itself ends at {ref['mean']:.3f} ± {ref['std']:.3f}.", *lines]
-
-
-def ratio_verdict(row: dict, claim: float, seeds: int = 3) -> str:
-    """Whether "FedIT's accuracy with ``claim``x fewer bytes" holds for a leaderboard row, seed by seed."""
-    judged = row["per_seed"]
-    ratios = [j.get("bytes_ratio") for j in judged]
-    hit = [r for r in ratios if r is not None]
-    if len(judged) < seeds:  # what the seeds so far say, without calling it a verdict
-        so_far = f"{sum(r >= claim for r in hit)} of {len(judged)} at >= {claim:g}x"
-        return f"provisional ({len(judged)} of {seeds} seeds): {so_far}" + (
-            f", lowest {min(hit):.1f}x, mean {sum(hit) / len(hit):.1f}x" if hit else "")
-    if len(hit) < len(judged):
-        return f"does not hold: reaches the target on {len(hit)} of {len(judged)} seeds"
-    low = min(hit)
-    mean = sum(hit) / len(hit)
-    if low >= claim:
-        return f"holds on every seed (lowest {low:.1f}x, mean {mean:.1f}x)"
-    if mean >= claim:
-        return f"holds on average ({mean:.1f}x) but not on every seed (lowest {low:.1f}x)"
-    return f"does not hold: {mean:.1f}x on average, {low:.1f}x at worst"
 
 
 def rounds_in_budget(board: dict, row: dict, ratio: float, rounds: int = 150) -> float:

@@ -137,6 +137,26 @@ def paired_values(records: list[dict], a: str, b: str, value) -> list[tuple[floa
     return [(va, vb) for va, vb in pairs if va is not None and vb is not None]
 
 
+def ratio_verdict(row: dict, claim: float, seeds: int = 3) -> str:
+    """Whether "FedIT's accuracy with ``claim``x fewer bytes" holds for a leaderboard row, seed by seed."""
+    judged = row["per_seed"]
+    ratios = [j.get("bytes_ratio") for j in judged]
+    hit = [r for r in ratios if r is not None]
+    if len(judged) < seeds:  # what the seeds so far say, without calling it a verdict
+        so_far = f"{sum(r >= claim for r in hit)} of {len(judged)} at >= {claim:g}x"
+        return f"provisional ({len(judged)} of {seeds} seeds): {so_far}" + (
+            f", lowest {min(hit):.1f}x, mean {sum(hit) / len(hit):.1f}x" if hit else "")
+    if len(hit) < len(judged):
+        return f"does not hold: reaches the target on {len(hit)} of {len(judged)} seeds"
+    low = min(hit)
+    mean = sum(hit) / len(hit)
+    if low >= claim:
+        return f"holds on every seed (lowest {low:.1f}x, mean {mean:.1f}x)"
+    if mean >= claim:
+        return f"holds on average ({mean:.1f}x) but not on every seed (lowest {low:.1f}x)"
+    return f"does not hold: {mean:.1f}x on average, {low:.1f}x at worst"
+
+
 def verdict(diffs: list[float], need: int = 3, unit: str = "points", fmt: str = "+.1f") -> str:
     """Seed-by-seed differences in the row's favour (positive: ahead). With at least ``need`` seeds, ``holds``:
     ahead on every seed; ``does not hold``: not ahead on the mean; else ``not shown``. Fewer: provisional."""

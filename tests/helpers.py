@@ -30,9 +30,10 @@ def server_and_client(overrides: list[str]):
     return cfg, rt, server, client
 
 
-def play_round(cfg, rt, server, client, rnd, store, cids=None, lost=()):
-    """One round through the wire (encode, decode against both sides' specs) for ``cids`` (default: the
-    round's sample); the replies of clients in ``lost`` never reach the server. Returns the decoded replies."""
+def play_round(cfg, rt, server, client, rnd, store, cids=None, lost=(), codec="fp32"):
+    """One round through the wire (encode with ``codec`` both ways, decode against both sides' specs) for
+    ``cids`` (default: the round's sample); the replies of clients in ``lost`` never reach the server. Returns
+    the decoded replies."""
     from fedzip.engine.simulation import sample_clients
     from fedzip.methods import ClientContext
     from fedzip.wire import decode, encode
@@ -40,9 +41,9 @@ def play_round(cfg, rt, server, client, rnd, store, cids=None, lost=()):
     cids = sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round) if cids is None else cids
     replies = {}
     for cid, msg in server.configure(rnd, cids).items():
-        down = decode(encode(msg, "fp32"), client.down_spec(cid, rnd), require_all=False)
+        down = decode(encode(msg, codec), client.down_spec(cid, rnd), require_all=False)
         ctx = ClientContext(cid=cid, round=rnd, indices=rt.parts[cid], store=store, seed=cfg.seed * 1000 + cid)
-        reply = decode(encode(client.fit(ctx, down), "fp32"), server.up_spec(cid, rnd))
+        reply = decode(encode(client.fit(ctx, down), codec), server.up_spec(cid, rnd))
         if cid not in lost:
             replies[cid] = reply
     server.aggregate(rnd, replies)

@@ -36,7 +36,7 @@ def test_gpu_suite_quick_check_runs_resumes_and_its_results_are_never_filed(tmp_
 
 def test_a_bytes_claim_holds_only_when_every_seed_reaches_the_target_with_enough_fewer_bytes():
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from b1_compression import ratio_verdict
+    from seeded import ratio_verdict
 
     row = lambda *ratios: {"per_seed": [{"bytes_ratio": r} for r in ratios]}  # noqa: E731
     assert ratio_verdict(row(12.0, 11.0, 15.0), 10).startswith("holds on every seed (lowest 11.0x")
@@ -294,3 +294,20 @@ def test_a_seeded_runs_compact_result_names_the_profile_of_the_device_it_ran_on(
     bench.run_and_keep("row", [], 0, 1, commit=False)
     kept = json.loads((tmp_path / "row-s0.json").read_text())
     assert kept == {"label": "row", "device": device, "what": "a row", "benchmark": "t", "profile": profile}
+
+
+def test_the_frontier_goal_is_met_only_on_three_seeds_each_at_100x():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from b6_frontier import B6_ABLATIONS, goal_lines
+
+    def row(label, *ratios):
+        return {"label": label, "reached": "-", "per_seed": [{"bytes_ratio": r} for r in ratios],
+                "bytes_ratio_vs_reference": None, "mb_up_total": {"mean": 1.0}, "mb_down_total": {"mean": 1.0}}
+
+    def last(*rows):
+        return goal_lines({"reference": "fedit_personal", "rows": [row("fedit_personal", 1, 1, 1), *rows]})[-1]
+
+    assert last(row("a", 120, 130, 101), row("b", 150, 90, 200)) == "Goal met by: a."
+    assert last(row("b", 150, 90, 200), row("c", 150, None, 200)).startswith("Goal not met")
+    assert last(row("a", 120, 130), row(B6_ABLATIONS[0], 300)) == "No verdict yet: a still lack seeds."
+    assert last(row("b", 150, 90, 200), row(B6_ABLATIONS[0], 300)).startswith("Goal not met")

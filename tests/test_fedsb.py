@@ -44,6 +44,47 @@ def test_the_average_of_r_is_the_exact_average_of_the_products(tiny_cfg, tmp_pat
         torch.testing.assert_close(after[name], exact, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["fedit", "fedsb"])
+def test_sending_the_update_gives_the_same_average(tiny_cfg, tmp_path, method):
+    """upload: update sends R_k - R_t (FedIT: theta_k - theta_t) and the server adds their weighted mean to its
+    own state: at fp32 the same global tensors as averaging the trained ones."""
+    base = tiny_cfg + [f"method={method}", "clients_per_round=3"]
+    options = "init: random, " if method == "fedsb" else ""
+    results = {}
+    for upload in ("model", "update"):
+        cfg, rt, server, client = server_and_client(base + [f"method_options={{{options}upload: {upload}}}"])
+        start = {n: t.clone() for n, t in server.global_tensors().items()}
+        replies = play_round(cfg, rt, server, client, 1, ClientStateStore(tmp_path / upload))
+        results[upload] = (start, replies, server.global_tensors())
+    start, model_replies, model_global = results["model"]
+    _, update_replies, update_global = results["update"]
+    for cid, reply in update_replies.items():  # what travels is the change, and it is the same change
+        for n, t in reply.tensors.items():
+            torch.testing.assert_close(start[n] + t, model_replies[cid].tensors[n], rtol=0, atol=1e-6)
+    assert any(t.abs().max() > 0 for r in update_replies.values() for t in r.tensors.values())
+    for n in model_global:
+        torch.testing.assert_close(update_global[n], model_global[n], rtol=0, atol=1e-6)
+
+
+def test_with_a_lossy_codec_the_servers_state_keeps_only_the_updates_rounding(tiny_cfg, tmp_path):
+    """int4 both ways and clients that barely move (lr 1e-9): sending whole states rounds the server's R and
+    head every round (stochastic rounding, a step of the block's largest value / 7), sending the updates
+    leaves them where they were to within the updates themselves."""
+    drift = {}
+    for upload in ("model", "update"):
+        cfg, rt, server, client = server_and_client(tiny_cfg + [
+            "method=fedsb", f"method_options={{init: random, upload: {upload}}}", "train.lr=1e-9"])
+        # a server state away from zero (a fresh R is 0, which rounds to itself either way)
+        server.global_ = {n: t + 0.1 * torch.randn(t.shape, generator=torch.Generator().manual_seed(7))
+                          for n, t in server.global_tensors().items()}
+        start = {n: t.clone() for n, t in server.global_tensors().items()}
+        store = ClientStateStore(tmp_path / upload)
+        for rnd in (1, 2):
+            play_round(cfg, rt, server, client, rnd, store, codec="int4(stochastic=1)")
+        drift[upload] = max(float((server.global_tensors()[n] - start[n]).abs().max()) for n in start)
+    assert drift["update"] < 1e-6 < 1e-3 < drift["model"], drift
+
+
 def test_only_r_and_the_head_train_and_travel(tiny_cfg):
     cfg, rt, server, _ = server_and_client(tiny_cfg + ["method=fedsb", "method_options={init: random}"])
     names = list(server.rt.view.params)

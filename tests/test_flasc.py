@@ -126,8 +126,18 @@ def test_bad_options_name_the_key():
         load_config(None, ["method=flasc", "method_options={d_ul: 0}"])
     with pytest.raises(ConfigError, match="method_options.bogus"):
         load_config(None, ["method=flasc", "method_options={bogus: 1}"])
-    with pytest.raises(ConfigError, match="takes no options"):
+    with pytest.raises(ConfigError, match="method_options.d_ul"):
         load_config(None, ["method=fedit", "method_options={d_ul: 0.5}"])
+    with pytest.raises(ConfigError, match="method_options.upload"):
+        load_config(None, ["method=fedit", "method_options={upload: delta}"])
+
+
+def test_a_method_without_options_refuses_any(monkeypatch):
+    from fedzip.methods.fedkseed import FedKSeed
+
+    monkeypatch.setattr(FedKSeed, "Options", None)
+    with pytest.raises(ConfigError, match="takes no options"):
+        load_config(None, ["method=fedkseed", "method_options={num_seeds: 8}"])
 
 
 def test_evaluated_model_is_the_one_clients_receive(tmp_path, tiny_cfg, spy):

@@ -72,14 +72,18 @@ def round_replies(cfg, store_dir):
 def update_norm(method: str, server, message, reply) -> float:
     if method == "flasc":
         return float(reply.tensors["delta"].double().norm())
+    if method == "fedit_update":  # the reply is the update itself
+        return privacy.l2_norm(reply.tensors)
     return privacy.l2_norm({n: reply.tensors[n] - message.tensors[n] for n in reply.tensors})
 
 
-@pytest.mark.parametrize("method", ["fedit", "flasc"])
+@pytest.mark.parametrize("method", ["fedit", "fedit_update", "flasc"])
 def test_every_update_is_clipped_even_when_training_explodes(tmp_path, tiny_cfg, method):
-    wild = tiny_cfg + DP + [f"method={method}", "train.lr=1000", "privacy.noise_multiplier=0"]
+    wild = tiny_cfg + DP + [f"method={method.removesuffix('_update')}", "train.lr=1000", "privacy.noise_multiplier=0"]
     if method == "flasc":
         wild.append("method_options={d_dl: 0.5, d_ul: 0.25, server_optimizer: sgd, server_lr: 1.0}")
+    if method == "fedit_update":
+        wild.append("method_options={upload: update}")
     server, messages, replies = round_replies(load_config("quickstart", wild), tmp_path / "a")
     for cid, reply in replies.items():
         assert update_norm(method, server, messages[cid], reply) <= 0.05 * (1 + 1e-5)

@@ -9,11 +9,20 @@ The variants change only which tensors are trainable and exchanged, or how many 
 With client-level DP (``privacy.mode``, fedzip.privacy) the update theta_k - theta_t is clipped on the client
 and sent as theta_t + its clipped update; the server averages the updates with ``private_mean`` (clipped
 again, noised, a fixed denominator) instead of weighting by n_k.
+
+``upload: update`` (method_options) sends theta_k - theta_t itself, and the server steps its own exact
+theta_t by their weighted mean: the same average, but a lossy uplink codec then rounds the small change
+rather than the whole state. With whole states each round's rounding stays in theta_{t+1} and adds up over
+the rounds (a random walk several quantiser steps wide after a hundred rounds); with updates the server's
+state carries only the rounding of the updates, and the downlink's rounding only moves where clients start.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedzip import privacy
 from fedzip.methods.base import ClientContext, Method, one_client, reply_weight, weighted_average
@@ -24,9 +33,18 @@ from fedzip.registry import register_method
 from fedzip.wire import Message
 
 
+class FedITOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    upload: Literal["model", "update"] = Field(
+        "model", description="what a client sends: its trained tensors (model, the papers' FedAvg) or their change "
+                             "from the round's global ones (update: the same mean, and a lossy uplink codec rounds "
+                             "only the change while the server's state stays exact)")
+
+
 @register_method
 class FedIT(Method):
     name = "fedit"
+    Options = FedITOptions
     runs_on_accelerator = True
     client_dp = local_dp = record_dp = True
 
@@ -68,21 +86,26 @@ class FedIT(Method):
             start = message.tensors
             update, dp_meta = privacy.private_update(self.cfg, {n: trained[n] - start[n] for n in trained},
                                                      client.round, client.cid, message.meta)
-            trained = {n: start[n] + update[n] for n in trained}
+            trained = update if self.opts.upload == "update" else {n: start[n] + update[n] for n in trained}
         else:
             dp_meta = {}
+            if self.opts.upload == "update":
+                trained = {n: trained[n] - message.tensors[n] for n in trained}
         return Message(tensors=trained, meta={"num_examples": client.num_examples, "steps": steps, "train_loss": loss,
                                               **dp_meta, **privacy.record_meta(self.cfg, client.num_examples, steps,
                                                                                 client.round)})
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        names = self.rt.view.names()
+        sent_updates = self.opts.upload == "update"
         if not privacy.enabled(self.cfg):
-            self.global_ = weighted_average(replies, self.rt.view.names())
+            mean = weighted_average(replies, names)
+            self.global_ = {n: self.global_[n] + mean[n] for n in names} if sent_updates else mean
             return {}
         for r in replies.values():
             reply_weight(r)  # validated as without DP, though DP weighs every client alike
-        names = self.rt.view.names()
-        updates = [{n: r.tensors[n] - self.global_[n] for n in names} for r in replies.values()]
+        updates = [{n: r.tensors[n] if sent_updates else r.tensors[n] - self.global_[n] for n in names}
+                   for r in replies.values()]
         mean, stats = privacy.private_mean(self.cfg, updates, rnd, self.clip_bound, [r.meta for r in replies.values()])
         self.global_ = {n: self.global_[n] + mean[n] for n in names}
         return stats

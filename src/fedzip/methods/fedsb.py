@@ -28,14 +28,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
 from fedzip.data.task import model_device, to_device
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods.base import ClientContext, OneTimePayload, reply_weight
-from fedzip.methods.fedit import FedIT
+from fedzip.methods.fedit import FedIT, FedITOptions
 from fedzip.methods.state import ServerState
 from fedzip.models.lora import canonical
 from fedzip.registry import register_method
@@ -45,8 +45,7 @@ R_SUFFIX = ".lora_A.parametrizations.weight.0.R"  # canonical name of a module's
 A_SUFFIX, B_SUFFIX, GRAD_SUFFIX = ".lora_A.weight", ".lora_B.weight", ".weight_grad"
 
 
-class FedSBOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FedSBOptions(FedITOptions):  # and FedIT's ``upload``: R itself (the paper) or its change
     init: Literal["gradient", "random"] = Field(
         "gradient", description="gradient: LoRA-SB's initialisation from the first cohort's gradients (round 1 "
                                 "trains nothing); random: a seeded basis and R = 0")
