@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, bench_threads, run_one, say  # noqa: E402
-from seeded import SeededBenchmark, commit_file, figure_lines  # noqa: E402
+from seeded import SeededBenchmark, commit_file, figure_lines, paired_values, verdict  # noqa: E402
 
 from fedzip.report.leaderboard import build_leaderboard, leaderboard_markdown  # noqa: E402
 from fedzip.report.targets import fixed_subset_curve, smoothed  # noqa: E402
@@ -134,6 +134,25 @@ def cell(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f} ({len(values)})"
 
 
+def paired_lines(records: list[dict]) -> list[str]:
+    """Seed by seed, in points of smoothed final accuracy: each method against FedIT at the same epsilon, and
+    FedIT's capped adaptive clip against its fixed one."""
+    def diffs(row: str, baseline: str) -> list[float]:
+        return [100 * (a - b) for a, b in paired_values(records, row, baseline, final_accuracy)]
+
+    lines = ["Paired by seed (the row minus its baseline, points of smoothed final accuracy; *holds*: ahead on "
+             "every seed of three or more):", "", "| row | baseline | " + " | ".join(
+                 ["no DP", *(f"epsilon {e}" for e in EPSILONS)]) + " |", "|---|---|" + "---|" * (1 + len(EPSILONS))]
+    for key, (name, _) in list(METHODS.items())[1:]:
+        cells = [verdict(diffs(f"{key}_{suffix}", f"fedit_{suffix}"))
+                 for suffix in ["none", *(f"eps{e}" for e in EPSILONS)]]
+        lines.append(f"| {name} | FedIT | " + " | ".join(cells) + " |")
+    capped = {e: verdict(diffs(f"fedit_eps{e}_capped", f"fedit_eps{e}")) for e in ADAPTIVE_EPSILONS}
+    lines.append("| FedIT, adaptive clip capped at the start | FedIT, fixed clip | - | " +
+                 " | ".join(capped.get(e, "-") for e in EPSILONS) + " |")
+    return lines + [""]
+
+
 def write_board() -> None:
     records = BENCHMARK.records()
     lines = ["# B5: accuracy against client-level epsilon (central DP-FedAvg)", "",
@@ -158,6 +177,7 @@ def write_board() -> None:
                      for suffix in ["none", *(f"eps{e}" for e in EPSILONS)]]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += paired_lines(records)
     if any(f"fedit_eps{e}_adaptive" in by for e in ADAPTIVE_EPSILONS):
         lines += ["FedIT with the clip fixed, adaptive (following the clients' median update norm) and adaptive "
                   "with a ceiling at the starting clip (`privacy.clip_max`):", "",
