@@ -130,7 +130,7 @@ def goal_lines(board: dict) -> list[str]:
         lines.append(f"| {row['label']} | {row['reached']} | {mean_std_text(row['bytes_ratio_vs_reference'], '.1f')} | "
                      f"{f'{min(ratios):.1f}' if ratios else '-'} | {whole:.1f} | {verdict} |")
     lines += ["", f"Goal met by: {', '.join(met)}." if met else
-              f"No verdict yet: {', '.join(provisional)} still lack seeds." if provisional else
+              f"No verdict yet: fewer than 3 seeds of {', '.join(provisional)}." if provisional else
               f"Goal not met: no row reaches FedIT's target on every seed with {GOAL}x fewer bytes."]
     return lines
 

@@ -309,5 +309,5 @@ def test_the_frontier_goal_is_met_only_on_three_seeds_each_at_100x():
 
     assert last(row("a", 120, 130, 101), row("b", 150, 90, 200)) == "Goal met by: a."
     assert last(row("b", 150, 90, 200), row("c", 150, None, 200)).startswith("Goal not met")
-    assert last(row("a", 120, 130), row(B6_ABLATIONS[0], 300)) == "No verdict yet: a still lack seeds."
+    assert last(row("a", 120, 130), row(B6_ABLATIONS[0], 300)) == "No verdict yet: fewer than 3 seeds of a."
     assert last(row("b", 150, 90, 200), row(B6_ABLATIONS[0], 300)).startswith("Goal not met")
