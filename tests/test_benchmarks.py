@@ -182,7 +182,8 @@ def test_every_b1_hetero_row_is_a_valid_config_and_the_truncating_rows_evaluate_
         cls = method_class(cfg.method)
         if cls.Options is not None:
             opts = cls.Options.model_validate(cfg.method_options)
-            assert (opts.degradation_every > 0) == (label in TRUNCATING), label
+            # FedIT's options have no tiers to evaluate; a truncating row without the option fails here
+            assert (getattr(opts, "degradation_every", 0) > 0) == (label in TRUNCATING), label
 
 
 def test_b2_claims_compare_losses_seed_by_seed_lower_being_ahead():
