@@ -15,6 +15,9 @@ as for every method in B1.
   the clients sending the change in R and the head (``upload: update``, so the server's state is never
   rounded): the row for the issue's goal of 100x fewer bytes than FedIT to FedIT's target;
   ``fedsb_r16_random_int4_model`` (seed 0) sends the whole R and head, whose rounding the server keeps.
+* ``fedsb_r16_random_int4_lr1``, ``_lr2`` (seed 0): the goal row at lr 1 and 2, a learning-rate pilot. Fed-SB
+  trains only R between a fixed B and A, so FedIT's rate need not suit it; the protocol's rule for rows that
+  change the LoRA is a small grid on seed 0 (FedIT's own grid was 0.5 and 1.0, which diverged).
 * ``fedsa_lora``: FedSA-LoRA (A shared; B and the head stay on the clients). It has no one global model: its
   accuracy is the mean of 10 clients' own models on the shared test subset, and ``personal_accuracy`` each
   on a test draw that follows its own labels. ``fedit_personal`` is FedIT with the same personalised
@@ -51,6 +54,7 @@ PERSONAL = ["eval.personal_clients=10", "eval.personal_examples=100"]
 # would hold back changes smaller than half a step (int4 has 7 levels a side)
 INT4 = ["wire.up=int4(stochastic=1)+zstd", "wire.down=int4(stochastic=1)+zstd"]
 REFERENCE = "fedit_personal"  # FedIT run here, under the same code and wire format as the rows it judges
+SB_LR_GRID = (1.0, 2.0)  # beside lr 0.5, FedIT's, which the Fed-SB rows use
 GOAL = 100  # the issue's goal: total bytes to FedIT's target at least 100x fewer than FedIT's
 ROWS = [
     ("fedit_personal", PERSONAL, "FedIT (the reference), with personalised evaluation: the global model on 10 clients' "
@@ -72,8 +76,14 @@ ROWS = [
     ("fedsb_r16_random_int4_model", ["method=fedsb", "method_options={init: random}", *INT4],
      "Fed-SB r=16, random basis, int4 (stochastic rounding) + zstd both ways, whole R and head sent (the server's "
      "state is rounded every round)"),
+    # the learning-rate pilot, seed 0: Fed-SB trains only R between a fixed B and A, so the rate chosen on FedIT's
+    # LoRA need not suit it (the protocol's rule for rows that change the LoRA: a small grid on seed 0)
+    *[(f"fedsb_r16_random_int4_lr{lr:g}", ["method=fedsb", "method_options={init: random, upload: update}", *INT4,
+                                          f"train.lr={lr}"],
+       f"the goal row (fedsb_r16_random_int4) at lr {lr:g}: learning-rate pilot, seed 0") for lr in SB_LR_GRID],
 ]
-B6_ABLATIONS = ["fedsb_r16_random_int4_model"]  # one seed: they explain a row, they are not candidates
+# one seed: they explain a row, they are not candidates
+B6_ABLATIONS = ["fedsb_r16_random_int4_model", *[f"fedsb_r16_random_int4_lr{lr:g}" for lr in SB_LR_GRID]]
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, ROWS, references=[REFERENCE],
                             seeds_of={label: [0] for label in B6_ABLATIONS})
 
