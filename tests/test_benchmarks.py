@@ -312,3 +312,6 @@ def test_the_frontier_goal_is_met_only_on_three_seeds_each_at_100x():
     assert last(row("b", 150, 90, 200), row("c", 150, None, 200)).startswith("Goal not met")
     assert last(row("a", 120, 130), row(B6_ABLATIONS[0], 300)) == "No verdict yet: fewer than 3 seeds of a."
     assert last(row("b", 150, 90, 200), row(B6_ABLATIONS[0], 300)).startswith("Goal not met")
+    table = goal_lines({"reference": "fedit_personal", "rows": [row(B6_ABLATIONS[0], 300)]})
+    assert any(line.startswith(f"| {B6_ABLATIONS[0]} |") and "not a candidate (seed 0 only): 1 of 1 at >= 100x" in line
+               for line in table)
