@@ -29,13 +29,13 @@ a round do not give and two CPU cores cannot. Its rows are the ``--causal`` set,
 on Alpaca-style instructions, FedIT against FedKSeed (K = 1024, lr 3e-7 as the paper, 200 local steps),
 judged by test loss.
 
-What a lent GPU machine of this project allows, for whoever runs ``--causal`` there: the model does not fit
-what a call may carry. SmolLM2-135M's smallest faithful form is the Q4_1 GGUF (98 MB), the machine has no
-network and a call carries at most 64 MiB with the repository (7.5 MB); the machine also lacks the ``gguf``
-package that dequantises it. So the weights travel in two halves over two calls to a warm machine (ignored
-files stay between calls there), with the ``gguf`` wheel beside them. FedKSeed's run (40 rounds x 4 clients x
-200 two-point steps, each direction over 134.5M weights) has not been timed on a GPU: one seed of each row
-may be what one session's device time allows.
+On a lent GPU machine these rows run through ``gpu_suite.py --suite b6_causal``: the machine has no network
+and a call carries at most 64 MiB, less than SmolLM2's smallest faithful form (its Q4_1 GGUF, 98 MB), so the
+suite carries the model in two halves over two calls (the steps are in its docstring). A 2-round check of the
+suite on 2 CPU cores took 104 s for FedIT and 293 s for FedKSeed (2 zeroth-order steps a client). FedKSeed's
+whole run (40 rounds x 4 clients x 200 two-point steps, each direction over 134.5M weights) has not been timed
+on a GPU: one seed of each row may be what one session's device time allows. ``progress.json`` from the suite
+gives the pace of what did not finish.
 
     python benchmarks/b6_frontier.py --commit            # the cpu rows x seeds 0,1,2 not done yet
     python benchmarks/b6_frontier.py --only fedsb_r16,fedsa_lora --seeds 0

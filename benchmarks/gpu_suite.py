@@ -19,7 +19,27 @@ no run it cannot finish before ``--budget-s`` by the pace of the runs before it,
 at the budget (each keeps its last per-round checkpoint) and packs them into ``unfinished.tar.gz`` beside the
 results; ``run --resume-from`` on that file continues them on the next machine. Finished runs come back
 as compact results in ``gpu_results.json``; ``collect`` files them under ``results/runs/b1_gpu/`` (skipping
-any already filed), and a later ``run`` skips every run filed there.
+any already filed), and a later ``run`` skips every run filed there. ``progress.json`` beside them says, for
+every run started, how many rounds it did in how many seconds: the pace of a run that did not finish.
+
+``--suite b6_causal`` runs B6's causal-LM rows instead (``b6_frontier.py``: FedIT against FedKSeed on
+SmolLM2-135M), filed under ``results/runs/b6_frontier_causal/``. SmolLM2's smallest faithful form, its Q4_1
+GGUF (98 MB), does not fit what one call carries, so ``prepare --suite b6_causal`` writes it in two halves:
+``.gpu_causal/`` (wheels with ``gguf``, the Alpaca demo set and the first half) and ``.gpu_causal_2/`` (the
+second half). A machine keeps ignored files between calls while it is warm (30 s after a call), so:
+
+    python benchmarks/gpu_suite.py prepare --suite b6_causal
+    # call 1 (carry .gpu_causal), short:  ls .gpu_causal && nvidia-smi -L
+    # call 2 at once (carry .gpu_causal_2):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu_causal/wheels/*.whl && \\
+      PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_suite.py run --suite b6_causal --out $OUT --budget-s 540 \\
+      --parallel 6
+    python benchmarks/gpu_suite.py collect DIR
+
+``run`` joins the halves (checked against the whole file's SHA-256) before it starts a run, and says which
+half is missing if one is. A FedKSeed run that does not finish does not come back (its checkpoint holds the
+whole model, over the 16 MiB a returned file may have): the next machine starts it again, and
+``progress.json`` says how far it got.
 """
 
 from __future__ import annotations
@@ -34,12 +54,15 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(1, str(REPO / "src"))  # a bare GPU machine has the repository, not an installed fedzip
 PREPARED = REPO / ".gpu"  # ignored by git; carried to the GPU machine
+CAUSAL_PREPARED = (REPO / ".gpu_causal", REPO / ".gpu_causal_2")  # carried by two calls, one each
+CARRY_LIMIT = 64 * 2**20  # what one device call may carry, the repository's tracked files included
 BENCH = "b1_gpu"
 PROFILE = ["rounds=200", "eval.every=10", "eval.max_examples=2000", "train.optimizer=sgd", "train.momentum=0.9",
            "train.lr_schedule=cosine", "train.lr=0.5", "train.device=cuda"]
@@ -50,6 +73,32 @@ WHEELS = ["pydantic==2.14.4", "pydantic_core==2.50.5", "annotated-types==0.8.0",
 PRIORITY = [("fedit", 0), ("flasc_1_16", 0), ("fedit", 1), ("flasc_1_16", 1), ("fedit", 2), ("flasc_1_16", 2),
             ("hafl", 0), ("cgfedllm_linear16", 0), ("ffa_lora", 0), ("hetlora", 0), ("flexlora", 0)]
 PRIORITY += [(label, s) for s in (1, 2) for label in ("hafl", "cgfedllm_linear16", "ffa_lora", "hetlora", "flexlora")]
+QUICK = ["rounds=2", "num_clients=10", "clients_per_round=2", "train.max_steps=2", "eval.every=2",
+         "eval.max_examples=64", "data.max_test_examples=128"]
+
+
+@dataclass
+class Suite:
+    """What one ``--suite`` runs: a config, a profile every row shares, the rows, in which order."""
+    bench: str  # results/runs/<bench>/
+    config: str
+    profile: list[str]
+    rows: dict[str, tuple[list[str], str]]  # label -> (overrides, what the row is)
+    priority: list[tuple[str, int]]
+    quick: list[str]  # run --quick: a few tiny rounds that check the suite itself
+
+
+def suite_named(name: str) -> Suite:
+    if name == "b1":
+        from b1_cpu import runs_for
+
+        return Suite(BENCH, "b1_fedit", PROFILE, {label: (ov, what) for label, ov, what in runs_for("gpu")}, PRIORITY,
+                     QUICK)
+    from b6_frontier import CAUSAL, CAUSAL_PROFILE, CAUSAL_ROWS
+
+    return Suite(CAUSAL.name, CAUSAL.config, list(CAUSAL_PROFILE), {label: (ov, what) for label, ov, what in CAUSAL_ROWS},
+                 [(label, s) for s in (0, 1, 2) for label, _, _ in CAUSAL_ROWS],
+                 [*QUICK, "num_clients=4", "data.max_length=32", "data.max_test_examples=8", "train.batch_size=2"])
 
 
 def say(line: str) -> None:
@@ -88,67 +137,151 @@ def prepare(data_root: Path) -> None:
                 f.write(json.dumps({"id": i, "text": text[:4000], "label": label,
                                     "label_name": split.label_names[label]}) + "\n")
 
-    wheels = PREPARED / "wheels"
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-           "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(wheels), *WHEELS]
-    if subprocess.call(cmd) != 0:
-        raise SystemExit("error: could not download the wheels the GPU machine lacks: " + ", ".join(WHEELS))
+    download_wheels(PREPARED / "wheels", WHEELS)
     size = sum(f.stat().st_size for f in PREPARED.rglob("*") if f.is_file())
     say(f"prepared {PREPARED.relative_to(REPO)}: {size / 2**20:.1f} MiB (the repository's tracked files travel too)")
 
 
+def download_wheels(folder: Path, wheels: list[str]) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+           "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+           "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(folder), *wheels]
+    if subprocess.call(cmd) != 0:
+        raise SystemExit("error: could not download the wheels the GPU machine lacks: " + ", ".join(wheels))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def prepare_causal(data_root: Path) -> None:
+    """Write .gpu_causal/ and .gpu_causal_2/: the wheels, the Alpaca demo set and SmolLM2's GGUF in two halves,
+    each call's share within what a call carries beside the repository."""
+    from fedzip.data.sources import DEFAULT_ALPACA
+    from fedzip.models.load import SMOLLM_GGUF, file_sha256, smollm_gguf
+
+    for folder in CAUSAL_PREPARED:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+    first, second = CAUSAL_PREPARED
+    download_wheels(first / "wheels", [*WHEELS, "gguf==0.19.0"])  # gguf: transformers reads GGUF with it
+    alpaca = data_root / DEFAULT_ALPACA
+    if not alpaca.is_file():
+        raise SystemExit(f"error: {alpaca} not found: give --data the data root that holds {DEFAULT_ALPACA}")
+    (first / "data" / DEFAULT_ALPACA).parent.mkdir(parents=True)
+    shutil.copy2(alpaca, first / "data" / DEFAULT_ALPACA)
+    gguf = smollm_gguf()
+    whole = gguf.read_bytes()
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    repo = sum((REPO / f).stat().st_size for f in tracked.decode().split("\0") if f and (REPO / f).is_file())
+    room = CARRY_LIMIT - repo - 2 * 2**20  # 2 MiB to spare for what the repository gains before the calls
+    cut = room - folder_bytes(first)
+    if cut <= 0 or len(whole) - cut > room:
+        raise SystemExit(f"error: {gguf.name} ({len(whole) / 2**20:.1f} MiB) does not fit two calls beside a "
+                         f"repository of {repo / 2**20:.1f} MiB")
+    (first / "model.part1").write_bytes(whole[:cut])
+    (second / "model.part2").write_bytes(whole[cut:])
+    (first / "model.json").write_text(json.dumps({"file": SMOLLM_GGUF, "bytes": len(whole),
+                                                  "sha256": file_sha256(gguf)}) + "\n")
+    for folder in CAUSAL_PREPARED:
+        say(f"prepared {folder.relative_to(REPO)}: {folder_bytes(folder) / 2**20:.1f} MiB, "
+            f"{(folder_bytes(folder) + repo) / 2**20:.1f} MiB with the repository (a call carries {CARRY_LIMIT // 2**20})")
+
+
+def joined_model() -> Path:
+    """The GGUF file the two halves make, joined once on the GPU machine and checked against its hash."""
+    from fedzip.models.load import file_sha256
+
+    first, second = CAUSAL_PREPARED
+    if not (first / "model.json").is_file():
+        raise SystemExit(f"error: {first.name}/ is missing: run prepare --suite b6_causal here, then carry "
+                         f"{first.name} in a first call")
+    facts = json.loads((first / "model.json").read_text())
+    model = first / facts["file"]
+    if not model.is_file():
+        missing = [str(p.relative_to(REPO)) for p in (first / "model.part1", second / "model.part2") if not p.is_file()]
+        if missing:
+            raise SystemExit(f"error: {', '.join(missing)} missing: the first call carries {first.name}, the next "
+                             f"(within 30 s, while the machine is warm) {second.name}")
+        partial = model.with_suffix(".partial")
+        with open(partial, "wb") as out:
+            for part in (first / "model.part1", second / "model.part2"):
+                out.write(part.read_bytes())
+        partial.replace(model)
+    if file_sha256(model) != facts["sha256"]:
+        model.unlink()
+        raise SystemExit(f"error: the joined {facts['file']} does not match its SHA-256: prepare both halves again")
+    return model
+
+
 # -- run (on the GPU machine) -----------------------------------------------------------------------
-def run_command(label: str, overrides: list[str], seed: int, out: Path, threads: int, resume: bool) -> list[str]:
-    model = PREPARED / "minilm" if (PREPARED / "minilm").exists() else "minilm"
-    cmd = [sys.executable, "-m", "fedzip.cli", "run", str(REPO / "configs" / "b1_fedit.yaml"), "--out", str(out),
-           "--quiet", "--set", f"train.threads={threads}", "--set", f"model.name={model}"]
-    if (PREPARED / "data").exists():
+def run_command(suite: Suite, label: str, seed: int, out: Path, threads: int, resume: bool, extra: list[str],
+                model: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "fedzip.cli", "run", str(REPO / "configs" / f"{suite.config}.yaml"), "--out", str(out),
+           "--quiet", "--set", f"train.threads={threads}"]
+    if suite.bench == BENCH and (PREPARED / "data").exists():
         cmd += ["--set", "data.remove=[]"]  # the prepared copy is stripped already
-    for o in [*PROFILE, *overrides, f"seed={seed}"]:
+    for o in [*suite.profile, *suite.rows[label][0], *extra, f"seed={seed}", *([f"model.name={model}"] if model else [])]:
         cmd += ["--set", o]
     return cmd + (["--resume"] if resume else [])
 
 
-def run_suite(out: Path, budget_s: float, parallel: int, done: set[str], only: set[str], seeds: set[int],
-              resume_from: Path | None, quick: bool, work: Path) -> None:
-    from b1_cpu import runs_for
+def prepared_model_and_data(suite: Suite) -> tuple[str | None, Path | None]:
+    """The model.name and data root a suite's runs read on this machine: the prepared copies where they exist."""
+    if suite.bench == BENCH:
+        return (str(PREPARED / "minilm") if (PREPARED / "minilm").exists() else None,
+                PREPARED / "data" if (PREPARED / "data").exists() else None)
+    from fedzip.models.load import resolve
 
+    first = CAUSAL_PREPARED[0]
+    model = str(joined_model()) if (first / "model.json").exists() else None
+    if model:  # converted to safetensors once here, not by each run at its start
+        resolve(model)
+    return model, first / "data" if (first / "data").exists() else None
+
+
+def run_suite(suite: Suite, out: Path, budget_s: float, parallel: int, done: set[str], only: set[str],
+              seeds: set[int], resume_from: Path | None, quick: bool, work: Path) -> None:
     from fedzip.report.compact import compact_run
 
     t0 = time.time()
-    overrides = {label: ov for label, ov, _ in runs_for("gpu")}
+    model, data = prepared_model_and_data(suite)
     if quick:  # two rounds: CG-FedLLM's TGAP phase shrinks to one
-        overrides = {k: [o.replace("tgap_rounds: 40", "tgap_rounds: 1") for o in v] for k, v in overrides.items()}
+        suite.rows = {k: ([o.replace("tgap_rounds: 40", "tgap_rounds: 1") for o in v], what)
+                      for k, (v, what) in suite.rows.items()}
     work.mkdir(parents=True, exist_ok=True)
     if resume_from:
         with tarfile.open(resume_from) as tar:
             tar.extractall(work, filter="data")
-    queue = [(label, s) for label, s in PRIORITY if f"{label}-s{s}" not in done and (not only or label in only)
+    queue = [(label, s) for label, s in suite.priority if f"{label}-s{s}" not in done and (not only or label in only)
              and (not seeds or s in seeds)]
     # unfinished runs from an earlier machine first: they have the least left to do
     queue.sort(key=lambda t: not (work / f"{t[0]}-s{t[1]}" / "checkpoints" / "state.json").exists())
-    extra = ["rounds=2", "num_clients=10", "clients_per_round=2", "train.max_steps=2", "eval.every=2",
-             "eval.max_examples=64", "data.max_test_examples=128"] if quick else []
+    extra = suite.quick if quick else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(
         [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    if (PREPARED / "data").exists():
-        env["FEDZIP_DATA"] = str(PREPARED / "data")
+    if data:
+        env["FEDZIP_DATA"] = str(data)
     threads = max(1, (os.cpu_count() or 2) // parallel)
     running: dict[str, tuple[subprocess.Popen, float, bool]] = {}
     finished, results, paces = [], [], []
+    start_times: dict[str, float] = {}  # every run started here, and when each ended, for progress.json
+    end_times: dict[str, float] = {}
     (out / "gpu_results.json").write_text("[]\n")
     while queue or running:
         for name, (proc, started, resumed) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[name]
+            end_times[name] = time.time()
             if proc.returncode == 0:
                 if not resumed:  # a resumed run's time says nothing about a whole run's
                     paces.append(time.time() - started)
                 label = name.rsplit("-s", 1)[0]
-                results.append(compact_run(work / name, label) | {"benchmark": BENCH, "profile": "gpu",
-                                                                  **({"quick": True} if quick else {})})
+                results.append(compact_run(work / name, label) | {
+                    "what": suite.rows[label][1], "benchmark": suite.bench, "profile": "gpu",
+                    **({"quick": True} if quick else {})})
                 finished.append(name)
                 (out / "gpu_results.json").write_text(json.dumps(results, separators=(",", ":")) + "\n")
                 say(f"{name} finished in {time.time() - started:.0f} s")
@@ -164,9 +297,10 @@ def run_suite(out: Path, budget_s: float, parallel: int, done: set[str], only: s
             if (work / name).exists() and not resume:
                 shutil.rmtree(work / name)  # an earlier start that never checkpointed
             log = open(work / f"{name}.log", "a")
-            proc = subprocess.Popen(run_command(label, overrides[label] + extra, seed, work / name, threads, resume),
+            proc = subprocess.Popen(run_command(suite, label, seed, work / name, threads, resume, extra, model),
                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
             running[name] = (proc, time.time(), resume)
+            start_times[name] = time.time()
             say(f"{name} {'resumed' if resume else 'started'} ({len(running)} running, {left:.0f} s of budget left)")
         if not running and queue and pace is not None and pace >= left:
             say(f"not starting {len(queue)} more run(s): each takes about {pace:.0f} s, {left:.0f} s are left")
@@ -179,14 +313,33 @@ def run_suite(out: Path, budget_s: float, parallel: int, done: set[str], only: s
                 proc.wait()
             break
         time.sleep(2)
+    write_progress(work, out, start_times, end_times)
     pack_unfinished(work, out, set(finished) | done)
     say(f"{len(finished)} run(s) finished: {', '.join(finished) or 'none'}; results in {out / 'gpu_results.json'}")
 
 
-def pack_unfinished(work: Path, out: Path, finished: set[str]) -> None:
-    """Every started, unfinished run (config, metrics, ledger, checkpoint) in one file for the next machine."""
+def write_progress(work: Path, out: Path, start_times: dict[str, float], end_times: dict[str, float]) -> None:
+    """progress.json: for each run started on this machine, the rounds it did and in how many seconds."""
+    progress = {}
+    for name, t in start_times.items():
+        metrics = work / name / "metrics.jsonl"
+        rounds = [json.loads(line).get("round") for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        progress[name] = {"rounds_done": max([r for r in rounds if isinstance(r, int)], default=0),
+                          "seconds": round(end_times.get(name, time.time()) - t, 1),
+                          "finished": (work / name / "summary.json").exists()}
+    (out / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
+
+
+def pack_unfinished(work: Path, out: Path, finished: set[str], limit: int = 12 * 2**20) -> None:
+    """Every started, unfinished run (config, metrics, ledger, checkpoint) in one file for the next machine,
+    but for runs too large to come back (a call returns files of 16 MiB at most): the next machine starts those
+    again."""
     keep = [d for d in work.iterdir() if d.is_dir() and d.name not in finished
             and (d / "checkpoints" / "state.json").exists() and not (d / "summary.json").exists()]
+    too_large = [d for d in keep if folder_bytes(d) > limit]
+    if too_large:
+        say(f"not packed, over {limit // 2**20} MiB: {', '.join(d.name for d in too_large)} (they start again)")
+    keep = [d for d in keep if d not in too_large]
     if not keep:
         return
     with tarfile.open(out / "unfinished.tar.gz", "w:gz") as tar:
@@ -196,17 +349,22 @@ def pack_unfinished(work: Path, out: Path, finished: set[str]) -> None:
 
 
 # -- collect (back on a development machine) ----------------------------------------------------------
+SUITES = ("b1", "b6_causal")
+
+
 def collect(folder: Path) -> None:
     from fedzip.report.compact import FORMAT
 
-    target = REPO / "benchmarks" / "results" / "runs" / BENCH
+    benches = {BENCH, "b6_frontier_causal"}
     results = json.loads((folder / "gpu_results.json").read_text())
     for r in results:
-        if r.get("format") != FORMAT:
-            raise SystemExit(f"error: {folder / 'gpu_results.json'} holds something other than compact results")
+        if r.get("format") != FORMAT or r.get("benchmark") not in benches:
+            raise SystemExit(f"error: {folder / 'gpu_results.json'} holds something other than compact results "
+                             f"of {' or '.join(sorted(benches))}")
         if r.get("quick"):
             raise SystemExit(f"error: {folder / 'gpu_results.json'} comes from run --quick (a check of the suite), "
                              "not the gpu profile; nothing filed")
+        target = REPO / "benchmarks" / "results" / "runs" / r["benchmark"]
         target.mkdir(parents=True, exist_ok=True)
         path = target / f"{r['label']}-s{r['seed']}.json"
         if path.exists():
@@ -223,10 +381,10 @@ def collect(folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="step", required=True)
-    p = sub.add_parser("prepare", help="write .gpu/ for a bare GPU machine")
+    p = sub.add_parser("prepare", help="write .gpu/ (or .gpu_causal/ and .gpu_causal_2/) for a bare GPU machine")
     p.add_argument("--data", default=os.environ.get("FEDZIP_DATA", str(REPO.parent / "shared" / "data")))
     r = sub.add_parser("run", help="run the gpu profiles on this machine's GPU")
-    r.add_argument("--out", required=True, help="folder for gpu_results.json and unfinished.tar.gz")
+    r.add_argument("--out", required=True, help="folder for gpu_results.json, progress.json and unfinished.tar.gz")
     r.add_argument("--budget-s", type=float, default=660, help="stop by then (default 660 s: 11 minutes)")
     r.add_argument("--parallel", type=int, default=8, help="runs at once on the GPU (default 8)")
     r.add_argument("--only", default="", help="comma-separated labels")
@@ -234,30 +392,33 @@ def main() -> None:
     r.add_argument("--resume-from", type=Path, help="unfinished.tar.gz from an earlier machine")
     r.add_argument("--quick", action="store_true", help="2 tiny rounds per run: check the suite itself, anywhere")
     r.add_argument("--cpu", action="store_true", help="with --quick: on the CPU (tests the suite without a GPU)")
-    r.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / BENCH / "gpu",
-                   help="folder for the run directories (default benchmarks/runs/b1_gpu/gpu)")
-    c = sub.add_parser("collect", help="file a GPU machine's results under results/runs/b1_gpu")
+    r.add_argument("--work", type=Path, help="folder for the run directories (default benchmarks/runs/<bench>/gpu)")
+    for sp in (p, r):
+        sp.add_argument("--suite", choices=SUITES, default="b1",
+                        help="b1: B1's gpu profile (default); b6_causal: B6's causal-LM rows (FedIT, FedKSeed)")
+    c = sub.add_parser("collect", help="file a GPU machine's results under results/runs/<bench>")
     c.add_argument("folder", type=Path)
     args = ap.parse_args()
     if args.step == "prepare":
-        prepare(Path(args.data))
+        (prepare if args.suite == "b1" else prepare_causal)(Path(args.data))
     elif args.step == "collect":
         collect(args.folder)
     else:
         import torch
 
+        suite = suite_named(args.suite)
         if args.cpu:
             if not args.quick:
                 ap.error("--cpu only with --quick: the gpu profile needs a GPU")
-            PROFILE[PROFILE.index("train.device=cuda")] = "train.device=cpu"
+            suite.profile[suite.profile.index("train.device=cuda")] = "train.device=cpu"
         elif not torch.cuda.is_available():
             raise SystemExit("error: no CUDA device here; the gpu profile needs one (try run --quick --cpu)")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        done = {p.stem for p in (REPO / "benchmarks" / "results" / "runs" / BENCH).glob("*.json")}
+        done = {p.stem for p in (REPO / "benchmarks" / "results" / "runs" / suite.bench).glob("*.json")}
         seeds = {int(x) for x in args.seeds.split(",") if x.strip().isdigit()}
-        run_suite(out, args.budget_s, args.parallel, done, {x for x in args.only.split(",") if x}, seeds,
-                  args.resume_from, args.quick, args.work)
+        run_suite(suite, out, args.budget_s, args.parallel, done, {x for x in args.only.split(",") if x}, seeds,
+                  args.resume_from, args.quick, args.work or REPO / "benchmarks" / "runs" / suite.bench / "gpu")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,55 @@ def test_gpu_suite_quick_check_runs_resumes_and_its_results_are_never_filed(tmp_
     assert refused.returncode != 0 and "--quick" in refused.stderr + refused.stdout
 
 
+def test_the_causal_suites_model_travels_in_two_halves_and_is_joined_only_when_whole(tmp_path, monkeypatch):
+    import hashlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_suite
+
+    first, second = tmp_path / ".gpu_causal", tmp_path / ".gpu_causal_2"
+    monkeypatch.setattr(gpu_suite, "CAUSAL_PREPARED", (first, second))
+    monkeypatch.setattr(gpu_suite, "REPO", tmp_path)
+    whole = bytes(range(256)) * 1000
+    first.mkdir()
+    (first / "model.part1").write_bytes(whole[:100_000])
+    (first / "model.json").write_text(json.dumps({"file": "m.gguf", "bytes": len(whole),
+                                                  "sha256": hashlib.sha256(whole).hexdigest()}))
+    with pytest.raises(SystemExit, match="model.part2 missing: the first call carries .gpu_causal, the next"):
+        gpu_suite.joined_model()  # the second call's half has not arrived
+    second.mkdir()
+    (second / "model.part2").write_bytes(whole[100_000:])
+    assert gpu_suite.joined_model().read_bytes() == whole
+    assert gpu_suite.joined_model() == first / "m.gguf"  # joined once, then found
+    (first / "m.gguf").unlink()
+    (second / "model.part2").write_bytes(whole[100_000:-1] + b"x")
+    with pytest.raises(SystemExit, match="does not match its SHA-256"):
+        gpu_suite.joined_model()
+    assert not (first / "m.gguf").exists()  # a corrupt join is not left to be loaded
+
+
+def test_unfinished_runs_too_large_to_come_back_are_not_packed_and_progress_gives_each_runs_pace(tmp_path):
+    import tarfile
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_suite
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    for name, size in (("small-s0", 10), ("large-s0", 2_000_000)):
+        (work / name / "checkpoints").mkdir(parents=True)
+        (work / name / "checkpoints" / "state.json").write_text("{}")
+        (work / name / "checkpoints" / "model.bin").write_bytes(b"\0" * size)
+        (work / name / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)))
+    gpu_suite.pack_unfinished(work, out, set(), limit=1_000_000)
+    with tarfile.open(out / "unfinished.tar.gz") as tar:
+        assert {m.name.split("/")[0] for m in tar.getmembers()} == {"small-s0"}
+    gpu_suite.write_progress(work, out, {"small-s0": 100.0, "large-s0": 100.0}, {"small-s0": 160.0})
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["small-s0"] == {"rounds_done": 3, "seconds": 60.0, "finished": False}
+    assert progress["large-s0"]["rounds_done"] == 3 and progress["large-s0"]["seconds"] > 60  # still running
+
+
 def test_a_bytes_claim_holds_only_when_every_seed_reaches_the_target_with_enough_fewer_bytes():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from seeded import ratio_verdict
