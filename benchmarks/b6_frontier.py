@@ -15,9 +15,10 @@ as for every method in B1.
   the clients sending the change in R and the head (``upload: update``, so the server's state is never
   rounded): the row for the issue's goal of 100x fewer bytes than FedIT to FedIT's target;
   ``fedsb_r16_random_int4_model`` (seed 0) sends the whole R and head, whose rounding the server keeps.
-* ``fedsb_r16_random_int4_lr1``, ``_lr2`` (seed 0): the goal row at lr 1 and 2, a learning-rate pilot. Fed-SB
-  trains only R between a fixed B and A, so FedIT's rate need not suit it; the protocol's rule for rows that
-  change the LoRA is a small grid on seed 0 (FedIT's own grid was 0.5 and 1.0, which diverged).
+* ``fedsb_r16_random_int4_lr1``, ``_lr2``, ``_lr4`` (seed 0): the goal row at lr 1, 2 and 4, a learning-rate
+  pilot. Fed-SB trains only R between a fixed B and A, so FedIT's rate need not suit it; the protocol's rule
+  for rows that change the LoRA is a small grid on seed 0 (FedIT's own grid was 0.5 and 1.0, which diverged).
+  lr 4 was added when lr 2 led the first two.
 * ``fedsa_lora``: FedSA-LoRA (A shared; B and the head stay on the clients). It has no one global model: its
   accuracy is the mean of 10 clients' own models on the shared test subset, and ``personal_accuracy`` each
   on a test draw that follows its own labels. ``fedit_personal`` is FedIT with the same personalised
@@ -62,7 +63,7 @@ PERSONAL = ["eval.personal_clients=10", "eval.personal_examples=100"]
 # would hold back changes smaller than half a step (int4 has 7 levels a side)
 INT4 = ["wire.up=int4(stochastic=1)+zstd", "wire.down=int4(stochastic=1)+zstd"]
 REFERENCE = "fedit_personal"  # FedIT run here, under the same code and wire format as the rows it judges
-SB_LR_GRID = (1.0, 2.0)  # beside lr 0.5, FedIT's, which the Fed-SB rows use
+SB_LR_GRID = (1.0, 2.0, 4.0)  # beside lr 0.5, FedIT's, which the Fed-SB rows use
 GOAL = 100  # the issue's goal: total bytes to FedIT's target at least 100x fewer than FedIT's
 ROWS = [
     ("fedit_personal", PERSONAL, "FedIT (the reference), with personalised evaluation: the global model on 10 clients' "
