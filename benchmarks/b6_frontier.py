@@ -18,7 +18,8 @@ as for every method in B1.
 * ``fedsb_r16_random_int4_lr1``, ``_lr2``, ``_lr4`` (seed 0): the goal row at lr 1, 2 and 4, a learning-rate
   pilot. Fed-SB trains only R between a fixed B and A, so FedIT's rate need not suit it; the protocol's rule
   for rows that change the LoRA is a small grid on seed 0 (FedIT's own grid was 0.5 and 1.0, which diverged).
-  lr 4 was added when lr 2 led the first two.
+  lr 4 was added when lr 2 led the first two. lr 2 won on seed 0 by a hair over lr 4, so ``_lr2`` runs on
+  every seed and is a candidate for the goal; the others stay at seed 0.
 * ``fedsa_lora``: FedSA-LoRA (A shared; B and the head stay on the clients). It has no one global model: its
   accuracy is the mean of 10 clients' own models on the shared test subset, and ``personal_accuracy`` each
   on a test draw that follows its own labels. ``fedit_personal`` is FedIT with the same personalised
@@ -64,6 +65,7 @@ PERSONAL = ["eval.personal_clients=10", "eval.personal_examples=100"]
 INT4 = ["wire.up=int4(stochastic=1)+zstd", "wire.down=int4(stochastic=1)+zstd"]
 REFERENCE = "fedit_personal"  # FedIT run here, under the same code and wire format as the rows it judges
 SB_LR_GRID = (1.0, 2.0, 4.0)  # beside lr 0.5, FedIT's, which the Fed-SB rows use
+SB_LR_CHOSEN = 2.0  # the pilot's best on seed 0 (below)
 GOAL = 100  # the issue's goal: total bytes to FedIT's target at least 100x fewer than FedIT's
 ROWS = [
     ("fedit_personal", PERSONAL, "FedIT (the reference), with personalised evaluation: the global model on 10 clients' "
@@ -91,8 +93,11 @@ ROWS = [
                                           f"train.lr={lr}"],
        f"the goal row (fedsb_r16_random_int4) at lr {lr:g}: learning-rate pilot, seed 0") for lr in SB_LR_GRID],
 ]
-# one seed: they explain a row, they are not candidates
-B6_ABLATIONS = ["fedsb_r16_random_int4_model", *[f"fedsb_r16_random_int4_lr{lr:g}" for lr in SB_LR_GRID]]
+# one seed: they explain a row, they are not candidates. The pilot's best rate on seed 0 (smoothed final accuracy
+# 0.552 at lr 2, 0.550 at 4, 0.534 at 1, 0.513 at FedIT's 0.5) runs on every seed: a candidate like the others
+# fedsb_r16_random and fedsb_r64 (fp32, 19x and 3x fewer values a message than FedIT) cannot meet the goal
+B6_ABLATIONS = ["fedsb_r16_random", "fedsb_r64", "fedsb_r16_random_int4_model",
+                *[f"fedsb_r16_random_int4_lr{lr:g}" for lr in SB_LR_GRID if lr != SB_LR_CHOSEN]]
 BENCHMARK = SeededBenchmark(BENCH, CONFIG, PROFILE, ROWS, references=[REFERENCE],
                             seeds_of={label: [0] for label in B6_ABLATIONS})
 
