@@ -94,7 +94,7 @@ ROWS = [
        f"the goal row (fedsb_r16_random_int4) at lr {lr:g}: learning-rate pilot, seed 0") for lr in SB_LR_GRID],
 ]
 # one seed: they explain a row, they are not candidates. The pilot's best rate on seed 0 (smoothed final accuracy
-# 0.552 at lr 2, 0.550 at 4, 0.534 at 1, 0.513 at FedIT's 0.5) runs on every seed: a candidate like the others
+# 0.549 at lr 2, 0.546 at 4, 0.530 at 1, 0.510 at FedIT's 0.5) runs on every seed: a candidate like the others
 # fedsb_r16_random and fedsb_r64 (fp32, 19x and 3x fewer values a message than FedIT) cannot meet the goal
 B6_ABLATIONS = ["fedsb_r16_random", "fedsb_r64", "fedsb_r16_random_int4_model",
                 *[f"fedsb_r16_random_int4_lr{lr:g}" for lr in SB_LR_GRID if lr != SB_LR_CHOSEN]]
