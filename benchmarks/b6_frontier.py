@@ -20,6 +20,8 @@ as for every method in B1.
   for rows that change the LoRA is a small grid on seed 0 (FedIT's own grid was 0.5 and 1.0, which diverged).
   lr 4 was added when lr 2 led the first two. lr 2 won on seed 0 by a hair over lr 4, so ``_lr2`` runs on
   every seed and is a candidate for the goal; the others stay at seed 0.
+* Seed 0 only, to explain the candidates (never candidates themselves): ``fedsb_r16_random``, ``fedsb_r64``,
+  ``fedsb_r16_random_int4_model`` and the pilot's lr 1 and 4 (``B6_ABLATIONS``).
 * ``fedsa_lora``: FedSA-LoRA (A shared; B and the head stay on the clients). It has no one global model: its
   accuracy is the mean of 10 clients' own models on the shared test subset, and ``personal_accuracy`` each
   on a test draw that follows its own labels. ``fedit_personal`` is FedIT with the same personalised
