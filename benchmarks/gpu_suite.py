@@ -138,8 +138,8 @@ def prepare(data_root: Path) -> None:
                                     "label_name": split.label_names[label]}) + "\n")
 
     download_wheels(PREPARED / "wheels", WHEELS)
-    size = sum(f.stat().st_size for f in PREPARED.rglob("*") if f.is_file())
-    say(f"prepared {PREPARED.relative_to(REPO)}: {size / 2**20:.1f} MiB (the repository's tracked files travel too)")
+    say(f"prepared {PREPARED.relative_to(REPO)}: {folder_bytes(PREPARED) / 2**20:.1f} MiB (the repository's tracked "
+        "files travel too)")
 
 
 def download_wheels(folder: Path, wheels: list[str]) -> None:
@@ -158,8 +158,13 @@ def prepare_causal(data_root: Path) -> None:
     """Write .gpu_causal/ and .gpu_causal_2/: the wheels, the Alpaca demo set and SmolLM2's GGUF in two halves,
     each call's share within what a call carries beside the repository."""
     from fedzip.data.sources import DEFAULT_ALPACA
+    from fedzip.errors import ModelError
     from fedzip.models.load import SMOLLM_GGUF, file_sha256, smollm_gguf
 
+    try:
+        gguf = smollm_gguf()
+    except ModelError as exc:
+        raise SystemExit(f"error: {exc}") from None
     for folder in CAUSAL_PREPARED:
         if folder.exists():
             shutil.rmtree(folder)
@@ -171,7 +176,6 @@ def prepare_causal(data_root: Path) -> None:
         raise SystemExit(f"error: {alpaca} not found: give --data the data root that holds {DEFAULT_ALPACA}")
     (first / "data" / DEFAULT_ALPACA).parent.mkdir(parents=True)
     shutil.copy2(alpaca, first / "data" / DEFAULT_ALPACA)
-    gguf = smollm_gguf()
     whole = gguf.read_bytes()
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     repo = sum((REPO / f).stat().st_size for f in tracked.decode().split("\0") if f and (REPO / f).is_file())
