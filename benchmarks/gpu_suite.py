@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,9 @@ class Suite:
     rows: dict[str, tuple[list[str], str]]  # label -> (overrides, what the row is)
     priority: list[tuple[str, int]]
     quick: list[str]  # run --quick: a few tiny rounds that check the suite itself
+    # on the GPU machine: the overrides that point the runs at the prepared copies (where they exist) and the
+    # data root they read
+    prepared: Callable[[], tuple[list[str], Path | None]]
 
 
 def suite_named(name: str) -> Suite:
@@ -93,12 +97,13 @@ def suite_named(name: str) -> Suite:
         from b1_cpu import runs_for
 
         return Suite(BENCH, "b1_fedit", PROFILE, {label: (ov, what) for label, ov, what in runs_for("gpu")}, PRIORITY,
-                     QUICK)
+                     QUICK, prepared_b1)
     from b6_frontier import CAUSAL, CAUSAL_PROFILE, CAUSAL_ROWS
 
     return Suite(CAUSAL.name, CAUSAL.config, list(CAUSAL_PROFILE), {label: (ov, what) for label, ov, what in CAUSAL_ROWS},
                  [(label, s) for s in (0, 1, 2) for label, _, _ in CAUSAL_ROWS],
-                 [*QUICK, "num_clients=4", "data.max_length=32", "data.max_test_examples=8", "train.batch_size=2"])
+                 [*QUICK, "num_clients=4", "data.max_length=32", "data.max_test_examples=8", "train.batch_size=2"],
+                 prepared_causal)
 
 
 def say(line: str) -> None:
@@ -221,28 +226,32 @@ def joined_model() -> Path:
 
 # -- run (on the GPU machine) -----------------------------------------------------------------------
 def run_command(suite: Suite, label: str, seed: int, out: Path, threads: int, resume: bool, extra: list[str],
-                model: str | None) -> list[str]:
+                prepared: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "fedzip.cli", "run", str(REPO / "configs" / f"{suite.config}.yaml"), "--out", str(out),
            "--quiet", "--set", f"train.threads={threads}"]
-    if suite.bench == BENCH and (PREPARED / "data").exists():
-        cmd += ["--set", "data.remove=[]"]  # the prepared copy is stripped already
-    for o in [*suite.profile, *suite.rows[label][0], *extra, f"seed={seed}", *([f"model.name={model}"] if model else [])]:
+    for o in [*suite.profile, *suite.rows[label][0], *extra, f"seed={seed}", *prepared]:
         cmd += ["--set", o]
     return cmd + (["--resume"] if resume else [])
 
 
-def prepared_model_and_data(suite: Suite) -> tuple[str | None, Path | None]:
-    """The model.name and data root a suite's runs read on this machine: the prepared copies where they exist."""
-    if suite.bench == BENCH:
-        return (str(PREPARED / "minilm") if (PREPARED / "minilm").exists() else None,
-                PREPARED / "data" if (PREPARED / "data").exists() else None)
+def prepared_b1() -> tuple[list[str], Path | None]:
+    """.gpu/'s MiniLM and its 20 Newsgroups, already stripped (so nothing is removed again)."""
+    data = PREPARED / "data"
+    return ([f"model.name={PREPARED / 'minilm'}"] if (PREPARED / "minilm").exists() else []) + (
+        ["data.remove=[]"] if data.exists() else []), data if data.exists() else None
+
+
+def prepared_causal() -> tuple[list[str], Path | None]:
+    """SmolLM2 joined from its two halves (converted to safetensors once here, not by each run) and the data."""
     from fedzip.models.load import resolve
 
     first = CAUSAL_PREPARED[0]
-    model = str(joined_model()) if (first / "model.json").exists() else None
-    if model:  # converted to safetensors once here, not by each run at its start
+    overrides = []
+    if (first / "model.json").exists():
+        model = str(joined_model())
         resolve(model)
-    return model, first / "data" if (first / "data").exists() else None
+        overrides.append(f"model.name={model}")
+    return overrides, first / "data" if (first / "data").exists() else None
 
 
 def run_suite(suite: Suite, out: Path, budget_s: float, parallel: int, done: set[str], only: set[str],
@@ -250,7 +259,7 @@ def run_suite(suite: Suite, out: Path, budget_s: float, parallel: int, done: set
     from fedzip.report.compact import compact_run
 
     t0 = time.time()
-    model, data = prepared_model_and_data(suite)
+    prepared, data = suite.prepared()
     if quick:  # two rounds: CG-FedLLM's TGAP phase shrinks to one
         suite.rows = {k: ([o.replace("tgap_rounds: 40", "tgap_rounds: 1") for o in v], what)
                       for k, (v, what) in suite.rows.items()}
@@ -301,7 +310,7 @@ def run_suite(suite: Suite, out: Path, budget_s: float, parallel: int, done: set
             if (work / name).exists() and not resume:
                 shutil.rmtree(work / name)  # an earlier start that never checkpointed
             log = open(work / f"{name}.log", "a")
-            proc = subprocess.Popen(run_command(suite, label, seed, work / name, threads, resume, extra, model),
+            proc = subprocess.Popen(run_command(suite, label, seed, work / name, threads, resume, extra, prepared),
                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
             running[name] = (proc, time.time(), resume)
             start_times[name] = time.time()
@@ -359,7 +368,7 @@ SUITES = ("b1", "b6_causal")
 def collect(folder: Path) -> None:
     from fedzip.report.compact import FORMAT
 
-    benches = {BENCH, "b6_frontier_causal"}
+    benches = {suite_named(name).bench for name in SUITES}
     results = json.loads((folder / "gpu_results.json").read_text())
     for r in results:
         if r.get("format") != FORMAT or r.get("benchmark") not in benches:
