@@ -96,9 +96,9 @@ def decode(
         raise PayloadError(f"header length {header_len} does not fit in a payload of {len(data)} bytes")
     text = _header_text(magic, data[PREFIX.size : PREFIX.size + header_len])
     try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise PayloadError(f"payload header is not valid JSON: {exc}") from None
+        header = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, nesting too deep, an integer of 4,300+ digits
+        raise PayloadError(f"payload header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict) or set(header) != {"meta", "tensors"}:
         raise PayloadError("payload header must be an object with exactly 'meta' and 'tensors'")
     meta, entries = header["meta"], header["tensors"]
@@ -145,6 +145,11 @@ def decode(
         if missing:
             raise PayloadError(f"payload is missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return Message(tensors=tensors, meta=meta)
+
+
+def _no_constant(name: str):
+    """JSON has no NaN or Infinity; Python's parser accepts them unless told otherwise."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _check_entry(i: int, entry: Any) -> tuple[str, tuple[int, ...], str, dict, int]:
