@@ -157,7 +157,7 @@ class RecordPrivacyConfig(Section):
 
     noise_multiplier: float | None = Field(None, gt=0, description="off unless set; noise std / clip per step")
     clip: float = Field(1.0, gt=0, description="L2 bound on each example's gradient")
-    delta: float | None = Field(None, gt=0, lt=1, description="default 1 / (the client's example count)")
+    delta: float | None = Field(None, gt=0, lt=1, description="default min(1e-5, 0.01 / the client's example count)")
 
 
 class PrivacyConfig(Section):
@@ -170,7 +170,7 @@ class PrivacyConfig(Section):
     noise_multiplier: float | None = Field(None, ge=0, description="noise std / clip; or give target_epsilon")
     target_epsilon: float | None = Field(None, gt=0, description="calibrate noise_multiplier so the whole run "
                                          "ends at this epsilon")
-    delta: float | None = Field(None, gt=0, lt=1, description="default 1 / num_clients")
+    delta: float | None = Field(None, gt=0, lt=1, description="default min(1e-5, 0.01 / num_clients)")
     accountant: Literal["rdp", "pld"] = "rdp"
     clip_quantile: float | None = Field(None, gt=0, lt=1, description="adaptive clipping (central mode): move the "
                                         "clip each round towards this quantile of the update norms, from `clip`")
@@ -180,8 +180,18 @@ class PrivacyConfig(Section):
     clip_count_noise: float | None = Field(None, gt=0, description="adaptive clipping: std of the noise on the "
                                            "count of unclipped updates (default: expected cohort / 20)")
     records: RecordPrivacyConfig = Field(default_factory=RecordPrivacyConfig)
-    secure_noise: bool = Field(False, description="noise from OS entropy instead of the run's seed (a deployment "
-                                                  "whose noise no one may replay; the run is then not reproducible)")
+    reproducible: bool = Field(False, description="NOT PRIVATE: derive the cohort and all noise from the run's "
+                               "seed, so that runs repeat bit for bit (research on the mechanism); anyone holding "
+                               "the config can then replay the noise. Default: operating-system entropy")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data):
+        # ``secure_noise`` (before the default drew from OS entropy): a config or run directory written then
+        # still loads; what it asked for is now the default, and seeded noise is ``reproducible``
+        if isinstance(data, dict) and "secure_noise" in data:
+            data = {k: v for k, v in data.items() if k != "secure_noise"}
+        return data
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> "PrivacyConfig":

@@ -8,21 +8,40 @@ The mechanism, per round t (``privacy.mode`` central; ALGORITHMS-style box):
 Adding or removing one client changes the sum by at most C, so each round is the sampled Gaussian mechanism
 with noise multiplier z; the accountant composes T of them and reports epsilon at delta after every round.
 Client weights by example count are dropped (uniform), since a client's count would move the sensitivity.
+A round whose cohort is empty (or whose every reply failed) still adds the noise: what it releases must not
+say that no one took part.
 
 ``privacy.mode`` local: each client adds N(0, (z C)^2 I) to its own clipped update before it leaves, so the
 guarantee holds against the server too. The server knows whom it sampled, so sampling amplifies nothing and
 the accountant counts every round (q = 1); the average carries sqrt(q N) times the central noise.
 
-Threat model and scope are in the README ("Differential privacy"). This module holds only what every
-method shares: clipping, noise, the accountant and the calibration of z to a target epsilon.
+Randomness. The guarantee holds only if no one can reproduce the cohort or the noise. By default every draw
+comes from a 256-bit key taken from the operating system's entropy (``secrets``): the server's key (the cohort,
+its noise, the count noise) is minted at a fresh start and kept in its checkpoint, which never leaves the
+server, so a resumed run draws what the uninterrupted one would; each client's key (its local noise, its
+DP-SGD batches and noise) is minted by the client and kept in its own state store, never sent.
+``privacy.reproducible: true`` derives every draw from the run's seed instead: runs repeat bit for bit, and
+anyone holding the config can replay the noise and subtract it, so such a run is labelled NOT PRIVATE in
+``method.json``, ``summary.json`` and the report. It is for research on the mechanism, never the default.
+
+What a private run releases (``metrics.jsonl``, ``summary.json``, the adapter, the report) leaves out the
+cohort and every statistic computed from clients' updates without noise (:data:`UNPROTECTED_ROW_KEYS`); they
+go to the server's own ``server_private.jsonl``, beside the ledger (which names each round's clients) and the
+checkpoints. docs/threat-model.md says who is trusted with what.
+
+This module holds only what every method shares: clipping, noise, randomness, the accountant and the
+calibration of z to a target epsilon.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
-import os
+import secrets
+import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +51,16 @@ from fedzip.errors import ConfigError
 
 def enabled(cfg) -> bool:
     return cfg.privacy.mode != "off"
+
+
+def any_enabled(cfg) -> bool:
+    """Client-level DP or record-level DP-SGD: a run whose randomness must stay secret."""
+    return enabled(cfg) or cfg.privacy.records.noise_multiplier is not None
+
+
+def is_private(cfg) -> bool:
+    """True when the run's DP guarantee holds: DP is on and its randomness is not derived from the config."""
+    return any_enabled(cfg) and not cfg.privacy.reproducible
 
 
 def sampling_rate(cfg) -> float:
@@ -45,15 +74,98 @@ def accounted_rate(cfg) -> float:
     return sampling_rate(cfg) if cfg.privacy.mode == "central" else 1.0
 
 
+def default_delta(population: int) -> float:
+    """delta when none is given: two orders of magnitude below 1 / population, and at most 1e-5.
+
+    A mechanism may fail its epsilon bound with probability delta for each member; one that simply published
+    a random member's data with probability delta would be (0, delta)-DP. At delta = 1 / N one member of N is
+    expected to be exposed that way; at 0.01 / N, one in a hundred runs. 1e-5 caps it for small populations,
+    the usual ceiling in the DP-SGD literature."""
+    return min(1e-5, 0.01 / max(population, 1))
+
+
 def target_delta(cfg) -> float:
-    """The delta epsilon is stated at: ``privacy.delta``, else 1 / num_clients (the population size)."""
-    return cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / cfg.num_clients
+    """The delta epsilon is stated at: ``privacy.delta``, else :func:`default_delta` of the population."""
+    return cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(cfg.num_clients)
 
 
-def poisson_cohort(seed: int, rnd: int, num_clients: int, q: float) -> list[int]:
-    """Each client independently with probability q: the sampling the accountant assumes."""
-    rng = np.random.default_rng([seed, rnd, 0xD9])
+# -- randomness ------------------------------------------------------------------------------------------
+class Randomness:
+    """The draws a DP guarantee rests on, one independent stream per (round, who, purpose).
+
+    Keyed (the default): from a 256-bit secret key. Seeded (``privacy.reproducible``): from the run's seed,
+    which is in the config: anyone can replay them."""
+
+    def __init__(self, key: bytes | None, seed: int = 0):
+        if key is not None and len(key) != 32:
+            raise ValueError("a randomness key has 32 bytes")
+        self.key, self.seed = key, seed
+
+    @classmethod
+    def fresh(cls, cfg) -> "Randomness":
+        """A new key from the operating system's entropy, or the run's seed under ``privacy.reproducible``."""
+        return cls(None if cfg.privacy.reproducible else secrets.token_bytes(32), cfg.seed)
+
+    @property
+    def seeded(self) -> bool:
+        return self.key is None
+
+    def _digest(self, rnd: int, who: int, stream: int, size: int) -> bytes:
+        return hashlib.blake2b(struct.pack("<qqq", rnd, who, stream), key=self.key, digest_size=size).digest()
+
+    def generator(self, rnd: int, who: int, stream: int) -> torch.Generator:
+        """A torch generator for round ``rnd``, party ``who`` (-1: the server) and purpose ``stream``."""
+        g = torch.Generator()
+        if self.seeded:
+            g.manual_seed(int(np.random.default_rng([self.seed, rnd, who + 1, stream]).integers(2**63)))
+        else:
+            g.manual_seed(int.from_bytes(self._digest(rnd, who, stream, 8), "little") & (2**63 - 1))
+        return g
+
+    def numpy(self, rnd: int, who: int, stream: int) -> np.random.Generator:
+        if self.seeded:  # the server's as seeded runs drew them before keys existed, so that those runs repeat
+            return np.random.default_rng([self.seed, rnd, stream] if who == -1 else [self.seed, rnd, who + 1, stream])
+        return np.random.default_rng(int.from_bytes(self._digest(rnd, who, stream, 32), "little"))
+
+    def int_seed(self, rnd: int, who: int, stream: int) -> int:
+        """A 63-bit seed (for a library that takes one, e.g. Opacus's noise generator)."""
+        return int(self.numpy(rnd, who, stream).integers(2**63))
+
+    def cohort(self, rnd: int, num_clients: int, q: float) -> list[int]:
+        """Each client independently with probability q: the sampling the accountant assumes."""
+        return poisson_cohort(self.numpy(rnd, -1, COHORT), num_clients, q)
+
+
+# streams: one per purpose, so that no two draws share randomness
+COHORT, NOISE, COUNT_NOISE, DP_SGD = 0xD9, 0xD7, 0xD8, 0xDA
+
+
+def poisson_cohort(rng: np.random.Generator, num_clients: int, q: float) -> list[int]:
     return [int(c) for c in np.flatnonzero(rng.random(num_clients) < q)]
+
+
+def client_randomness(cfg, client) -> Randomness:
+    """A client's own draws: from the key in its state store (made on first use, never sent), or the seed."""
+    if cfg.privacy.reproducible:
+        return Randomness(None, cfg.seed)
+    return Randomness(client.store.secret(client.cid), cfg.seed)
+
+
+# What a private run keeps out of metrics.jsonl (and so out of the summary, the report and compact results):
+# the cohort, and statistics of the clients' updates, data and replies computed without noise. They go to the
+# server's own ``server_private.jsonl``.
+UNPROTECTED_ROW_KEYS = ("clients", "client_examples", "client_record_epsilon", "record_epsilon_max", "train_loss",
+                        "rejected", "failed", "client_steps", "client_compute_s", "client_memory",
+                        "dp_clipped_share", "dp_update_norm")
+
+
+def split_row(cfg, row: dict) -> tuple[dict, dict]:
+    """(what metrics.jsonl may hold, what only the server keeps) of a round's row. Without DP: (row, {})."""
+    if not any_enabled(cfg):
+        return row, {}
+    private = {k: row[k] for k in UNPROTECTED_ROW_KEYS if k in row}
+    public = {k: v for k, v in row.items() if k not in private}
+    return public, ({"round": row["round"], **private} if private else {})
 
 
 # -- accounting ------------------------------------------------------------------------------------------
@@ -93,19 +205,46 @@ def epsilon(q: float, z: float, rounds: int, delta: float, kind: str = "rdp") ->
     return float(_accountant(kind).compose(_event(q, z, rounds)).get_epsilon(delta))
 
 
+def _eps_or_inf(q: float, z: float, rounds: int, delta: float, kind: str) -> float:
+    try:
+        return epsilon(q, z, rounds, delta, kind)
+    except (OverflowError, ValueError):  # the accountant gives up where epsilon is astronomically large
+        return math.inf
+
+
 @functools.lru_cache(maxsize=64)
 def calibrate(q: float, rounds: int, target_epsilon: float, delta: float, kind: str = "rdp") -> float:
-    """The smallest noise multiplier whose epsilon after ``rounds`` rounds is at most ``target_epsilon``."""
-    import dp_accounting
+    """The smallest noise multiplier whose epsilon after ``rounds`` rounds is at most ``target_epsilon``.
 
-    try:
-        z = dp_accounting.calibrate_dp_mechanism(
-            lambda: _accountant(kind), lambda z: _event(q, z, rounds), target_epsilon, delta,
-            dp_accounting.ExplicitBracketInterval(1e-3, 1e3), tol=1e-4)
-    except (ValueError, dp_accounting.NoBracketIntervalFoundError) as exc:
-        raise ConfigError(f"privacy.target_epsilon {target_epsilon}: no noise multiplier up to 1000 reaches it "
-                          f"({exc})") from None
-    return float(z)
+    RDP first, over z in [1e-3, 1e3]: its epsilon is cheap at any z, and is an upper bound of the PLD's, so its
+    answer is an upper end for the PLD search. The PLD is then searched only between a quarter of that and it
+    (halving the lower end while it still meets the target): at very small z a PLD needs gigabytes."""
+    import dp_accounting
+    from dp_accounting.mechanism_calibration import NoBracketIntervalFoundError
+
+    low, high = 1e-3, 1e3
+    if _eps_or_inf(q, high, rounds, delta, "rdp") > target_epsilon:
+        raise ConfigError(f"privacy.target_epsilon {target_epsilon:g}: unreachable at delta {delta:g} over {rounds} "
+                          f"rounds at sampling rate {q:g}, even with noise multiplier {high:g}")
+    if _eps_or_inf(q, low, rounds, delta, "rdp") <= target_epsilon:
+        raise ConfigError(f"privacy.target_epsilon {target_epsilon:g}: met with almost no noise (multiplier {low:g}); "
+                          "give privacy.noise_multiplier instead")
+
+    def search(make, lo: float, hi: float) -> float:
+        try:
+            return float(dp_accounting.calibrate_dp_mechanism(
+                make, lambda z: _event(q, z, rounds), target_epsilon, delta,
+                dp_accounting.ExplicitBracketInterval(lo, hi), tol=1e-4))
+        except (ValueError, NoBracketIntervalFoundError) as exc:
+            raise ConfigError(f"privacy.target_epsilon {target_epsilon:g}: no noise multiplier found ({exc})") from None
+
+    z = search(lambda: _accountant("rdp"), low, high)
+    if kind == "rdp":
+        return z
+    lo = z / 4
+    while lo > 0.05 and _eps_or_inf(q, lo, rounds, delta, "pld") <= target_epsilon:
+        lo /= 2  # rare: the PLD's answer is below a quarter of the RDP's
+    return search(lambda: _accountant("pld"), lo, z * 1.001)
 
 
 def noise_multiplier(cfg) -> float:
@@ -117,17 +256,28 @@ def noise_multiplier(cfg) -> float:
     return calibrate(accounted_rate(cfg), cfg.rounds, float(p.target_epsilon), target_delta(cfg), p.accountant)
 
 
+NOT_PRIVATE = ("NOT PRIVATE: privacy.reproducible derives the cohort and every noise draw from the run's seed, "
+               "which is in the config; anyone holding it can replay and subtract the noise")
+
+
 def describe(cfg) -> dict:
     """What a run records about its guarantee (``method.json``, ``summary.json``)."""
     z = noise_multiplier(cfg)
-    return {"mode": cfg.privacy.mode, "unit": "client", "clip": cfg.privacy.clip, "noise_multiplier": z,
+    return {"mode": cfg.privacy.mode, "unit": "client", "private": is_private(cfg),
+            "randomness": NOT_PRIVATE if cfg.privacy.reproducible else
+            "operating-system entropy (keys kept by the server and by each client, never sent)",
+            "clip": cfg.privacy.clip, "noise_multiplier": z,
             "adaptive_clip": {"quantile": cfg.privacy.clip_quantile, "lr": cfg.privacy.clip_lr, "max": cfg.privacy.clip_max,
-                              "count_noise": count_noise(cfg), "update_noise_multiplier": update_noise_multiplier(cfg)}
+                              "count_noise": count_noise(cfg), "count_sensitivity": 0.5,
+                              "update_noise_multiplier": update_noise_multiplier(cfg)}
             if adaptive(cfg) else None,
             "sampling": "poisson", "sampling_rate": sampling_rate(cfg), "delta": target_delta(cfg),
             "accountant": cfg.privacy.accountant, "target_epsilon": cfg.privacy.target_epsilon,
             "accounted_rate": accounted_rate(cfg),
-            "epsilon_after_all_rounds": run_epsilon(cfg, cfg.rounds)}
+            "epsilon_after_all_rounds": run_epsilon(cfg, cfg.rounds),
+            "released_unprotected": ["the number of clients sampled and that replied each round",
+                                     "bytes per round (they depend on the cohort's size and, with entropy coding, "
+                                     "on the updates)", "timings"]}
 
 
 def run_epsilon(cfg, rounds: int) -> float:
@@ -152,14 +302,6 @@ def gaussian(like: dict[str, torch.Tensor], std: float, generator: torch.Generat
             for n, t in like.items()}
 
 
-def noise_generator(seed: int, rnd: int, who: int, stream: int = 0xD7) -> torch.Generator:
-    """Seeded noise (reproducible runs, resumable); ``who`` is -1 for the server, else the client id.
-    A deployment that wants noise no one can replay sets ``privacy.secure_noise`` (OS entropy)."""
-    g = torch.Generator()
-    g.manual_seed(int(np.random.default_rng([seed, rnd, who + 1, stream]).integers(2**63)))
-    return g
-
-
 def adaptive(cfg) -> bool:
     return cfg.privacy.clip_quantile is not None
 
@@ -173,8 +315,9 @@ def count_noise(cfg) -> float:
 
 def update_noise_multiplier(cfg) -> float:
     """The noise multiplier of the update itself. With adaptive clipping part of the privacy budget goes to
-    the count: two Gaussian mechanisms with multipliers z_u and 2 sigma_b compose like one with
-    z = (z_u^-2 + (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, Thm. 1), so z_u is what is left of the accounted z."""
+    the count. The count sums centred bits b - 1/2 (sensitivity 1/2), so its noise sigma_b is a multiplier of
+    2 sigma_b, and the two Gaussian mechanisms compose like one with z = (z_u^-2 + (2 sigma_b)^-2)^-1/2
+    (Andrew et al. 2021, Thm. 1): z_u is what is left of the accounted z."""
     z = noise_multiplier(cfg)
     if not adaptive(cfg) or z == 0:
         return z
@@ -189,7 +332,10 @@ class ClipBound:
     """The server's L2 bound for the round: fixed (``privacy.clip``), or, with ``privacy.clip_quantile``,
     moved each round towards that quantile of the clients' update norms by a geometric step on a noised
     count (Andrew et al., "Differentially private learning with adaptive clipping", 2021):
-        b = (#{k : ||Delta_k|| <= C} + N(0, sigma_b^2)) / (q N);   C <- C * exp(-clip_lr * (b - quantile))
+        b = (sum_k (1[||Delta_k|| <= C] - 1/2) + N(0, sigma_b^2)) / (q N) + 1/2
+        C <- C * exp(-clip_lr * (b - quantile))
+    The bits are centred, so one client moves the sum by at most 1/2: the sensitivity the budget split in
+    :func:`update_noise_multiplier` assumes (as in TF-Privacy's quantile estimator).
     ``privacy.clip_max`` caps C: the noise grows with C, and a model the noise degrades has larger updates,
     so at small epsilon an uncapped C can chase its own noise upwards (B5, epsilon 3). The cap is applied to
     the already-noised estimate, so it costs no privacy. Clients learn each round's bound from the server's
@@ -208,15 +354,18 @@ class ClipBound:
         if adaptive(self.cfg):
             self.value = float(facts["dp_clip"])
 
-    def after_round(self, below_bits: list, rnd: int) -> dict:
-        """``below_bits``: each reply's ``dp_below``; anything but True counts as above the bound."""
+    def noised_count(self, below_bits: list, rnd: int, randomness: Randomness) -> float:
+        """The released count: the centred bits' sum plus its noise (anything but True counts as above)."""
+        g = randomness.generator(rnd, -1, COUNT_NOISE)
+        noise = float(torch.randn((), generator=g, dtype=torch.float64)) * count_noise(self.cfg)
+        return sum(0.5 if b is True else -0.5 for b in below_bits) + noise
+
+    def after_round(self, below_bits: list, rnd: int, randomness: Randomness) -> dict:
+        """``below_bits``: each reply's ``dp_below``."""
         if not adaptive(self.cfg):
             return {}
         p, used = self.cfg.privacy, self.value
-        g = _generator(self.cfg, rnd, -1, stream=0xD8)  # the server's count noise: a stream of its own
-        noise = float(torch.randn((), generator=g, dtype=torch.float64)) * count_noise(self.cfg)
-        below = sum(b is True for b in below_bits) + noise
-        share = below / (sampling_rate(self.cfg) * self.cfg.num_clients)
+        share = self.noised_count(below_bits, rnd, randomness) / (sampling_rate(self.cfg) * self.cfg.num_clients) + 0.5
         self.value = used * math.exp(-p.clip_lr * (share - p.clip_quantile))
         if p.clip_max is not None:
             self.value = min(self.value, p.clip_max)
@@ -235,26 +384,29 @@ def client_bound(cfg, meta: dict) -> float:
     return bound
 
 
-def private_update(cfg, update: dict[str, torch.Tensor], rnd: int, cid: int,
-                   received_meta: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def private_update(cfg, update: dict[str, torch.Tensor], client, received_meta: dict | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
     """A client's side: its update clipped to the round's bound (``client_bound`` of the server's message meta),
     with its own noise in local mode, and the reply meta DP adds: with adaptive clipping, whether the update was
     within the bound before clipping (``dp_below``: the bit the server's noised count sums; only the client
-    knows it)."""
+    knows it). ``client``: the :class:`~fedzip.methods.base.ClientContext` (its id, round and key store)."""
     bound = client_bound(cfg, received_meta or {})
     clipped, norm = clip(update, bound)
     if cfg.privacy.mode == "local":
         std = noise_multiplier(cfg) * bound
-        noise = gaussian(clipped, std, _generator(cfg, rnd, cid))
+        noise = gaussian(clipped, std, client_randomness(cfg, client).generator(client.round, client.cid, NOISE))
         clipped = {n: t + noise[n] for n, t in clipped.items()}
     return clipped, ({"dp_below": norm <= bound} if adaptive(cfg) else {})
 
 
-def private_mean(cfg, updates: list[dict[str, torch.Tensor]], rnd: int, clip_bound: ClipBound | None = None,
-                 reply_metas: list[dict] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def private_mean(cfg, updates: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor], rnd: int,
+                 randomness: Randomness, clip_bound: ClipBound | None = None, reply_metas: list[dict] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The server's side: every update clipped to the bound (again), summed, noised in central mode, and
     divided by the expected cohort q N; ``clip_bound`` (adaptive clipping) then moves for the next round.
-    Returns the mean and the round's numbers for ``metrics.jsonl``."""
+    ``like``: the names, shapes and dtypes of an update, so that a round with no update still adds the noise.
+    Returns the mean and the round's numbers (noised ones for ``metrics.jsonl``, the others server-private:
+    :data:`UNPROTECTED_ROW_KEYS`)."""
     bound = clip_bound.value if clip_bound is not None else float(cfg.privacy.clip)
     m = sampling_rate(cfg) * cfg.num_clients
     if cfg.privacy.mode == "local":  # the noise is in the updates: clipping it again would bias the average
@@ -262,35 +414,52 @@ def private_mean(cfg, updates: list[dict[str, torch.Tensor]], rnd: int, clip_bou
     else:
         pairs = [clip(u, bound) for u in updates]
         clipped, norms = [p[0] for p in pairs], [p[1] for p in pairs]
-    total = {n: sum(u[n] for u in clipped) for n in updates[0]} if updates else {}
-    if cfg.privacy.mode == "central" and total:
-        noise = gaussian(total, update_noise_multiplier(cfg) * bound, _generator(cfg, rnd, -1))
+    total = {n: sum((u[n] for u in clipped), torch.zeros_like(t)) for n, t in like.items()}
+    if cfg.privacy.mode == "central":
+        noise = gaussian(total, update_noise_multiplier(cfg) * bound, randomness.generator(rnd, -1, NOISE))
         total = {n: t + noise[n] for n, t in total.items()}
     stats = {"dp_clipped_share": float(np.mean([n > bound for n in norms])) if norms else 0.0,
              "dp_update_norm": float(np.median(norms)) if norms else 0.0}
     if clip_bound is not None:
-        stats |= clip_bound.after_round([m.get("dp_below") for m in reply_metas or []], rnd)
+        stats |= clip_bound.after_round([m.get("dp_below") for m in reply_metas or []], rnd, randomness)
     return {n: t / m for n, t in total.items()}, stats
 
 
-def _generator(cfg, rnd: int, who: int, stream: int = 0xD7) -> torch.Generator:
-    if cfg.privacy.secure_noise:
-        g = torch.Generator()
-        g.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-        return g
-    return noise_generator(cfg.seed, rnd, who, stream)
+def released_reply_meta(cfg, meta: dict) -> dict:
+    """A reply's meta as it may leave a client. Where the guarantee holds against the server (local mode,
+    record-level DP-SGD), the training loss, computed from the client's data without noise, stays home."""
+    if cfg.privacy.mode == "local" or cfg.privacy.records.noise_multiplier is not None:
+        return {k: v for k, v in meta.items() if k != "train_loss"}
+    return meta
 
 
 # -- record level (DP-SGD on each client, Opacus) ----------------------------------------------------------
-def records(cfg):
-    """``privacy.records`` when record-level DP-SGD is on, else None (what ``train_locally`` takes)."""
-    if cfg.privacy.records.noise_multiplier is None:
+@dataclass(frozen=True)
+class DPSGD:
+    """What a client's DP-SGD steps need: ``privacy.records`` and a seed for its Poisson batches and its
+    noise, from the client's own key (or, under ``privacy.reproducible``, the run's seed)."""
+
+    noise_multiplier: float
+    clip: float
+    seed: int
+
+
+def records(cfg, client=None) -> DPSGD | None:
+    """Record-level DP-SGD for ``client`` when ``privacy.records`` is on, else None (what ``train_locally`` takes)."""
+    rec = cfg.privacy.records
+    if rec.noise_multiplier is None:
         return None
     try:
         import opacus  # noqa: F401
     except ImportError:
         raise ConfigError("privacy.records needs Opacus: pip install 'fedzip[dp]'") from None
-    return cfg.privacy.records
+    seed = client_randomness(cfg, client).int_seed(client.round, client.cid, DP_SGD) if client is not None else 0
+    return DPSGD(rec.noise_multiplier, rec.clip, seed)
+
+
+def record_delta(cfg, num_examples: int) -> float:
+    rec = cfg.privacy.records
+    return rec.delta if rec.delta is not None else default_delta(num_examples)
 
 
 def record_epsilon(cfg, num_examples: int, steps: int, rnd: int) -> float:
@@ -302,9 +471,10 @@ def record_epsilon(cfg, num_examples: int, steps: int, rnd: int) -> float:
     rec = cfg.privacy.records
     accountant = RDPAccountant()
     accountant.history = [(rec.noise_multiplier, min(1.0, cfg.train.batch_size / num_examples), steps * rnd)]
-    return float(accountant.get_epsilon(rec.delta if rec.delta is not None else 1.0 / num_examples))
+    return float(accountant.get_epsilon(record_delta(cfg, num_examples)))
 
 
 def record_meta(cfg, num_examples: int, steps: int, rnd: int) -> dict:
     """What a reply says about its client's record-level guarantee (nothing when DP-SGD is off)."""
-    return {"record_epsilon": record_epsilon(cfg, num_examples, steps, rnd)} if records(cfg) is not None else {}
+    return {"record_epsilon": record_epsilon(cfg, num_examples, steps, rnd)} \
+        if cfg.privacy.records.noise_multiplier is not None else {}

@@ -27,6 +27,9 @@ class Runtime:
     stats: dict
     step_progress: Callable[[int, int], None] | None = field(default=None)
     run_dir: Path | None = None  # where a method may keep artefacts worth reusing (e.g. a trained codec)
+    # The server's DP randomness (fedzip.privacy.Randomness): the cohort and the noise. The engine sets it from
+    # the checkpoint on resume; a client's runtime has none (a client draws from its own key).
+    randomness: object | None = None
 
     @property
     def client_sizes(self) -> list[int]:
@@ -116,5 +119,7 @@ def build_runtime(cfg, method_cls, with_model: bool = True, own_train: TextData 
         parts[cid] = shard
     stats = partition_stats(parts, labels, task.train_data.label_names)
     model = build_model(cfg, method_cls, task) if with_model else None
+    from fedzip.privacy import Randomness, any_enabled
+
     return Runtime(cfg=cfg, task=task, model=model, view=TrainableView(model) if model is not None else None,
-                   parts=parts, stats=stats)
+                   parts=parts, stats=stats, randomness=Randomness.fresh(cfg) if any_enabled(cfg) else None)

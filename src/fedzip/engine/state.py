@@ -6,7 +6,9 @@ would have: versions newer than the last checkpoint are dropped on resume.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from pathlib import Path
 
 import torch
@@ -36,6 +38,32 @@ class ClientStateStore:
         tmp = folder / f".r{rnd}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(folder / f"r{rnd}.safetensors")
+
+    def secret(self, cid: int) -> bytes:
+        """Client ``cid``'s own 32-byte key (the randomness of its DP noise): drawn from the operating system's
+        entropy on first use, kept in a file only this user can read, never sent and never rolled back."""
+        folder = self.root / str(cid)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "key"
+        if not path.exists():
+            tmp = folder / f".key.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and never replaces a key another process made first
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        key = path.read_bytes()
+        if len(key) != 32:
+            from fedzip.errors import RunDirError
+
+            raise RunDirError(f"{path}: a client key must be 32 bytes, found {len(key)}; the client's state is damaged")
+        return key
 
     def _clients(self, cid: int | None) -> list[int]:
         if cid is not None:

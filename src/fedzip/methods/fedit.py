@@ -78,14 +78,14 @@ class FedIT(Method):
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state=client.store.load(client.cid) if self.cfg.train.persist_optimizer_state else None,
-            progress=self.rt.step_progress, records=privacy.records(self.cfg))
+            progress=self.rt.step_progress, records=privacy.records(self.cfg, client))
         if self.cfg.train.persist_optimizer_state:
             client.store.save(client.cid, client.round, opt_state)
         trained = view.get()
         if privacy.enabled(self.cfg):  # what leaves is the received model plus a clipped (and noised) update
             start = message.tensors
             update, dp_meta = privacy.private_update(self.cfg, {n: trained[n] - start[n] for n in trained},
-                                                     client.round, client.cid, message.meta)
+                                                     client, message.meta)
             trained = update if self.opts.upload == "update" else {n: start[n] + update[n] for n in trained}
         else:
             dp_meta = {}
@@ -106,7 +106,8 @@ class FedIT(Method):
             reply_weight(r)  # validated as without DP, though DP weighs every client alike
         updates = [{n: r.tensors[n] if sent_updates else r.tensors[n] - self.global_[n] for n in names}
                    for r in replies.values()]
-        mean, stats = privacy.private_mean(self.cfg, updates, rnd, self.clip_bound, [r.meta for r in replies.values()])
+        mean, stats = privacy.private_mean(self.cfg, updates, self.global_, rnd, self.rt.randomness, self.clip_bound,
+                                           [r.meta for r in replies.values()])
         self.global_ = {n: self.global_[n] + mean[n] for n in names}
         return stats
 

@@ -82,7 +82,7 @@ class FedSALoRA(FedIT):
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round),
             client.seed, opt_state=opt_state if persist else None, progress=self.rt.step_progress,
-            records=privacy.records(self.cfg))
+            records=privacy.records(self.cfg, client))
         trained = view.get()
         client.store.save(client.cid, client.round, {f"own::{n}": trained[n] for n in self.local} |
                           ({f"opt::{k}": v for k, v in opt_state.items()} if persist else {}))

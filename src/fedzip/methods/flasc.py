@@ -203,7 +203,8 @@ class Flasc(Method):
         total = sum(weights.values())
         stats = {}
         if privacy.enabled(self.cfg):  # clipped again, summed, noised (dense), divided by the expected cohort
-            mean, stats = privacy.private_mean(self.cfg, [{"delta": r.tensors["delta"]} for r in replies.values()], rnd,
+            mean, stats = privacy.private_mean(self.cfg, [{"delta": r.tensors["delta"]} for r in replies.values()],
+                                               {"delta": torch.zeros(self.num_params)}, rnd, self.rt.randomness,
                                                self.clip_bound, [r.meta for r in replies.values()])
             mean_delta = unflatten(mean["delta"], self.rt.view.shapes())
         else:
@@ -236,7 +237,7 @@ class Flasc(Method):
         steps, loss, opt_state = train_locally(
             self.rt.model, view.params, self.rt.task, client.indices, round_train_config(self.cfg, client.round), client.seed,
             opt_state={k[5:]: v for k, v in stored.items() if k.startswith("opt::")},
-            grad_hook=grad_hook, progress=self.rt.step_progress, records=privacy.records(self.cfg))
+            grad_hook=grad_hook, progress=self.rt.step_progress, records=privacy.records(self.cfg, client))
         trained = view.get()
         delta = {n: trained[n] - start[n] for n in start}
         if opts.client_freeze and opts.d_dl < 1:  # weight decay or momentum must not leak outside the mask
@@ -248,7 +249,7 @@ class Flasc(Method):
             masks = global_topk_masks(delta, self.k_for(opts.d_ul, client.round))
             sent = {n: d * masks[n] for n, d in delta.items()}
         if privacy.enabled(self.cfg):  # clip what is sent (after top-k); error feedback keeps what clipping cut
-            sent, dp_meta = privacy.private_update(self.cfg, sent, client.round, client.cid, message.meta)
+            sent, dp_meta = privacy.private_update(self.cfg, sent, client, message.meta)
         else:
             dp_meta = {}
         to_store = {f"opt::{k}": v for k, v in opt_state.items()}

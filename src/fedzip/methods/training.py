@@ -78,8 +78,11 @@ def train_locally(model, params: dict[str, torch.nn.Parameter], task, indices: n
                   records=None):
     """Train ``params`` in place. Returns (steps, mean loss, optimizer state as named tensors).
 
-    ``records`` (``privacy.records`` with a noise multiplier): DP-SGD with Opacus, per-example gradients clipped
-    to ``records.clip`` and Gaussian noise added by its DPOptimizer, on Poisson-sampled batches."""
+    ``records`` (:class:`fedzip.privacy.DPSGD`): DP-SGD with Opacus, per-example gradients clipped to
+    ``records.clip`` and Gaussian noise added by its DPOptimizer, on Poisson-sampled batches; the batches and the
+    noise come from ``records.seed`` (the client's own key), never from ``seed`` (the run's). The loss is then
+    the mean over examples of each example's own loss (:func:`per_example_loss`), so that one example's
+    gradient does not depend on the others in its batch."""
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
     names = list(params)
@@ -97,10 +100,11 @@ def train_locally(model, params: dict[str, torch.nn.Parameter], task, indices: n
 
         forward = GradSampleModule(model)  # hooks that keep each example's gradient of every trainable tensor
         noise = torch.Generator(device=device)
-        noise.manual_seed(seed)
+        noise.manual_seed(records.seed)
         opt = DPOptimizer(opt, noise_multiplier=records.noise_multiplier, max_grad_norm=records.clip,
                           expected_batch_size=train_cfg.batch_size, generator=noise)
-        epochs, batches = 1, poisson_batches(task, indices, train_cfg.batch_size, total, rng)
+        epochs = 1
+        batches = poisson_batches(task, indices, train_cfg.batch_size, total, np.random.default_rng(records.seed))
     # bf16 autocast (GPU only): matmuls in bfloat16, weights, gradients and optimizer state stay fp32
     autocast = train_cfg.precision == "bf16" and device.type == "cuda"
     try:
@@ -127,8 +131,13 @@ def _steps(model, opt, task, indices, train_cfg, rng, device, autocast, total, e
                     break
                 continue
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                out = model(**to_device(batch, device))
-                loss = out.loss.float()
+                if batches is not None and task.kind == "causal_lm":  # DP-SGD: each example's loss on its own
+                    batch = to_device(batch, device)
+                    labels = batch.pop("labels")
+                    data_loss = per_example_loss(model(**batch).logits, labels).mean()
+                else:
+                    data_loss = model(**to_device(batch, device)).loss
+                loss = data_loss.float()
                 if extra_loss is not None:
                     loss = loss + extra_loss()
             opt.zero_grad(set_to_none=True)
@@ -137,7 +146,7 @@ def _steps(model, opt, task, indices, train_cfg, rng, device, autocast, total, e
                 grad_hook()
             opt.step()
             steps += 1
-            loss_sum += float(out.loss.detach())
+            loss_sum += float(data_loss.detach())
             if progress is not None:
                 progress(steps, total)
             if steps >= total:
@@ -145,3 +154,16 @@ def _steps(model, opt, task, indices, train_cfg, rng, device, autocast, total, e
         if steps >= total:
             break
     return steps, loss_sum
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, ignore: int = -100) -> torch.Tensor:
+    """A causal LM's loss per example: the mean over that example's own target tokens (next-token shift).
+
+    Hugging Face's loss is the mean over every target token of the batch, so an example's weight in it, and its
+    gradient, depend on how many tokens the other examples have: per-example clipping then bounds nothing about
+    one record. The mean of these per-example means does not mix examples."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    token = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                              ignore_index=ignore, reduction="none").view(shift_labels.shape)
+    counts = (shift_labels != ignore).sum(dim=1)
+    return token.sum(dim=1) / counts.clamp(min=1)
