@@ -31,6 +31,20 @@ class PayloadError(FedzipError):
     exit_code = 3
 
 
+class ClientFailure(FedzipError):
+    """A client could not produce a valid reply (its training diverged, its state is unusable): it counts as a
+    failed client of its round, never as the end of the run."""
+
+    exit_code = 4
+
+
+class TooFewReplies(FedzipError):
+    """Fewer clients of a round replied with a valid update than ``deploy.min_reply_fraction`` needs: the run
+    stops after its last completed round and can be resumed."""
+
+    exit_code = 4
+
+
 class RunDirError(FedzipError):
     """A run directory is missing, incomplete or does not match the config being resumed."""
 

@@ -6,15 +6,17 @@ runs the same way in a laptop simulation and on a SuperNode.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedzip.errors import PayloadError
+from fedzip import privacy
+from fedzip.errors import ClientFailure, PayloadError
 from fedzip.methods import ClientContext
-from fedzip.wire import decode, encode
+from fedzip.wire import Message, decode, encode
 
 
 def client_seed(seed: int, rnd: int, cid: int) -> int:
@@ -43,9 +45,34 @@ def run_client(method, store, rnd: int, cid: int, down: bytes, timing: dict[str,
     t1 = time.time()
     ctx = ClientContext(cid=cid, round=rnd, indices=rt.parts[cid], store=store, seed=client_seed(cfg.seed, rnd, cid))
     reply = method.fit(ctx, received)
+    check_reply(reply)
+    reply.meta = privacy.released_reply_meta(cfg, reply.meta)
     t2 = time.time()
     up = encode(reply, method.wire_codec("up"))
     t3 = time.time()
     for key, dt in (("decode_s", t1 - t0), ("compute_s", t2 - t1), ("encode_s", t3 - t2)):
         timing[key] = timing.get(key, 0.0) + dt
     return ClientResult(up, reply.diagnostics)
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def check_reply(reply: Message) -> None:
+    """A reply that training made non-finite (a diverging client: NaN or inf in its tensors or its loss) is a
+    failed client with a reason, not a payload the encoder refuses with a bare error."""
+    bad = [n for n, t in reply.tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ClientFailure(f"training diverged: tensor {bad[0]!r} has NaN or infinite values"
+                            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
+    if not _finite(reply.meta):
+        where = sorted(k for k, v in reply.meta.items() if not _finite(v))
+        raise ClientFailure(f"training diverged: reply meta {', '.join(where)} is not finite "
+                            f"({', '.join(repr(reply.meta[k]) for k in where[:3])})")

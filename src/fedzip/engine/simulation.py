@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -24,14 +24,14 @@ import yaml
 from fedzip import privacy
 from fedzip.config import ExperimentConfig, dump_config
 from fedzip.data.task import model_device
+from fedzip.engine.checkpoint import RunIdentity, load_checkpoint, recover_checkpoint, start_identity, write_checkpoint
 from fedzip.engine.client import client_seed, run_client  # noqa: F401  (client_seed: re-exported)
 from fedzip.engine.ledger import Ledger
 from fedzip.engine.memory import PeakMemory
 from fedzip.engine.personal import PersonalEvaluation, evaluate_client, personal_clients
 from fedzip.engine.runtime import build_runtime, client_runtime
 from fedzip.engine.state import ClientStateStore
-from fedzip.errors import ConfigError, PayloadError, RunDirError
-from fedzip.methods.state import load_server_state, save_server_state
+from fedzip.errors import ConfigError, FedzipError, PayloadError, RunDirError, TooFewReplies
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
 from fedzip.registry import method_class
@@ -57,20 +57,32 @@ class InProcessExchange:
         self.method, self.store, self.bar = client_method, store, bar
         self.memory = PeakMemory(model_device(client_method.rt.model) if client_method.rt.model is not None else None)
 
+    def begin(self, identity: RunIdentity) -> None:
+        """The run's identity: a deployed exchange sends it with every request; here the store is the run's own."""
+
     def __call__(self, rnd: int, downs: dict[int, bytes], timing: dict):
-        replies, diagnostics = {}, {}
+        replies, failures, diagnostics = {}, {}, {}
         timing["client_compute_s"] = {}  # each client's own compute: what a link model needs per client
         timing["client_memory"] = {}  # each client's peak memory while it decoded, trained and encoded
         for cid, down in downs.items():
             self.bar.client_start(cid)
             before = timing["compute_s"]
             self.memory.start()
-            result = run_client(self.method, self.store, rnd, cid, down, timing)
+            try:
+                result = run_client(self.method, self.store, rnd, cid, down, timing)
+            except Exception as exc:  # noqa: BLE001 - one client never stops a run: it failed, as on a real node
+                log.warning("round %d: client %d failed: %s: %s", rnd, cid, type(exc).__name__, exc,
+                            exc_info=not isinstance(exc, FedzipError))
+                failures[cid] = f"{type(exc).__name__}: {exc}"
+                self.store.rollback(rnd - 1, cid)  # what it saved belongs to a round the server never got
+                continue
+            finally:
+                memory = self.memory.stop()
+                self.bar.client_done()
             replies[cid], diagnostics[cid] = result.up, result.diagnostics
-            timing["client_memory"][str(cid)] = self.memory.stop()
+            timing["client_memory"][str(cid)] = memory
             timing["client_compute_s"][str(cid)] = timing["compute_s"] - before
-            self.bar.client_done()
-        return replies, {}, diagnostics  # (replies, failures: cid -> reason, diagnostics)
+        return replies, failures, diagnostics  # (replies, failures: cid -> reason, diagnostics)
 
     evaluates_clients = True
 
@@ -87,20 +99,6 @@ def export_personal_models(exchange: InProcessExchange, glob: dict[str, torch.Te
     for cid in cids:
         method.rt.view.set(method.personal_tensors(cid, exchange.store, {n: glob[n] for n in method.personal_spec()}))
         save_adapter(method.rt.model, out / "personal" / f"client_{cid}")
-
-
-def recover_checkpoint(out: Path) -> None:
-    """A crash in the middle of swapping checkpoints leaves a complete one under another name."""
-    ckpt = out / "checkpoints"
-    if (ckpt / "state.json").exists():
-        return
-    for name in ("checkpoints.tmp", "checkpoints.old"):  # the newer complete one first
-        cand = out / name
-        if (cand / "state.json").exists() and (cand / "server.safetensors").exists():
-            if ckpt.exists():
-                shutil.rmtree(ckpt)
-            cand.rename(ckpt)
-            return
 
 
 def prepare_run_dir(out: Path, resume: bool) -> Path:
@@ -149,7 +147,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
         raise ConfigError("deploy.client_data: on_nodes means clients read files on their SuperNodes; "
                           "run it on Flower (fedzip deploy), or use shared data in a simulation")
     out = prepare_run_dir(Path(out), resume)
-    ckpt_dir = out / "checkpoints"
     if resume:
         saved = yaml.safe_load((out / "config.yaml").read_text())
         try:  # a run started by an older fedzip lacks keys added since, which then hold their defaults
@@ -159,9 +156,19 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
         if _comparable(saved, method_cls) != _comparable(yaml.safe_load(dump_config(cfg)), method_cls):
             raise RunDirError(f"{out}/config.yaml differs from the config being resumed; resume with the same config")
     (out / "config.yaml").write_text(dump_config(cfg))
+    ckpt_dir = out / "checkpoints"
 
+    checkpoint = server_state = None
+    if resume:  # verified before anything is built: a damaged checkpoint is one line, not a resumed run that differs
+        checkpoint, server_state = load_checkpoint(ckpt_dir)
+        _check_run_files(out, checkpoint)
     rt = build_runtime(cfg, method_cls)
     rt.run_dir = out
+    if resume and privacy.is_private(cfg):  # the DP key: the runtime's fresh one at a fresh start, else the checkpoint's
+        key = checkpoint.get("randomness_key")
+        if not key:
+            raise RunDirError(f"{ckpt_dir}: the checkpoint holds no DP randomness key; the run cannot resume privately")
+        rt.randomness = privacy.Randomness(bytes.fromhex(key), cfg.seed)
     # With data on the nodes the server's own partition is of its evaluation data, not of any client's.
     (out / "partition.json").write_text(json.dumps(rt.stats if cfg.deploy.client_data == "shared" else {
         "clients": "on their SuperNodes (deploy.client_data: on_nodes); the server sees only the example "
@@ -169,21 +176,24 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     method = method_cls(cfg, rt)
     method.init_global()
     (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe(),
-                                                 **({"privacy": privacy.describe(cfg)} if privacy.enabled(cfg) else {})},
+                                                 **({"privacy": privacy.describe(cfg)} if privacy.enabled(cfg) else {}),
+                                                 **({"record_privacy": record_privacy(cfg)}
+                                                    if cfg.privacy.records.noise_multiplier is not None else {})},
                                                 indent=1))
     store = ClientStateStore(out / "client_state")
+    identity = start_identity(out, resume)
 
     start, elapsed_before = 1, 0.0
     if resume:
-        state = json.loads((ckpt_dir / "state.json").read_text())
-        method.load_server_state(load_server_state(ckpt_dir / "server.safetensors"))
-        start, elapsed_before = state["round"] + 1, state["wall_seconds"]
-        _truncate_lines(out / "ledger.jsonl", state["ledger_lines"])
-        _truncate_lines(out / "metrics.jsonl", state["metrics_lines"])
-        store.rollback(state["round"])
-        log.info("resuming %s after round %d", out, state["round"])
+        method.load_server_state(server_state)
+        start, elapsed_before = checkpoint["round"] + 1, checkpoint["wall_seconds"]
+        _truncate_lines(out / "ledger.jsonl", checkpoint["ledger_lines"])
+        _truncate_lines(out / "metrics.jsonl", checkpoint["metrics_lines"])
+        _truncate_lines(out / PRIVATE_ROWS, checkpoint.get("private_lines", 0))
+        store.rollback(checkpoint["round"])
+        log.info("resuming %s after round %d", out, checkpoint["round"])
     else:
-        for f in ("ledger.jsonl", "metrics.jsonl"):
+        for f in ("ledger.jsonl", "metrics.jsonl", PRIVATE_ROWS):
             (out / f).write_text("")
 
     ledger = Ledger(out / "ledger.jsonl")
@@ -191,6 +201,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     rt.step_progress = bar.step
     if exchange is None:
         exchange = InProcessExchange(method_cls(cfg, client_runtime(rt, method_cls)), store, bar)
+    if hasattr(exchange, "begin"):
+        exchange.begin(identity)
     personal = None
     if personal_clients(cfg, method_cls):
         personal = PersonalEvaluation(cfg, rt, method, exchange, ledger)
@@ -198,8 +210,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
         log.warning("%s: its clients keep models of their own and eval.personal_clients is 0: nothing is evaluated",
                     cfg.method)
     t_start = time.time()
-    with open(out / "metrics.jsonl", encoding="utf-8") as f:
-        metrics_lines = sum(1 for _ in f)
+    metrics_lines, private_lines = _count_lines(out / "metrics.jsonl"), _count_lines(out / PRIVATE_ROWS)
     try:
         for rnd in range(start, cfg.rounds + 1):
             row = run_round(cfg, method, ledger, rnd, bar, exchange)
@@ -226,11 +237,19 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                 if rnd in ledger.eval_bytes:  # personalised evaluation's traffic, apart from training's
                     row |= {"bytes_eval_up": ledger.eval_bytes[rnd]["up"], "bytes_eval_down": ledger.eval_bytes[rnd]["down"]}
             row["wall_seconds"] = elapsed_before + time.time() - t_start
+            released, kept = privacy.split_row(cfg, row)  # a private run releases no cohort and no unnoised figure
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(released) + "\n")
             metrics_lines += 1
+            if kept:
+                with open(out / PRIVATE_ROWS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(kept) + "\n")
+                private_lines += 1
             ledger.flush()
-            _checkpoint(ckpt_dir, method, rnd, ledger.lines(), metrics_lines, row["wall_seconds"])
+            write_checkpoint(ckpt_dir, method.server_state(), {
+                "round": rnd, "ledger_lines": ledger.lines(), "metrics_lines": metrics_lines,
+                "private_lines": private_lines, "wall_seconds": row["wall_seconds"],
+                "randomness_key": rt.randomness.key.hex() if rt.randomness is not None and rt.randomness.key else None})
             store.commit(rnd)
             bar.round_done(rnd, row)
             if stop_after is not None and rnd >= stop_after and rnd < cfg.rounds:
@@ -255,7 +274,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
     t_round = time.time()
     # Under client-level DP each client joins independently (Poisson), as the accountant assumes; a round may
     # then sample no one, and the model stays as it was.
-    cids = (privacy.poisson_cohort(cfg.seed, rnd, cfg.num_clients, privacy.sampling_rate(cfg)) if privacy.enabled(cfg)
+    cids = (method.rt.randomness.cohort(rnd, cfg.num_clients, privacy.sampling_rate(cfg)) if privacy.enabled(cfg)
             else sample_clients(cfg.seed, rnd, cfg.num_clients, cfg.clients_per_round))
     bar.round_start(rnd, len(cids))
     timing = dict.fromkeys(("compute_s", "encode_s", "decode_s", "aggregate_s"), 0.0)
@@ -279,16 +298,18 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
             continue
         ledger.record(rnd, cid, "down", len(downs[cid]), kind)
         up = ups[cid]
-        ledger.record(rnd, cid, "up", len(up))
         t0 = time.time()
         try:
             replies[cid] = decode(up, method.up_spec(cid, rnd), max_bytes=cfg.wire.max_payload_bytes)
-        except PayloadError as exc:  # a bad reply is dropped and logged, never fatal to the server
-            log.warning("round %d: reply from client %d rejected: %s", rnd, cid, exc)
+        except Exception as exc:  # noqa: BLE001 - a bad reply is dropped and logged, never fatal to the server
+            reason = str(exc) if isinstance(exc, PayloadError) else f"{type(exc).__name__}: {exc}"
+            log.warning("round %d: reply from client %d rejected: %s", rnd, cid, reason[:300])
             rejected.append(cid)
+            ledger.record(rnd, cid, "up", len(up), rejected=reason[:300])  # it arrived: its bytes count
             continue
         finally:
             timing["decode_s"] += time.time() - t0
+        ledger.record(rnd, cid, "up", len(up))
         replies[cid].diagnostics = diagnostics.get(cid, {})
         if isinstance(replies[cid].meta.get("train_loss"), (int, float)):
             losses.append(float(replies[cid].meta["train_loss"]))
@@ -302,40 +323,97 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
             client_steps += steps
 
+    need = math.ceil(cfg.deploy.min_reply_fraction * len(cids))
+    if len(replies) < need:
+        reasons = "; ".join(f"client {c}: {r}" for c, r in list(failures.items())[:3])
+        raise TooFewReplies(f"round {rnd}: only {len(replies)} of {len(cids)} sampled clients replied with a valid "
+                            f"update (deploy.min_reply_fraction needs {need})" + (f" ({reasons})" if reasons else "") +
+                            "; the run stopped after its last completed round and can be resumed")
     t0 = time.time()
-    extra = method.aggregate(rnd, replies) if replies else {}
+    # Under DP a round with no reply still releases noise (what it releases must not say that no one took part).
+    extra = {}
+    if replies or privacy.enabled(cfg):
+        extra, dropped = aggregate_valid(method, rnd, replies)
+        for cid, reason in dropped.items():
+            log.warning("round %d: reply from client %d rejected: %s", rnd, cid, reason[:300])
+            rejected.append(cid)
     timing["aggregate_s"] = time.time() - t0
     up_b, down_b = ledger.round_bytes[rnd]["up"], ledger.round_bytes[rnd]["down"]
     row = {"round": rnd, "clients": cids, "bytes_up": up_b, "bytes_down": down_b,
            "bytes_up_per_client": up_b / max(len(cids), 1), "bytes_down_per_client": down_b / max(len(cids), 1),
+           "cohort_size": len(cids), "replied": len(replies) - len([c for c in rejected if c in replies]),
            "train_loss": float(np.mean(losses)) if losses else None, "rejected": rejected,
            "client_steps": client_steps,  # local steps the replies report: compute_s / client_steps = step time
            "client_examples": client_examples,
            **({"client_record_epsilon": record_epsilon, "record_epsilon_max": max(record_epsilon.values())}
               if record_epsilon else {}),
-           **({"failed": sorted(failures)} if failures else {}), **timing, **extra}
+           **({"failed": sorted(failures)} if failures else {}), **timing, **(extra or {})}
     if privacy.enabled(cfg):
         row["epsilon"] = privacy.run_epsilon(cfg, rnd)  # the guarantee after this round, at the run's delta
     row["round_s"] = time.time() - t_round
     return row
 
 
-def _checkpoint(ckpt_dir: Path, method, rnd: int, ledger_lines: int, metrics_lines: int, wall: float) -> None:
-    """Atomic: write into a temporary folder, then swap it in."""
-    tmp = ckpt_dir.with_name("checkpoints.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_server_state(method.server_state(), tmp / "server.safetensors")
-    # state.json last: its presence marks the folder complete (recover_checkpoint relies on it)
-    (tmp / "state.json").write_text(json.dumps({"round": rnd, "ledger_lines": ledger_lines,
-                                                "metrics_lines": metrics_lines, "wall_seconds": wall}))
-    old = ckpt_dir.with_name("checkpoints.old")
-    if ckpt_dir.exists():
-        ckpt_dir.rename(old)
-    tmp.rename(ckpt_dir)
-    if old.exists():
-        shutil.rmtree(old)
+def aggregate_valid(method, rnd: int, replies: dict) -> tuple[dict, dict[int, str]]:
+    """``method.aggregate`` of the replies it accepts, and the reason for each it refused.
+
+    A reply that decodes (names, shapes, finite values) can still carry meta the method refuses in ``aggregate``
+    (a negative example count, a HAFL mask of the wrong rank): the method raises PayloadError without saying
+    whose. Then the server state is put back, each reply is tried alone to find the ones refused, and the rest
+    are aggregated: the result is the round in which those clients did not reply."""
+    before = method.server_state()
+    try:
+        return method.aggregate(rnd, replies), {}
+    except PayloadError:
+        pass
+    refused = {}
+    for cid in list(replies):
+        method.load_server_state(_copy_state(before))
+        try:
+            method.aggregate(rnd, {cid: replies[cid]})
+        except PayloadError as exc:
+            refused[cid] = str(exc)
+    method.load_server_state(_copy_state(before))
+    kept = {c: r for c, r in replies.items() if c not in refused}
+    if not refused:  # refused only together: no client to blame, so the round is not aggregated
+        raise PayloadError(f"round {rnd}: the replies could not be aggregated together") from None
+    return (method.aggregate(rnd, kept) if kept or privacy.enabled(method.cfg) else {}), refused
+
+
+def _copy_state(state):
+    from fedzip.methods.state import ServerState
+
+    return ServerState({g: {n: t.clone() for n, t in ts.items()} for g, ts in state.tensors.items()},
+                       json.loads(json.dumps(state.facts)))
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def _check_run_files(out: Path, checkpoint: dict) -> None:
+    """The run's files hold at least the lines the checkpoint counts (else they were cut or replaced)."""
+    for name, key in (("metrics.jsonl", "metrics_lines"), ("ledger.jsonl", "ledger_lines"),
+                      (PRIVATE_ROWS, "private_lines")):
+        if _count_lines(out / name) < checkpoint.get(key, 0):
+            raise RunDirError(f"{out / name}: shorter than the checkpoint of round {checkpoint['round']} records; "
+                              "the run cannot resume from it")
+
+
+def record_privacy(cfg) -> dict:
+    """What a run records about record-level DP-SGD (``method.json``)."""
+    return {"unit": "record", "noise_multiplier": cfg.privacy.records.noise_multiplier,
+            "clip": cfg.privacy.records.clip, "private": privacy.is_private(cfg),
+            "delta": cfg.privacy.records.delta if cfg.privacy.records.delta is not None else
+            "min(1e-5, 0.01 / the client's example count)",
+            "randomness": privacy.NOT_PRIVATE if cfg.privacy.reproducible else
+            "each client's own key (operating-system entropy, never sent)"}
+
+
+PRIVATE_ROWS = "server_private.jsonl"  # under DP: the cohort and the unnoised statistics, the server's alone
 
 
 def export_model(model, method_cls, out: Path) -> None:
@@ -344,6 +422,26 @@ def export_model(model, method_cls, out: Path) -> None:
         save_adapter(model, out / "adapter")
     else:
         model.save_pretrained(str(out / "model"))
+
+
+def code_version() -> dict:
+    """fedzip's version and, when it runs from a git checkout, the commit and whether the tree had changes."""
+    import subprocess
+
+    from fedzip import __version__
+
+    out = {"version": __version__, "commit": None, "dirty": None}
+    here = Path(__file__).resolve().parent.parent  # the package: src/fedzip in a checkout
+    try:
+        git = ["git", "-C", str(here)]
+        out["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                       check=True).stdout.strip() or None
+        status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "."], capture_output=True,
+                                text=True, timeout=10, check=True).stdout
+        out["dirty"] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed package: the version is all there is
+    return out
 
 
 def device_name(model) -> str:
@@ -373,11 +471,16 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device,
         "torch": torch.__version__,
         "wire_format": WIRE_FORMAT.decode(),  # what the ledger's bytes are bytes of (FZP1: the header as plain JSON)
+        "code": code_version(),  # which fedzip produced the run
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         # what a method flagged while going on (e.g. a learned codec below its quality gate): every report repeats it
         "warnings": [f"round {r['round']}: {r['warning']}" for r in rows if r.get("warning")],
     }
     if privacy.enabled(cfg):
         summary["privacy"] = privacy.describe(cfg) | {"epsilon": rows[-1].get("epsilon") if rows else 0.0}
+    if cfg.privacy.records.noise_multiplier is not None:
+        summary["record_privacy"] = record_privacy(cfg)
+    if privacy.any_enabled(cfg) and not privacy.is_private(cfg):
+        summary["warnings"].insert(0, privacy.NOT_PRIVATE)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
