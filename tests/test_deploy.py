@@ -64,6 +64,37 @@ def test_server_killed_after_a_round_resumes_to_the_same_adapter(tmp_path, tiny_
     assert read_ledger(out / "ledger.jsonl") == read_ledger(sim / "ledger.jsonl")
 
 
+def test_a_hostile_supernode_cannot_stop_the_run_and_its_replies_count_as_silence(tmp_path, tiny_cfg, monkeypatch):
+    """Node 1 (clients 1 and 3) answers every round with another attack (a 5,000-digit integer, another client's
+    id, NaN meta, a stale round, a truncated payload, an oversized one, JSON nested 100,000 deep): the run
+    completes, each of those replies is a logged failure, and the adapter is that of a simulation in which
+    clients 1 and 3 never replied."""
+    from test_robustness import Hostile
+
+    import fedzip.engine.simulation as sim
+
+    overrides = tiny_cfg + ["rounds=7", "num_clients=4", "clients_per_round=4", "deploy.max_round_retries=0",
+                            "deploy.min_reply_fraction=0.5", "wire.max_payload_bytes=200000"]
+    real = sim.InProcessExchange
+    monkeypatch.setattr(sim, "InProcessExchange", lambda *a: Hostile(real(*a), {1, 3}, None))
+    quiet = simulate(tmp_path, overrides)
+    monkeypatch.setattr(sim, "InProcessExchange", real)
+    out = tmp_path / "run"
+    app = Path(__file__).resolve().parent / "flower_hostile_app"
+    with LocalFederation(tmp_path / "flower", nodes=2, per_node={1: {"hostile": "true"}}, app_dir=app) as fed:
+        flower_run(fed, overrides, out)
+    assert_same_adapter(out, quiet)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 7
+    for row in rows:  # refused by the exchange (failed) or by the decoder (rejected): never accepted
+        assert sorted(row.get("failed", []) + row["rejected"]) == [1, 3], row
+    ledger = read_ledger(out / "ledger.jsonl")
+    for rnd in range(1, 8):  # each hostile reply has its reason in the ledger, beside the bytes that arrived
+        for cid in (1, 3):
+            lines = [e for e in ledger if (e["round"], e["client"]) == (rnd, cid)]
+            assert any(e.get("status") or e.get("rejected") for e in lines), (rnd, cid, lines)
+
+
 def test_tls_with_node_authentication_runs_and_refuses_unregistered_nodes(tmp_path, tiny_cfg):
     creds = tmp_path / "creds"
     make_credentials(creds, nodes=3, hosts=[])

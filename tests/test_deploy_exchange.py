@@ -7,8 +7,10 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedzip.config import ExperimentConfig
-from fedzip.deploy.exchange import FlowerExchange, TooFewReplies
+from fedzip.deploy import exchange
+from fedzip.deploy.exchange import TooFewReplies
 from fedzip.deploy.task import RECORD, client_record, hosted_clients
+from fedzip.engine.checkpoint import RunIdentity
 from fedzip.errors import ConfigError
 
 
@@ -18,6 +20,15 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+RUN = RunIdentity("0" * 32, 3)
+
+
+def FlowerExchange(grid, cfg, **kw):  # noqa: N802 - the exchange, begun as the engine begins it
+    ex = exchange.FlowerExchange(grid, cfg, **kw)
+    ex.begin(RUN)
+    return ex
 
 
 class FakeGrid:
@@ -54,6 +65,7 @@ class FakeGrid:
         records, error = {}, None  # one reply per node message, one record per client in it
         for rec in m.content.config_records.values():
             self.sent.append((node, rec["cid"], rec["round"]))
+            assert (rec["run_id"], rec["epoch"]) == (RUN.run_id, RUN.epoch)  # every request says whose it is
             got = self.answer(node, rec["cid"], rec["round"], rec["payload"])
             if isinstance(got, Error):  # the whole node message fails
                 error = got
@@ -216,3 +228,32 @@ def test_credentials_make_a_ca_signed_server_cert_and_openssh_node_keys(tmp_path
     assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.1.2.3"]
     load_ssh_public_key(paths["node1_pub"].read_bytes())
     assert oct(paths["node0_key"].stat().st_mode & 0o777) == "0o600"
+
+
+def test_credentials_are_private_from_their_first_byte_and_never_silently_replaced(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from fedzip.deploy.credentials import make_credentials
+
+    made = {}  # every file the credentials are written to, with the mode it was created with
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *a, **k):
+        if flags & os.O_CREAT:
+            made[os.path.basename(path)] = (mode, bool(flags & os.O_EXCL))
+        return real_open(path, flags, mode, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy)
+    out = tmp_path / "creds"
+    paths = make_credentials(out, nodes=2, hosts=[])
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for key in ("ca.key", "superlink.key", "node0.key", "node1.key"):
+        assert made[key] == (0o600, True), key  # created 0600 and exclusively, not chmod-ed afterwards
+        assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
+    ca = paths["ca_key"].read_bytes()
+    with pytest.raises(ConfigError, match="already holds ca.crt"):
+        make_credentials(out, nodes=2, hosts=[])
+    assert paths["ca_key"].read_bytes() == ca
+    make_credentials(out, nodes=2, hosts=[], force=True)
+    assert paths["ca_key"].read_bytes() != ca

@@ -63,8 +63,8 @@ def _relay(msg: Message, context: Context, op: str) -> Message:
         if not isinstance(cid, int) or name != client_record(cid) or not isinstance(rnd, int) or rnd < 1 \
                 or not isinstance(down, bytes):
             raise PayloadError(f"record {name}: needs int 'cid' (its name's), int 'round' >= 1 and bytes 'payload'")
-        request = {"op": op, "cid": cid, "round": rnd, "run_config": dict(context.run_config),
-                   "node_config": dict(node.items())}
+        request = {"op": op, "cid": cid, "round": rnd, "run_id": rec.get("run_id"), "epoch": rec.get("epoch"),
+                   "run_config": dict(context.run_config), "node_config": dict(node.items())}  # checked by the worker
         if op == "evaluate":  # checked by the worker (fedzip.engine.personal.evaluate_client)
             request |= {"own": rec.get("own"), "share": rec.get("share")}
         if _flag(node.get("worker"), True):

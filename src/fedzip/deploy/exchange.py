@@ -17,20 +17,19 @@ import time
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedzip.deploy.task import RECORD, client_record
-from fedzip.errors import FedzipError
+from fedzip.errors import TooFewReplies
 
 log = logging.getLogger(__name__)
-
-
-class TooFewReplies(FedzipError):
-    exit_code = 4
-
 
 class FlowerExchange:
     def __init__(self, grid, cfg, retry_pause_s: float = 2.0):
         self.grid, self.cfg = grid, cfg
         self.retry_pause_s = retry_pause_s
         self.node_clients: dict[int, list[int]] = {}  # node id -> logical clients it hosts
+        self.identity = None  # the run's id and epoch (fedzip.engine.checkpoint.RunIdentity): sent with every request
+
+    def begin(self, identity) -> None:
+        self.identity = identity
 
     # -- which node hosts which client ------------------------------------------------------------
     def refresh_nodes(self) -> None:
@@ -140,7 +139,10 @@ class FlowerExchange:
                 failures[cid] = "no SuperNode hosts this client"
                 continue
             by_node.setdefault(node, {})[cid] = payload
-        messages = [Message(RecordDict({client_record(cid): ConfigRecord({"payload": p, "cid": cid, "round": rnd,
+        if self.identity is None:
+            raise RuntimeError("FlowerExchange.begin(identity) must come before the first round")
+        run = {"run_id": self.identity.run_id, "epoch": self.identity.epoch}
+        messages = [Message(RecordDict({client_record(cid): ConfigRecord({"payload": p, "cid": cid, "round": rnd, **run,
                                                                           **(extra or {}).get(cid, {})})
                                         for cid, p in batch.items()}), dst_node_id=node, message_type=message_type)
                     for node, batch in by_node.items()]

@@ -62,13 +62,14 @@ class LocalFederation:
     """SuperLink + SuperNodes as child processes; every log goes to ``home``."""
 
     def __init__(self, home: Path, nodes: int, node_config: dict[str, str] | None = None,
-                 credentials: Path | None = None, per_node: dict[int, dict] | None = None):
+                 credentials: Path | None = None, per_node: dict[int, dict] | None = None, app_dir: Path = APP_DIR):
         if nodes < 1:
             raise FedzipError("a federation needs at least one SuperNode")
         self.home = Path(home).resolve()
         self.nodes = nodes
         self.node_config = node_config or {}  # every node's
         self.per_node = per_node or {}  # node i's own settings on top, e.g. {0: {"data-file": ...}}
+        self.app_dir = Path(app_dir)  # the Flower App that `submit` runs (fedzip's own by default)
         # With credentials (fedzip deploy credentials): TLS everywhere and only registered SuperNodes.
         self.creds = Path(credentials).resolve() if credentials else None
         self.port = free_port()
@@ -139,7 +140,7 @@ class LocalFederation:
             "resume": resume}.items()))
         self._cli_log_from = self.cli_log.stat().st_size if self.cli_log.exists() else 0
         log = open(self.cli_log, "a")
-        return subprocess.Popen(["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", str(run_cfg)],
+        return subprocess.Popen(["flwr", "run", str(self.app_dir), CONNECTION, "--run-config", str(run_cfg)],
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.home,
                                 start_new_session=True)
 

@@ -13,7 +13,14 @@ worker keeps one experiment's client side in memory and runs it with the same ``
   in a simulation.
 * Frames: a 4-byte big-endian header length, the header (UTF-8 JSON), an 8-byte payload length, the payload.
   Nothing is pickled. The socket lives in a directory only this user can enter; the worker and the ClientApp
-  run as the node's user.
+  run as the node's user. A payload longer than the run's ``wire.max_payload_bytes`` is refused before it is
+  read; a connection that sends nothing for ``CONNECTION_TIMEOUT_S`` is dropped; any error stays within its
+  connection: the worker, its socket and its loaded model stay up.
+* Client state is kept per run (``state-dir/<run id>/``): the server mints the run id at a fresh start and
+  raises an epoch each time it starts or resumes, and sends both with every request. The node keeps the
+  highest (epoch, round) it has served and refuses any request below it before touching state, so a message
+  from a killed attempt that arrives late cannot roll back what the resumed run has done, and a new run of the
+  same config never starts from an older run's state.
 
 The module imports only the standard library at the top: a relaying ClientApp process never loads torch.
 """
@@ -28,21 +35,25 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 log = logging.getLogger("fedzip.node_worker")
 
 MAX_HEADER = 1 << 20  # a request header is a few hundred bytes: anything near this is not ours
-MAX_PAYLOAD = 1 << 34  # the wire format's own limit (wire.max_payload_bytes) is checked by the decoder
+MAX_HEADER_DEPTH = 32  # a request nests three levels; JSON nested thousands deep is an attack on the parser
+DEFAULT_MAX_PAYLOAD = 2**31  # wire.max_payload_bytes's default, for a request whose run config cannot be read
 DEFAULT_IDLE_S = 900.0
 START_TIMEOUT_S = 120.0
+CONNECTION_TIMEOUT_S = 60.0  # a peer that connects and then sends nothing holds up no one for longer
 
 
 def default_state_dir() -> Path:
@@ -86,17 +97,59 @@ def send_frame(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
         sock.sendall(payload)
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict, bytes]:
+def _depth(text: bytes) -> int:
+    """How deep brackets nest in a JSON text (strings skipped), counted before the parser recurses into it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def recv_frame(sock: socket.socket, max_payload=lambda header: DEFAULT_MAX_PAYLOAD) -> tuple[dict, bytes]:
+    """One frame; ``max_payload(header)`` bounds the payload before a byte of it is read. ValueError (or
+    ConnectionError, TimeoutError) for anything that is not a well-formed frame within its bounds."""
     (n,) = struct.unpack(">I", _read_exact(sock, 4))
     if n > MAX_HEADER:
         raise ValueError(f"frame header of {n} bytes")
-    header = json.loads(_read_exact(sock, n))
+    raw = _read_exact(sock, n)
+    if _depth(raw) > MAX_HEADER_DEPTH:
+        raise ValueError(f"frame header nests deeper than {MAX_HEADER_DEPTH}")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"frame header is not JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise ValueError("frame header is not a JSON object")
     (m,) = struct.unpack(">Q", _read_exact(sock, 8))
-    if m > MAX_PAYLOAD:
-        raise ValueError(f"frame payload of {m} bytes")
+    limit = max_payload(header)
+    if m > limit:
+        raise ValueError(f"frame payload of {m} bytes exceeds the limit of {limit}")
     return header, _read_exact(sock, m)
+
+
+def request_payload_limit(header: dict) -> int:
+    """The run's ``wire.max_payload_bytes`` for a request (its run config), else the default."""
+    try:
+        from fedzip.deploy.task import experiment_config
+
+        return int(experiment_config(header.get("run_config") or {}, header.get("node_config") or {})
+                   .wire.max_payload_bytes)
+    except Exception:  # noqa: BLE001 - a request whose config does not load is refused later, with its reason
+        return DEFAULT_MAX_PAYLOAD
 
 
 # -- the work: one experiment's client side, kept between messages ----------------------------------------
@@ -144,7 +197,9 @@ class NodeWorker:
         from fedzip.engine.client import run_client
 
         method, store, cid, rnd = self._client(request)
-        store.rollback(rnd - 1, cid)  # drop state from an attempt at this round the server never completed
+        # the request is the newest this run has sent (_client checked it): state from an attempt at this round
+        # (or a later one) that the server never completed is dropped
+        store.rollback(rnd - 1, cid)
         store.commit(rnd - 1, cid)
         t0 = time.time()
         up = run_client(method, store, rnd, cid, down).up  # diagnostics stay on the node
@@ -163,20 +218,24 @@ class NodeWorker:
 
     def _client(self, request: dict):
         """(client-side method, the experiment's state store, client id, round) of a checked request."""
-        from fedzip.config import dump_config
         from fedzip.deploy.task import experiment_config, hosted_clients
         from fedzip.engine.state import ClientStateStore
         from fedzip.errors import PayloadError
 
         node_config, cid, rnd = request.get("node_config") or {}, request.get("cid"), request.get("round")
+        run_id, epoch = request.get("run_id"), request.get("epoch")
         if not isinstance(cid, int) or not isinstance(rnd, int) or rnd < 1:
             raise PayloadError(f"a {request.get('op')} request needs int 'cid' and int 'round' >= 1")
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or not isinstance(epoch, int) or epoch < 1:
+            raise PayloadError(f"a {request.get('op')} request needs the server's 'run_id' (32 hex digits) and "
+                               "'epoch' (int >= 1); the server is a fedzip older than this node")
         cfg = experiment_config(request.get("run_config") or {}, node_config)
         if cid not in hosted_clients(node_config, cfg.num_clients):
             raise PayloadError(f"client {cid} is not hosted on this SuperNode")
+        root = state_dir_of(node_config) / run_id  # the run's own state: another run never reads it
+        admit(root, epoch, rnd)  # before anything touches the state
         method = self.client_method(cfg, node_config)
-        run_key = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]  # the same experiment resumes its state
-        return method, ClientStateStore(state_dir_of(node_config) / run_key), cid, rnd
+        return method, ClientStateStore(root), cid, rnd
 
     @staticmethod
     def _audited(store, entry: dict, down: bytes, up: bytes, t0: float) -> tuple[dict, bytes]:
@@ -204,9 +263,44 @@ class NodeWorker:
             return {"error": f"{type(exc).__name__}: {exc}", "kind": "internal"}, b""
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user may enter (0700), made if missing."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def admit(root: Path, epoch: int, rnd: int) -> None:
+    """Record (epoch, round) as the run's high-water mark, or refuse a request below it (a message from an attempt
+    the server has since abandoned, or an earlier round of this one): PayloadError, and the state is untouched."""
+    from fedzip.errors import PayloadError
+
+    private_dir(root.parent)
+    private_dir(root)
+    mark_file = root / "high_water.json"
+    try:
+        mark = json.loads(mark_file.read_text())
+        seen = (int(mark["epoch"]), int(mark["round"]))
+    except FileNotFoundError:
+        seen = (0, 0)
+    except (ValueError, KeyError, TypeError):
+        raise PayloadError(f"{mark_file} is damaged; remove the run's state folder to start its clients afresh") from None
+    if (epoch, rnd) < seen:
+        raise PayloadError(f"stale request refused: epoch {epoch} round {rnd} is older than epoch {seen[0]} round "
+                           f"{seen[1]}, which this node has already served for the run")
+    if (epoch, rnd) > seen:
+        tmp = mark_file.with_name(".high_water.tmp")
+        tmp.write_text(json.dumps({"epoch": epoch, "round": rnd}))
+        tmp.replace(mark_file)
+
+
 # -- the worker process ---------------------------------------------------------------------------------
 def serve(state_dir: Path, idle_s: float) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)  # client state, keys and the socket: this user's alone
     path = socket_path(state_dir)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a stale socket: the caller holds the start lock, so no live worker owns it
@@ -219,7 +313,8 @@ def serve(state_dir: Path, idle_s: float) -> None:
     server.listen(64)
     server.settimeout(min(idle_s, 30.0))
     (state_dir / "worker.pid").write_text(str(os.getpid()))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if threading.current_thread() is threading.main_thread():  # (tests serve from a thread)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     worker, last = NodeWorker(), time.time()
     log.info("serving on %s (exits after %.0f s idle)", path, idle_s)
     try:
@@ -230,13 +325,14 @@ def serve(state_dir: Path, idle_s: float) -> None:
                 continue
             with conn:
                 try:
-                    request, payload = recv_frame(conn)
-                except (OSError, ValueError) as exc:
-                    log.warning("bad request dropped: %s", exc)
-                    continue
-                reply, up = worker.handle(request, payload)
-                with contextlib.suppress(OSError):  # the ClientApp may have been stopped meanwhile
+                    conn.settimeout(CONNECTION_TIMEOUT_S)
+                    request, payload = recv_frame(conn, request_payload_limit)
+                    conn.settimeout(None)  # the work may take long; the reply is sent when it is done
+                    reply, up = worker.handle(request, payload)
+                    conn.settimeout(CONNECTION_TIMEOUT_S)
                     send_frame(conn, reply, up)
+                except Exception as exc:  # noqa: BLE001 - one bad connection never takes the worker down
+                    log.warning("request dropped: %s: %s", type(exc).__name__, str(exc)[:300])
             last = time.time()
         log.info("idle for %.0f s: exiting", idle_s)
     finally:
@@ -261,7 +357,7 @@ def _connect(path: Path) -> socket.socket | None:
 
 def connect_or_start(state_dir: Path, idle_s: float = DEFAULT_IDLE_S, timeout_s: float = START_TIMEOUT_S) -> socket.socket:
     """A connection to the node's worker, starting the worker first if none is running."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     path = socket_path(state_dir)
     sock = _connect(path)
     if sock is not None:
