@@ -106,3 +106,21 @@ def test_compact_result_of_an_unfinished_run_is_one_error(tmp_path):
 
     with pytest.raises(RunDirError, match="not a finished run"):
         compact_run(tmp_path)
+
+
+def test_a_compact_result_says_what_produced_it_and_a_board_that_mixes_wire_formats_says_so(tmp_path, tiny_cfg):
+    import subprocess
+
+    run_experiment(load_config("quickstart", tiny_cfg + ["rounds=1"]), tmp_path / "run-s0", progress=False)
+    record = compact_run(tmp_path / "run-s0")
+    assert record["wire_format"] == "FZP2"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if head:  # a checkout: the commit, marked +dirty when the tree had changes
+        assert record["code_commit"].split("+")[0] == head
+    same = [_record("fedit", 0, [0.2, 0.5, 0.6]) | {"wire_format": "FZP2"},
+            _record("cheap", 0, [0.2, 0.5, 0.6], 50) | {"wire_format": "FZP2", "code_commit": "abc"}]
+    assert not any("mix wire formats" in line for line in leaderboard_markdown(build_leaderboard(same, "fedit")))
+    mixed = [same[0], same[1] | {"wire_format": "FZP1"}]
+    text = "\n".join(leaderboard_markdown(build_leaderboard(mixed, "fedit")))
+    assert "mix wire formats" in text and "1 run(s) FZP1" in text and "1 run(s) FZP2" in text
+    assert "not recorded" in text and "`abc`" in text

@@ -143,7 +143,7 @@ def cmd_deploy_local(args) -> int:
 def cmd_deploy_credentials(args) -> int:
     from fedzip.deploy.credentials import make_credentials
 
-    paths = make_credentials(Path(args.out), args.nodes, args.host)
+    paths = make_credentials(Path(args.out), args.nodes, args.host, force=args.force)
     print(f"wrote {len(paths)} files to {args.out}: CA ca.crt (share) / ca.key (keep offline), "
           f"superlink.crt/.key, node<i>.key (SuperNode i only) / node<i>.pub (register on the SuperLink)")
     return 0
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--out", required=True, help="folder to write them to")
     cr.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
     cr.add_argument("--host", action="append", default=[], help="the SuperLink's DNS name or IP (repeatable)")
+    cr.add_argument("--force", action="store_true", help="replace credentials already in --out (a new CA: every "
+                    "SuperNode and flwr user must get the new ca.crt)")
     cr.set_defaults(func=cmd_deploy_credentials)
     sl = dsub.add_parser("superlink", help="start a SuperLink (TLS + SuperNode authentication unless --insecure)")
     sl.add_argument("--credentials", help="folder from `fedzip deploy credentials`")

@@ -43,21 +43,27 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     ledger = read_ledger(run_dir / "ledger.jsonl")
+    # A DP run keeps each client's compute, memory and steps in the server's own file (fedzip.privacy): they
+    # enter link times, memory and step time here, never the curve, whose keys are all released ones.
+    private = run_dir / "server_private.jsonl"
+    kept = {r["round"]: r for r in map(json.loads, private.read_text().splitlines())} if private.exists() else {}
+    server_rows = [r | kept.get(r["round"], {}) for r in rows]
 
     curve = []
     for r in rows:
         point = {"round": r["round"], "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
                  "compute_s": round(r.get("compute_s", 0.0), 3), "client_steps": r.get("client_steps")}
+        point |= {k: r[k] for k in ("cohort_size", "replied") if k in r}
         point |= {k: r[k] for k in _CURVE_KEYS if r.get(k) is not None}
         point |= {k: v for k, v in r.items() if _TIER_KEY.match(k) and v is not None}
         curve.append(point)
     # Wall time over each link profile, cumulative by round (see fedzip.report.links).
-    link_seconds = {name: [round(s, 3) for _, s in sorted(cumulative_seconds(rows, ledger, link).items())]
+    link_seconds = {name: [round(s, 3) for _, s in sorted(cumulative_seconds(server_rows, ledger, link).items())]
                     for name, link in LINKS.items()}
 
-    steps = sum(r.get("client_steps") or 0 for r in rows)
-    compute = sum(r.get("compute_s", 0.0) for r in rows if r.get("client_steps"))
-    memory = [m for r in rows for m in (r.get("client_memory") or {}).values()]
+    steps = sum(r.get("client_steps") or 0 for r in server_rows)
+    compute = sum(r.get("compute_s", 0.0) for r in server_rows if r.get("client_steps"))
+    memory = [m for r in server_rows for m in (r.get("client_memory") or {}).values()]
     peak_rss = max((m["peak_rss_bytes"] for m in memory if "peak_rss_bytes" in m), default=None)
     peak_cuda = max((m["cuda_peak_bytes"] for m in memory if "cuda_peak_bytes" in m), default=None)
     where = summary.get("device", "cpu")
@@ -78,10 +84,18 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
         "bytes_up_total": summary["bytes_up_total"], "bytes_down_total": summary["bytes_down_total"],
         **({"bytes_eval_total": summary["bytes_eval_total"]} if "bytes_eval_total" in summary else {}),
         "wire_format": summary.get("wire_format", "FZP1"),  # runs from before the key all sent FZP1
+        # the code that produced the run (None: a run from before it was recorded); "+dirty": uncommitted changes
+        "code_commit": code_commit(summary.get("code")),
         "client_step_s": round(compute / steps, 4) if steps else None,
         "client_peak_rss_bytes": peak_rss, "client_cuda_peak_bytes": peak_cuda,
         "curve": curve, "link_seconds": link_seconds, "warnings": summary.get("warnings", []),
     }
+
+
+def code_commit(code: dict | None) -> str | None:
+    if not code or not code.get("commit"):
+        return None
+    return code["commit"] + ("+dirty" if code.get("dirty") else "")
 
 
 def load_compact(path: Path) -> dict:

@@ -98,8 +98,32 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
             "warnings": [f"seed {s}, {w}" for s in seeds for w in runs[s].get("warnings", [])],
             "per_seed": judged,
         })
+    formats: dict[str, list[str]] = defaultdict(list)
+    for r in records:  # runs from before the key sent FZP1
+        formats[r.get("wire_format", "FZP1")].append(f"{r['label']} s{r['seed']}")
     return {"metric": metric, "higher_is_better": higher, "reference": reference, "window": window, "drop": drop,
-            "links": links, "rows": rows}
+            "links": links, "rows": rows, "wire_formats": {f: len(v) for f, v in sorted(formats.items())},
+            "code_commits": sorted({r.get("code_commit") or "not recorded" for r in records})}
+
+
+# What changed between wire formats, for a page whose runs mix them: bytes compare only within one format.
+WIRE_FORMAT_NOTES = {"FZP1": "the header as plain JSON", "FZP2": "the header zstd-compressed (a FedIT message is "
+                                                                  "about 0.5% smaller than in FZP1)"}
+
+
+def provenance_lines(board: dict) -> list[str]:
+    """What produced the board's runs: a warning when they mix wire formats, and the code commits."""
+    formats = board.get("wire_formats") or {}
+    lines = []
+    if len(formats) > 1:
+        lines += ["", "**The runs on this board mix wire formats**: " + ", ".join(
+            f"{n} run(s) {f} ({WIRE_FORMAT_NOTES.get(f, 'unknown')})" for f, n in formats.items()) +
+            ". Accuracy does not depend on the format; bytes do, so compare bytes within one format."]
+    commits = board.get("code_commits") or []
+    if commits:
+        lines += ["", "Code: " + ", ".join(f"`{c[:12]}`" if c != "not recorded" else c for c in commits) +
+                  " (each compact result's `code_commit`; results from before it was recorded say \"not recorded\")."]
+    return lines
 
 
 def mean_std_text(v: dict | None, fmt: str = ".3f", scale: float = 1.0) -> str:
@@ -131,7 +155,7 @@ def leaderboard_markdown(board: dict) -> list[str]:
     warned = [f"- **{r['label']}** {w}" for r in board["rows"] for w in r.get("warnings", [])]
     if warned:
         lines += ["", "Warnings raised by these runs (they went on anyway):", *warned]
-    return lines
+    return lines + provenance_lines(board)
 
 
 def leaderboard_figure(board: dict, records: list[dict], path, title: str = "") -> None:
