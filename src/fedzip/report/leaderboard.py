@@ -107,8 +107,8 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
 
 
 # What changed between wire formats, for a page whose runs mix them: bytes compare only within one format.
-WIRE_FORMAT_NOTES = {"FZP1": "the header as plain JSON", "FZP2": "the header zstd-compressed (a FedIT message is "
-                                                                  "about 0.5% smaller than in FZP1)"}
+WIRE_FORMAT_NOTES = {"FZP1": "the header as plain JSON", "FZP2": "the header zstd-compressed: a FedIT message is "
+                                                                  "about 0.5% smaller than in FZP1"}
 
 
 def provenance_lines(board: dict) -> list[str]:
