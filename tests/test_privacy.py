@@ -191,6 +191,10 @@ def test_the_noise_and_the_cohort_cannot_be_derived_from_the_config(tmp_path, ti
     for run, name in zip(seeded, ("s0", "s1")):
         assert run[described]["private"] is False and "NOT PRIVATE" in run["warnings"][0]
         assert json.loads((tmp_path / name / "method.json").read_text())[described]["private"] is False
+    from fedzip.report import write_report
+
+    assert "NOT PRIVATE" in write_report([tmp_path / "s0"], tmp_path / "s0").read_text()
+    assert "NOT PRIVATE" not in write_report([tmp_path / "p0"], tmp_path / "p0").read_text()
 
 
 def test_dp_sgd_trains_a_causal_lm_on_per_example_losses(tmp_path, cache_dir):

@@ -66,7 +66,8 @@ def cmd_run(args) -> int:
     if "privacy" in summary:
         p = summary["privacy"]
         print(f"client-level DP ({p['mode']}): epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} "
-              f"(noise multiplier {p['noise_multiplier']:.3g}, clip {p['clip']:g})")
+              f"(noise multiplier {p['noise_multiplier']:.3g}, clip {p['clip']:g})"
+              + ("" if p.get("private", True) else "; NOT PRIVATE: privacy.reproducible (seeded noise)"))
     print(f"run directory: {run_dir}")
     print(f"report: {report_path}")
     return 0
