@@ -210,3 +210,46 @@ def test_a_flower_run_equals_the_simulation_and_its_ledger_equals_the_wire(tmp_p
         [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()][-1].get("personal_accuracy")
     assert json.loads((run / "summary.json").read_text())["final_metrics"] == \
         json.loads((sim / "summary.json").read_text())["final_metrics"]
+
+
+def test_a_refused_reply_changes_nothing_and_the_round_ends_as_without_it(overrides, tmp_path):
+    """``aggregate`` refuses a reply with a lying example count before it changes any state (the protocol's
+    contract), so the engine can drop that one client: the round then ends exactly as if it had not replied."""
+    from fedzip.engine.simulation import aggregate_valid
+    from fedzip.errors import PayloadError
+    from fedzip.wire import Message
+
+    cfg, cls, server = server_for(overrides)
+    client = cls(cfg, server.rt)
+    store = ClientStateStore(tmp_path / "store")
+    one_round(cfg, server, client, 1, store)
+    cids = sample_clients(cfg.seed, 2, cfg.num_clients, cfg.clients_per_round)
+    messages = server.configure(2, cids)
+    replies = {cid: decode(run_client(client, store, 2, cid, encode(messages[cid], server.wire_codec("down")), {}).up,
+                           server.up_spec(cid, 2)) for cid in cids}
+    bad = cids[0]
+    liar = dict(replies) | {bad: Message(replies[bad].tensors, replies[bad].meta | {"num_examples": -5})}
+
+    def state_bytes():
+        save_server_state(server.server_state(), tmp_path / "state.safetensors")
+        return (tmp_path / "state.safetensors").read_bytes()
+
+    before = state_bytes()
+    with pytest.raises(PayloadError):
+        server.aggregate(2, liar)
+    assert state_bytes() == before
+    _, refused = aggregate_valid(server, 2, liar)
+    assert list(refused) == [bad]
+    after_refusal = state_bytes()
+    others = {c: r for c, r in replies.items() if c != bad}
+    if not others:  # a one-client method: without DP, a round with no reply leaves the state as it was
+        assert after_refusal == before
+        return
+    server.load_server_state(load_server_state(_write(tmp_path / "b.safetensors", before)))
+    server.aggregate(2, others)
+    assert state_bytes() == after_refusal
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path

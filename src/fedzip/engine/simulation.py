@@ -359,13 +359,13 @@ def aggregate_valid(method, rnd: int, replies: dict) -> tuple[dict, dict[int, st
 
     A reply that decodes (names, shapes, finite values) can still carry meta the method refuses in ``aggregate``
     (a negative example count, a HAFL mask of the wrong rank): the method raises PayloadError without saying
-    whose. Then the server state is put back, each reply is tried alone to find the ones refused, and the rest
-    are aggregated: the result is the round in which those clients did not reply."""
-    before = method.server_state()
+    whose, before it has changed anything (``Method.aggregate``'s contract). Then each reply is tried alone to
+    find the ones refused, the server state put back after each try, and the rest are aggregated: the result is
+    the round in which those clients did not reply. Nothing is copied in a round where every reply is accepted."""
     try:
         return method.aggregate(rnd, replies), {}
     except PayloadError:
-        pass
+        before = _copy_state(method.server_state())
     refused = {}
     for cid in list(replies):
         method.load_server_state(_copy_state(before))

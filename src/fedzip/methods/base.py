@@ -112,6 +112,11 @@ class Method:
         raise NotImplementedError
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        """Move the global state by the round's decoded replies; return metrics for the round's row.
+
+        A reply whose meta the method cannot use (e.g. a non-positive example count) raises PayloadError before
+        anything is changed: the engine then finds the reply and aggregates the others without it. Under
+        client-level DP it is called even with no reply, so that the round still adds its noise."""
         raise NotImplementedError
 
     def global_tensors(self) -> dict[str, torch.Tensor]:

@@ -217,24 +217,27 @@ class CgFedLLM(Method):
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.phase(rnd) == "tgap":
+            averaged = weighted_average(replies, list(self.global_))  # validates every reply before anything changes
             for r in replies.values():
                 if SNAPSHOTS in r.tensors:
                     self.maps.extend(r.tensors[SNAPSHOTS])
                 self.maps.append(to_map(self._representation(r.tensors, self.global_), self.layout))
-            self.global_ = weighted_average(replies, list(self.global_))
+            self.global_ = averaged
             if rnd == self.opts.tgap_rounds and not self.ae_trained:
                 metrics |= self._train_and_gate()
                 self.ae_trained, self.maps = True, []
             return metrics
         if self.calibrates(rnd):
             return self._calibrate(rnd, replies)
+        for r in replies.values():  # every reply checked before anything changes (Method.aggregate)
+            scale = r.meta.get("scale")
+            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+                raise PayloadError(f"reply meta 'scale' must be a finite non-negative number, got {scale!r}")
         # a client holds the encoder once it has replied in FAF: one whose message or reply was lost gets it again
         self.has_encoder.replied(replies)
         rebuilt, diag = {}, []
         for cid, r in replies.items():
-            scale = r.meta.get("scale")
-            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-                raise PayloadError(f"reply meta 'scale' must be a finite non-negative number, got {scale!r}")
+            scale = r.meta["scale"]
             with torch.no_grad():
                 x_hat = self._decode(r.tensors["latent"]) * scale
             rep = from_map(x_hat, self.layout)

@@ -197,8 +197,8 @@ class FedBiOT(Method):
         return {n: tuple(self.params[n].shape) for n in self.adapter_names}
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
+        avg = weighted_average(replies, self.adapter_names)  # validates every reply before anything changes
         self.has_model.replied(replies)  # a client whose first message or reply was lost gets the model again
-        avg = weighted_average(replies, self.adapter_names)
         with torch.no_grad():
             for n, t in avg.items():
                 self.params[n].copy_(t)

@@ -202,9 +202,10 @@ class FedSB(FedIT):
 
     def aggregate(self, rnd: int, replies: dict[int, Message]) -> dict[str, float]:
         if not self.gradient_round(rnd):
+            metrics = super().aggregate(rnd, replies)  # validates every reply before anything changes
             # a client holds the basis once it has replied: one whose message or reply was lost gets it again
             self.has_basis.replied(replies)
-            return super().aggregate(rnd, replies)
+            return metrics
         examples = sum(reply_weight(r) for r in replies.values())
         latent = {}
         basis = {}
