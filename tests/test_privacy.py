@@ -217,6 +217,8 @@ def test_a_private_run_releases_no_cohort_and_no_unnoised_statistic(tmp_path, ti
         assert {"cohort_size", "replied", "epsilon", "dp_clip", "dp_unclipped_share_noised"} <= set(row)
     kept = server_rows(tmp_path / "run")
     assert all("clients" in r and "dp_update_norm" in r and "train_loss" in r for r in kept)
+    for private in ("server_private.jsonl", "ledger.jsonl", "checkpoints/state.json"):  # the operator's alone
+        assert (tmp_path / "run" / private).stat().st_mode & 0o077 == 0, private
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "clients" not in json.dumps(summary["final_metrics"])
 

@@ -195,6 +195,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
     else:
         for f in ("ledger.jsonl", "metrics.jsonl", PRIVATE_ROWS):
             (out / f).write_text("")
+    if privacy.any_enabled(cfg):  # they name each round's clients: the operator's alone
+        for f in ("ledger.jsonl", PRIVATE_ROWS):
+            os.chmod(out / f, 0o600)
 
     ledger = Ledger(out / "ledger.jsonl")
     bar = RunProgress(cfg.rounds, start, enabled=progress)

@@ -42,8 +42,9 @@ class ClientStateStore:
     def secret(self, cid: int) -> bytes:
         """Client ``cid``'s own 32-byte key (the randomness of its DP noise): drawn from the operating system's
         entropy on first use, kept in a file only this user can read, never sent and never rolled back."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder = self.root / str(cid)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         path = folder / "key"
         if not path.exists():
             tmp = folder / f".key.{os.getpid()}.tmp"
