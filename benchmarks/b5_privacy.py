@@ -187,7 +187,8 @@ def write_board() -> None:
     records = BENCHMARK.records()
     lines = ["# B5: accuracy against client-level epsilon (central DP-FedAvg)", "",
              "Rebuilt by `python benchmarks/b5_privacy.py --board` from [runs/b5_privacy/](runs/b5_privacy/); "
-             "the profile and the mechanism are in the script's docstring and [docs/privacy.md](../../docs/privacy.md).",
+             "the profile and the mechanism are in the script's docstring and "
+             "[docs/how-to/differential-privacy.md](../../docs/how-to/differential-privacy.md).",
              "", *CHANGES, ""]
     if chosen_clip() is not None:
         lines += [f"Clip {chosen_clip()} (the clip pilot's median update norm, "

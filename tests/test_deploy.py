@@ -134,7 +134,7 @@ def test_the_documented_deploy_local_command_runs_a_federation(tmp_path, tiny_cf
 
 
 def test_the_documented_real_machine_commands_work(tmp_path, tiny_cfg):
-    """README "Real machines": credentials, `fedzip deploy superlink/supernode`, register, `flwr run`."""
+    """The deployment guide's "Real machines": credentials, `fedzip deploy superlink/supernode`, register, `flwr run`."""
     import os
     import subprocess
     import sys

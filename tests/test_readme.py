@@ -1,8 +1,9 @@
-"""Every `fedzip run` and `fedzip report` command in the README, run as a user types it.
+"""Every `fedzip run` and `fedzip report` command in the README and the docs, run as a user types it; and a
+README that stays an index.
 
-Each command gets a size suffix (one round, a few steps, small data) so that the whole README costs a few
-minutes; the command itself, the config it names, its data options and its model are exactly the README's.
-`fedzip deploy` commands are run by tests/test_deploy.py, `./setup.sh` and `pip` by CI itself.
+Each command gets a size suffix (one round, a few steps, small data) so that all of them cost a few minutes; the
+command itself, the config it names, its data options and its model are exactly the page's. `fedzip deploy`
+commands are run by tests/test_deploy.py, `./setup.sh` and `pip` by CI itself.
 """
 
 import re
@@ -23,13 +24,21 @@ SMALL = ["rounds=1", "num_clients=4", "clients_per_round=2", "train.max_steps=1"
          "data.max_length=64"]  # short texts: the B2/B3 configs' 256 tokens made SmolLM2's evaluations most of CI
 
 
+# The pages whose commands run here, in the order a reader meets them: the README, then the docs by kind.
+DOC_PAGES = ["README.md", *(str(p.relative_to(REPO)) for kind in ("tutorials", "how-to", "reference", "explanation")
+                            for p in sorted((REPO / "docs" / kind).rglob("*.md")))]
+README_LIMIT = 10 * 1024  # the README is an index: what and why, install, quickstart, links
+
+
 def readme_commands() -> list[list[str]]:
-    """Commands that start with fedzip: lines of the README's bash blocks (continuations joined) and the
-    inline ones of its tables (the methods table), each once, in README order."""
-    text = (REPO / "README.md").read_text()
-    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-             for line in block.replace("\\\n", " ").splitlines()]
-    lines += re.findall(r"^\|.*?`((?:\.venv/bin/)?fedzip [^`]+)`", text, flags=re.M)
+    """Commands that start with fedzip: lines of the pages' bash blocks (continuations joined) and the inline
+    ones of their tables (the methods table), each once, in page order."""
+    lines = []
+    for page in DOC_PAGES:
+        text = (REPO / page).read_text()
+        lines += [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+                  for line in block.replace("\\\n", " ").splitlines()]
+        lines += re.findall(r"^\|.*?`((?:\.venv/bin/)?fedzip [^`]+)`", text, flags=re.M)
     commands = []
     for line in lines:
         words = shlex.split(line, comments=True)
@@ -111,3 +120,16 @@ def test_readme_commands_run_as_written(tmp_path, cache_dir, monkeypatch, capsys
         assert "run directory:" in out and "bytes up" in out, out
     for args in reports:  # after the runs, whose directories they compare
         assert "report:" in fedzip(args)
+
+
+def test_the_readme_is_an_index_that_copies_no_measured_number():
+    """At most 10 KB, and no number that a generated benchmark page holds (a measured number lives on its page
+    and is linked: copied by hand, it goes stale when the page is rebuilt)."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.encode()) <= README_LIMIT, f"README.md is {len(text.encode())} bytes; the limit is {README_LIMIT}"
+    prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))  # code holds settings, not results
+    measured = set()
+    for page in (REPO / "benchmarks" / "results").glob("*.md"):
+        measured |= set(re.findall(r"(?<![\w.])\d+\.\d{2,}(?![\w.])", page.read_text()))
+    copied = sorted(set(re.findall(r"(?<![\w.])\d+\.\d{2,}(?![\w.])", prose)) & measured)
+    assert not copied, f"README.md copies measured numbers from the benchmark pages: {copied[:10]}"

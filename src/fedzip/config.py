@@ -6,9 +6,11 @@ Every model forbids unknown keys, so a typo is an error that names the key rathe
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,66 +27,77 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["bbc_news", "20newsgroups", "gsm8k", "alpaca", "jsonl", "csv", "tsv", "parquet"] = "bbc_news"
+    source: Literal["bbc_news", "20newsgroups", "gsm8k", "alpaca", "jsonl", "csv", "tsv", "parquet"] = Field(
+        "bbc_news", description="a named data set (bbc_news, 20newsgroups, gsm8k, alpaca) or your own file "
+                                "(csv, tsv, jsonl, parquet; with data.path)")
     root: str | None = Field(None, description="data root; default $FEDZIP_DATA, then <fedzip cache>/data")
     path: str | None = Field(None, description="file for jsonl/csv/tsv/parquet/alpaca sources")
-    test_path: str | None = None
+    test_path: str | None = Field(None, description="your own test file; without it data.test_fraction is held out")
     header: bool = Field(True, description="csv/tsv: the first row names the columns; false: columns by position")
     # A column by name or by 0-based position; text may join several columns (e.g. title + body).
-    text_column: str | int | list[str | int] = "text"
-    label_column: str | int = "label"
-    prompt_column: str | int = "prompt"
-    answer_column: str | int = "answer"
-    remove: list[Literal["headers", "footers", "quotes"]] = Field(default_factory=list)
-    max_length: int = Field(128, ge=8, le=8192)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    max_train_examples: int | None = Field(None, ge=1)
-    max_test_examples: int | None = Field(None, ge=1)
+    text_column: str | int | list[str | int] = Field(
+        "text", description="classification: the text column, by name or 0-based position; a list joins several "
+                            "(by a newline)")
+    label_column: str | int = Field("label", description="classification: the label column, by name or position")
+    prompt_column: str | int = Field("prompt", description="causal LM: the prompt column, by name or position")
+    answer_column: str | int = Field("answer", description="causal LM: the answer column (the loss is taken on it)")
+    remove: list[Literal["headers", "footers", "quotes"]] = Field(
+        default_factory=list, description="20 Newsgroups: any of headers, footers, quotes")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per example (causal LM: the prompt is cut "
+                                                            "from the left first)")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share for sources without a test split")
+    max_train_examples: int | None = Field(None, ge=1, description="a seeded subset of the training data")
+    max_test_examples: int | None = Field(None, ge=1, description="a seeded subset of the test data")
     label_names: list[str] | None = Field(None, description="the label space every party agrees on, in label-id "
                                           "order; needed when clients bring their own data (deploy.client_data)")
 
 
 class PartitionConfig(Section):
-    scheme: Literal["iid", "dirichlet", "shards", "field"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0)
-    shards_per_client: int = Field(2, ge=1)
-    field: str | None = None
-    min_examples: int = Field(1, ge=0)
+    scheme: Literal["iid", "dirichlet", "shards", "field"] = Field(
+        "dirichlet", description="iid; dirichlet over labels (alpha); shards (label-sorted, shards_per_client "
+                                 "each); field (one client per value of a metadata column)")
+    alpha: float = Field(0.5, gt=0, description="dirichlet: concentration (smaller: more skewed clients)")
+    shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards each client gets")
+    field: str | None = Field(None, description="field: the metadata column whose values are the clients")
+    min_examples: int = Field(1, ge=0, description="the smallest client allowed")
 
 
 class ModelConfig(Section):
-    name: str = "minilm"
-    task: Literal["auto", "classification", "causal_lm"] = "auto"
-    cache_dir: str | None = None
+    name: str = Field("minilm", description="minilm, smollm2-135m, tiny-bert, tiny-llama, tiny-llama-8 (tests), a "
+                                            "Hugging Face name, a local folder, or a .gguf file")
+    task: Literal["auto", "classification", "causal_lm"] = Field("auto", description="auto follows the data")
+    cache_dir: str | None = Field(None, description="converted models (a GGUF file becomes safetensors once, keyed "
+                                                    "by its SHA-256); default $FEDZIP_CACHE or ~/.cache/fedzip")
 
 
 class LoraConfigSection(Section):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="module names to adapt; all-linear: every linear layer of the body (attention and MLP "
                           "projections, peft's shorthand); unset: the attention projections")
-    train_head: bool = True
+    train_head: bool = Field(True, description="train (and exchange) the classification head")
     rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank "
                                             "(peft's use_rslora; an ablation of FedSA-LoRA)")
 
 
 class TrainConfig(Section):
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=1, description="passes over the client's data a round")
     max_steps: int | None = Field(None, ge=1, description="cap on local steps a round")
-    batch_size: int = Field(16, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1, description="examples a local step")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="the client optimizer")
+    lr: float = Field(1e-3, gt=0, description="the client learning rate (of round 1 under a schedule)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="client learning rate over rounds: constant, or cosine from lr (round 1) "
                                 "towards lr * lr_final_ratio (last round)")
     lr_final_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: the fraction of lr left at the end")
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(False, description="SGD: Nesterov momentum")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="the client optimizer's weight decay")
     persist_optimizer_state: bool = Field(False, description="keep each client's optimizer state on disk")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads (1 per process when two share 2 cores); "
+                                                        "default: torch's")
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$",
                         description="where the model trains and evaluates: cpu, cuda, cuda:N or auto "
                                     "(cuda when present); payloads and method state stay on the CPU")
@@ -100,9 +113,10 @@ class TrainConfig(Section):
 
 
 class WireConfig(Section):
-    down: str = "fp32"
-    up: str = "fp32"
-    max_payload_bytes: int = Field(2**31, ge=1)
+    down: str = Field("fp32", description="the downlink codec: fp32, fp16, bf16 or a chain such as "
+                                          "topk(0.05)+int8+zstd (reference/wire-format)")
+    up: str = Field("fp32", description="the uplink codec, as wire.down")
+    max_payload_bytes: int = Field(2**31, ge=1, description="a larger payload is refused before it is read")
 
     @field_validator("down", "up", mode="before")
     @classmethod
@@ -122,10 +136,10 @@ class WireConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="evaluate every N rounds (the last round always)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="evaluation batch size")
     max_examples: int | None = Field(None, ge=1, description="evaluate intermediate rounds on a fixed subset")
     ceval: bool = Field(False, description="causal LM: also C-Eval multiple choice (val split)")
-    ceval_max_per_subject: int | None = Field(None, ge=1)
+    ceval_max_per_subject: int | None = Field(None, ge=1, description="C-Eval questions per subject (default all)")
     exact_match_examples: int = Field(0, ge=0, description="causal LM: greedy exact match of the final number "
                                       "(GSM8K style) on this many fixed test examples; 0 = off")
     max_new_tokens: int = Field(256, ge=1, description="generation length for exact match")
@@ -138,13 +152,15 @@ class EvalConfig(Section):
 
 
 class DeployConfig(Section):
-    """Only read by deployments (Flower): in simulation every client always replies."""
+    """How a round treats clients that do not reply. Timeouts and retries are a deployment's (Flower);
+    ``min_reply_fraction`` holds in a simulation too, where a client fails when its training diverges."""
 
     round_timeout_s: float = Field(600.0, gt=0, description="how long the server waits for a round's replies")
     reply_poll_s: float = Field(0.25, gt=0, le=10, description="how often the server asks the SuperLink for "
                                 "replies (Flower's own send_and_receive asks every 3 s)")
     min_reply_fraction: float = Field(0.5, gt=0, le=1, description="share of sampled clients that must reply "
-                                      "for the round to count; otherwise it is retried")
+                                      "with a valid update for the round to count; otherwise it is retried "
+                                      "(Flower) or the run stops, resumable")
     max_round_retries: int = Field(2, ge=0, description="retries of a round with too few replies before stopping")
     client_data: Literal["shared", "on_nodes"] = Field(
         "shared", description="shared: every node derives its clients' shards from the run's data and seed (a "
@@ -171,7 +187,7 @@ class PrivacyConfig(Section):
     target_epsilon: float | None = Field(None, gt=0, description="calibrate noise_multiplier so the whole run "
                                          "ends at this epsilon")
     delta: float | None = Field(None, gt=0, lt=1, description="default min(1e-5, 0.01 / num_clients)")
-    accountant: Literal["rdp", "pld"] = "rdp"
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's RDP or PLD accountant")
     clip_quantile: float | None = Field(None, gt=0, lt=1, description="adaptive clipping (central mode): move the "
                                         "clip each round towards this quantile of the update norms, from `clip`")
     clip_lr: float = Field(0.2, gt=0, description="adaptive clipping: the geometric step")
@@ -208,12 +224,15 @@ class PrivacyConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str | None = None
-    method: str = "fedit"
-    seed: int = 0
-    rounds: int = Field(5, ge=1)
-    num_clients: int = Field(10, ge=1)
-    clients_per_round: int = Field(5, ge=1)
+    name: str | None = Field(None, description="the run directory's name under runs/ (default "
+                                               "<method>-<source>-s<seed>)")
+    method: str = Field("fedit", description="a registered method (reference/methods), e.g. fedit, ffa_lora, flasc, "
+                                             "hafl, cgfedllm, fedbiot, fedsb, fedsa_lora, fedkseed")
+    seed: int = Field(0, description="drives partitioning, client sampling, LoRA and head init, shuffling and dropout "
+                                     "(not DP noise: docs on differential privacy)")
+    rounds: int = Field(5, ge=1, description="federated rounds")
+    num_clients: int = Field(10, ge=1, description="clients in the federation")
+    clients_per_round: int = Field(5, ge=1, description="clients sampled a round (the expected cohort under DP)")
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -343,3 +362,33 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[dict[str, str]]:
+    """Every configuration key (dotted), its type, default and description, from the schema itself: what the
+    configuration reference is generated from, so that it cannot drift from the code."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, f"{prefix}{name}.")
+            continue
+        default = field.default_factory() if field.default_factory is not None else field.default
+        rows.append({"key": prefix + name, "type": _type_text(ann), "default": "none" if default is None else
+                     json.dumps(default) if not isinstance(default, str) else default,
+                     "description": field.description or ""})
+    return rows
+
+
+def _type_text(annotation) -> str:
+    """``Literal['a', 'b'] | None`` as ``a, b or none``; other types by name."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(a) for a in args)
+    if args and get_origin(annotation) in (Union, UnionType):
+        return " | ".join("none" if a is type(None) else _type_text(a) for a in args)
+    if get_origin(annotation) is list:
+        return f"list of {_type_text(args[0])}" if args else "list"
+    if get_origin(annotation) is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))

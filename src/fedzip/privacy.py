@@ -27,7 +27,7 @@ anyone holding the config can replay the noise and subtract it, so such a run is
 What a private run releases (``metrics.jsonl``, ``summary.json``, the adapter, the report) leaves out the
 cohort and every statistic computed from clients' updates without noise (:data:`UNPROTECTED_ROW_KEYS`); they
 go to the server's own ``server_private.jsonl``, beside the ledger (which names each round's clients) and the
-checkpoints. docs/threat-model.md says who is trusted with what.
+checkpoints. docs/explanation/threat-model.md says who is trusted with what.
 
 This module holds only what every method shares: clipping, noise, randomness, the accountant and the
 calibration of z to a target epsilon.

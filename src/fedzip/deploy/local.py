@@ -1,7 +1,7 @@
 """A whole Flower federation on this machine: one SuperLink, N SuperNodes, and ``flwr run`` of the fedzip app.
 
 For trying a deployment out and for tests; real machines run the same three commands by hand
-(README, "Deploying"). Flower runs offline: no update check, no telemetry, no dependency installation.
+(docs/how-to/deploy-on-flower.md). Flower runs offline: no update check, no telemetry, no dependency installation.
 """
 
 from __future__ import annotations
