@@ -50,8 +50,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 def config_table() -> str:
     from fedzip.config import describe_fields
 
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
+    def cell(text: str) -> str:  # a table cell: no pipes, no line breaks, and <placeholders> shown, not parsed
+        return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
 
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     rows += [f"| `{r['key']}` | {cell(r['type'])} | `{cell(r['default'])}` | {cell(r['description'])} |"
