@@ -42,7 +42,10 @@ class FlowerExchange:
             return
         queries = [Message(RecordDict({RECORD: ConfigRecord({"num_clients": self.cfg.num_clients})}),
                            dst_node_id=n, message_type="query") for n in new]
-        for reply in self.send_and_receive(queries, timeout=min(60.0, self.cfg.deploy.round_timeout_s)):
+        # A new node is given as long to say which clients it hosts as to train them: on a loaded machine its first
+        # ClientApp process (imports, Flower's polling) can take a minute, and a node left out here fails every
+        # client of its that the round sampled (a resumed run then differs from the uninterrupted one).
+        for reply in self.send_and_receive(queries, timeout=self.cfg.deploy.round_timeout_s):
             node = reply.metadata.src_node_id
             if reply.has_error() or RECORD not in reply.content.config_records:
                 log.warning("SuperNode %d did not say which clients it hosts; it is left out for now", node)
