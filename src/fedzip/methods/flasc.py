@@ -95,9 +95,9 @@ def unflatten(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[st
     return out
 
 
-@register_method(aliases=("flasc",))
+@register_method(aliases=("cellm",))  # CELLM (arXiv 2407.20557) runs FLASC's algorithm; users type flasc
 class Flasc(Method):
-    name = "cellm"
+    name = "flasc"
     runs_on_accelerator = True
     Options = FlascOptions
     client_dp = True  # the sparse upload is clipped after top-k: the bound holds for what is sent
