@@ -100,6 +100,20 @@ def test_registry_imports_no_fedzip_module():
     assert import_graph()["fedzip.registry"] == set()
 
 
+RUN_FILES = ("metrics.jsonl", "ledger.jsonl", "summary.json", "config.yaml", "method.json", "partition.json",
+             "server_private.jsonl", "run.json", "report.html", "autoencoder_gate.json", "flower_traffic.json")
+
+
+def test_only_the_run_directory_module_names_its_files():
+    """One module knows the run directory's layout; it sits below every other layer (imports none of them)."""
+    assert import_graph()["fedzip.rundir"] == set()
+    for path in (SRC / "fedzip").rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        named = [f for f in RUN_FILES if f'"{f}"' in path.read_text()]
+        assert not named, f"{path.relative_to(SRC)} spells out {named}: use fedzip.rundir.RunDir"
+
+
 PROTOCOL_MODULES = {"fedzip.methods.base", "fedzip.methods.state"}  # what every method implements, not a method
 
 

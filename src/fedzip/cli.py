@@ -35,7 +35,9 @@ def cmd_run(args) -> int:
     from fedzip.engine import run_experiment
 
     if args.resume and args.config is None and args.out:
-        config_path = Path(args.out) / "config.yaml"
+        from fedzip.rundir import RunDir
+
+        config_path = RunDir(args.out).config
         if not config_path.exists():
             from fedzip.errors import RunDirError
 
@@ -98,7 +100,6 @@ def cmd_report(args) -> int:
 
 def leaderboard_report(dirs: list[Path], args, out: Path) -> int:
     """Finished runs grouped by label (a run directory's name without ``-s<seed>``), judged seed by seed."""
-    import json
 
     from fedzip.errors import ConfigError
     from fedzip.report.compact import compact_run, seedless_label
@@ -134,7 +135,9 @@ def cmd_deploy_local(args) -> int:
     out = prepare_run_dir(Path(args.out) if args.out else Path(args.runs_dir) / f"{cfg.run_name()}-flower",
                           args.resume)
     run_dir = deploy_local(args.config, args.set, args.nodes, out, args.resume, args.timeout, credentials=args.tls)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    from fedzip.rundir import RunDir
+
+    summary = RunDir(run_dir).read_summary()
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["final_metrics"].items())
     print(f"{summary['method']} on Flower ({args.nodes} SuperNodes): {summary['rounds_completed']} rounds, {shown}")
     print(f"bytes up {summary['bytes_up_total']:,}, down {summary['bytes_down_total']:,}; run directory: {run_dir}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from fedzip.deploy import node_worker
 from fedzip.errors import FedzipError
 from fedzip.progress import round_line
+from fedzip.rundir import RunDir, read_jsonl
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fedzip-local"
@@ -209,14 +210,14 @@ class LocalFederation:
             if run.poll() not in (None, 0):
                 fail(f"flwr run could not submit the run (code {run.returncode}): {_tail(self.cli_log, 400)}")
             alive = self.serverapp_pids()
-            if (out / "summary.json").exists() and not alive:
+            if RunDir(out).finished() and not alive:
                 return True
             run_id = self.submitted_run_id()
             if not alive and run_id is not None and time.time() - last_status_check > status_every_s:
                 last_status_check = time.time()
                 status = self.run_status(run_id) or ""
                 if status.startswith("finished"):
-                    return (out / "summary.json").exists()
+                    return RunDir(out).finished()
             if deadline is not None and time.time() > deadline:
                 fail("the run did not finish in time")
             time.sleep(0.5)
@@ -314,10 +315,10 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
         finally:
             rounds.echo()
             _kill(run)
-        if (out / "summary.json").exists() and (out / "ledger.jsonl").exists():
-            traffic = fed.traffic(out / "ledger.jsonl")
+        if RunDir(out).finished() and RunDir(out).ledger.exists():
+            traffic = fed.traffic(RunDir(out).ledger)
             if traffic:
-                (out / "flower_traffic.json").write_text(json.dumps(traffic, indent=1) + "\n")
+                RunDir(out).flower_traffic.write_text(json.dumps(traffic, indent=1) + "\n")
                 print(f"fedzip: Flower counted {traffic['flower_down_bytes']:,} B down and "
                       f"{traffic['flower_up_bytes']:,} B up; the ledger {traffic['ledger_down_bytes']:,} and "
                       f"{traffic['ledger_up_bytes']:,}: Flower's envelope is {traffic['envelope_down_per_message']:.0f} "
@@ -326,10 +327,10 @@ def deploy_local(config: str | None, overrides: list[str], nodes: int, out: Path
             server_log = fed.save_serverapp_log()
             if server_log:
                 print(f"fedzip: the ServerApp's last lines ({server_log}):\n{_tail(server_log, 1500)}", flush=True)
-    if not (out / "summary.json").exists():
+    if not RunDir(out).finished():
         raise FedzipError(f"the Flower run ended without a summary in {out}; see {home} "
                           "(an interrupted run continues with --resume)")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunDir(out).read_summary()
     print(f"fedzip: {summary.get('rounds_completed', '?')} rounds, final {summary.get('final_metrics')}; "
           f"bytes up {summary.get('bytes_up_total', 0):,}, down {summary.get('bytes_down_total', 0):,}", flush=True)
     return out
@@ -339,7 +340,7 @@ class RoundEcho:
     """Prints each round of a deployed run as its ServerApp appends it to ``metrics.jsonl``."""
 
     def __init__(self, out: Path):
-        self.metrics, self.config, self.shown = out / "metrics.jsonl", out / "config.yaml", 0
+        self.metrics, self.config, self.shown = RunDir(out).metrics, RunDir(out).config, 0
 
     def echo(self) -> None:
         if not self.metrics.exists():
@@ -379,9 +380,7 @@ def flower_traffic(run: dict, ledger_path: Path) -> dict:
     Flower counts its messages and objects on the SuperLink, so the difference is Flower's envelope: record
     framing, message metadata, and the few ``query`` messages that ask each node which clients it hosts. It
     is shared out over the payload messages of each direction."""
-    from fedzip.engine.ledger import read_ledger
-
-    entries = [e for e in read_ledger(ledger_path) if "status" not in e]  # failed sends may not have crossed
+    entries = [e for e in read_jsonl(ledger_path) if "status" not in e]  # failed sends may not have crossed
     down = [e["bytes"] for e in entries if e["direction"] == "down"]
     up = [e["bytes"] for e in entries if e["direction"] == "up"]
     traffic = run.get("network-traffic", {})

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fedzip.errors import RunDirError
 from fedzip.methods.state import ServerState, load_server_state, save_server_state
+from fedzip.rundir import RunDir
 
 STATE = "state.json"
 SERVER = "server.safetensors"
@@ -124,7 +125,7 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[dict, ServerState]:
 
 def recover_checkpoint(out: Path) -> None:
     """A crash in the middle of swapping checkpoints leaves a complete one under another name."""
-    ckpt = out / "checkpoints"
+    ckpt = RunDir(out).checkpoints
     if (ckpt / STATE).exists():
         return
     for name in ("checkpoints.tmp", "checkpoints.old"):  # the newer complete one first
@@ -151,7 +152,7 @@ class RunIdentity:
 
 def start_identity(out: Path, resume: bool) -> RunIdentity:
     """A fresh run's new identity, or a resumed run's with its epoch one higher; saved before any message."""
-    path = out / "run.json"
+    path = RunDir(out).identity
     previous = None
     if resume and path.exists():
         try:

@@ -6,6 +6,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from fedzip.rundir import read_jsonl
+
 
 class Ledger:
     def __init__(self, path: Path):
@@ -35,5 +37,4 @@ class Ledger:
 
 
 def read_ledger(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)

@@ -35,6 +35,7 @@ from fedzip.errors import ConfigError, FedzipError, PayloadError, RunDirError, T
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
 from fedzip.registry import method_class
+from fedzip.rundir import RunDir
 from fedzip.wire import decode, encode
 from fedzip.wire.payload import MAGIC as WIRE_FORMAT
 
@@ -98,13 +99,13 @@ def export_personal_models(exchange: InProcessExchange, glob: dict[str, torch.Te
     method = exchange.method
     for cid in cids:
         method.rt.view.set(method.personal_tensors(cid, exchange.store, {n: glob[n] for n in method.personal_spec()}))
-        save_adapter(method.rt.model, out / "personal" / f"client_{cid}")
+        save_adapter(method.rt.model, RunDir(out).personal / f"client_{cid}")
 
 
 def prepare_run_dir(out: Path, resume: bool) -> Path:
     if resume:
         recover_checkpoint(out)
-        if not (out / "checkpoints" / "state.json").exists():
+        if not (RunDir(out).checkpoints / "state.json").exists():
             raise RunDirError(f"nothing to resume in {out}: no checkpoint found")
         return out
     if out.exists() and any(out.iterdir()):
@@ -147,21 +148,22 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
         raise ConfigError("deploy.client_data: on_nodes means clients read files on their SuperNodes; "
                           "run it on Flower (fedzip deploy), or use shared data in a simulation")
     out = prepare_run_dir(Path(out), resume)
+    run = RunDir(out)
     if resume:
-        saved = yaml.safe_load((out / "config.yaml").read_text())
+        saved = yaml.safe_load(run.config.read_text())
         try:  # a run started by an older fedzip lacks keys added since, which then hold their defaults
             saved = yaml.safe_load(dump_config(ExperimentConfig.model_validate(saved)))
         except Exception:
             raise RunDirError(f"{out}/config.yaml is not a config this fedzip reads; start the run afresh") from None
         if _comparable(saved, method_cls) != _comparable(yaml.safe_load(dump_config(cfg)), method_cls):
             raise RunDirError(f"{out}/config.yaml differs from the config being resumed; resume with the same config")
-    (out / "config.yaml").write_text(dump_config(cfg))
-    ckpt_dir = out / "checkpoints"
+    run.config.write_text(dump_config(cfg))
+    ckpt_dir = run.checkpoints
 
     checkpoint = server_state = None
     if resume:  # verified before anything is built: a damaged checkpoint is one line, not a resumed run that differs
         checkpoint, server_state = load_checkpoint(ckpt_dir)
-        _check_run_files(out, checkpoint)
+        _check_run_files(run, checkpoint)
     rt = build_runtime(cfg, method_cls)
     rt.run_dir = out
     if resume and privacy.is_private(cfg):  # the DP key: the runtime's fresh one at a fresh start, else the checkpoint's
@@ -170,36 +172,36 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
             raise RunDirError(f"{ckpt_dir}: the checkpoint holds no DP randomness key; the run cannot resume privately")
         rt.randomness = privacy.Randomness(bytes.fromhex(key), cfg.seed)
     # With data on the nodes the server's own partition is of its evaluation data, not of any client's.
-    (out / "partition.json").write_text(json.dumps(rt.stats if cfg.deploy.client_data == "shared" else {
+    run.partition.write_text(json.dumps(rt.stats if cfg.deploy.client_data == "shared" else {
         "clients": "on their SuperNodes (deploy.client_data: on_nodes); the server sees only the example "
                    "counts their replies carry"}, indent=1))
     method = method_cls(cfg, rt)
     method.init_global()
-    (out / "method.json").write_text(json.dumps({"method": cfg.method, **method.describe(),
+    run.method_facts.write_text(json.dumps({"method": cfg.method, **method.describe(),
                                                  **({"privacy": privacy.describe(cfg)} if privacy.enabled(cfg) else {}),
                                                  **({"record_privacy": record_privacy(cfg)}
                                                     if cfg.privacy.records.noise_multiplier is not None else {})},
                                                 indent=1))
-    store = ClientStateStore(out / "client_state")
+    store = ClientStateStore(run.client_state)
     identity = start_identity(out, resume)
 
     start, elapsed_before = 1, 0.0
     if resume:
         method.load_server_state(server_state)
         start, elapsed_before = checkpoint["round"] + 1, checkpoint["wall_seconds"]
-        _truncate_lines(out / "ledger.jsonl", checkpoint["ledger_lines"])
-        _truncate_lines(out / "metrics.jsonl", checkpoint["metrics_lines"])
-        _truncate_lines(out / PRIVATE_ROWS, checkpoint.get("private_lines", 0))
+        _truncate_lines(run.ledger, checkpoint["ledger_lines"])
+        _truncate_lines(run.metrics, checkpoint["metrics_lines"])
+        _truncate_lines(run.private_rows, checkpoint.get("private_lines", 0))
         store.rollback(checkpoint["round"])
         log.info("resuming %s after round %d", out, checkpoint["round"])
     else:
-        for f in ("ledger.jsonl", "metrics.jsonl", PRIVATE_ROWS):
-            (out / f).write_text("")
+        for f in (run.ledger, run.metrics, run.private_rows):
+            f.write_text("")
     if privacy.any_enabled(cfg):  # they name each round's clients: the operator's alone
-        for f in ("ledger.jsonl", PRIVATE_ROWS):
-            os.chmod(out / f, 0o600)
+        for f in (run.ledger, run.private_rows):
+            os.chmod(f, 0o600)
 
-    ledger = Ledger(out / "ledger.jsonl")
+    ledger = Ledger(run.ledger)
     bar = RunProgress(cfg.rounds, start, enabled=progress)
     rt.step_progress = bar.step
     if exchange is None:
@@ -213,7 +215,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
         log.warning("%s: its clients keep models of their own and eval.personal_clients is 0: nothing is evaluated",
                     cfg.method)
     t_start = time.time()
-    metrics_lines, private_lines = _count_lines(out / "metrics.jsonl"), _count_lines(out / PRIVATE_ROWS)
+    metrics_lines, private_lines = _count_lines(run.metrics), _count_lines(run.private_rows)
     try:
         for rnd in range(start, cfg.rounds + 1):
             row = run_round(cfg, method, ledger, rnd, bar, exchange)
@@ -241,11 +243,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
                     row |= {"bytes_eval_up": ledger.eval_bytes[rnd]["up"], "bytes_eval_down": ledger.eval_bytes[rnd]["down"]}
             row["wall_seconds"] = elapsed_before + time.time() - t_start
             released, kept = privacy.split_row(cfg, row)  # a private run releases no cohort and no unnoised figure
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open(run.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(released) + "\n")
             metrics_lines += 1
             if kept:
-                with open(out / PRIVATE_ROWS, "a", encoding="utf-8") as f:
+                with open(run.private_rows, "a", encoding="utf-8") as f:
                     f.write(json.dumps(kept) + "\n")
                 private_lines += 1
             ledger.flush()
@@ -268,7 +270,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progr
         # adapter/ is no client's model: what only the clients keep is at its initial value there
         export_personal_models(exchange, method.global_tensors(), personal.cids, out)
         log.info("%s: adapter/ holds the shared tensors only; the evaluated clients' own models are in %s",
-                 cfg.method, out / "personal")
+                 cfg.method, run.personal)
     summary = write_summary(cfg, out, elapsed_before + time.time() - t_start, device_name(rt.model))
     return {**summary, "run_dir": str(out)}
 
@@ -397,12 +399,11 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def _check_run_files(out: Path, checkpoint: dict) -> None:
+def _check_run_files(run: RunDir, checkpoint: dict) -> None:
     """The run's files hold at least the lines the checkpoint counts (else they were cut or replaced)."""
-    for name, key in (("metrics.jsonl", "metrics_lines"), ("ledger.jsonl", "ledger_lines"),
-                      (PRIVATE_ROWS, "private_lines")):
-        if _count_lines(out / name) < checkpoint.get(key, 0):
-            raise RunDirError(f"{out / name}: shorter than the checkpoint of round {checkpoint['round']} records; "
+    for path, key in ((run.metrics, "metrics_lines"), (run.ledger, "ledger_lines"), (run.private_rows, "private_lines")):
+        if _count_lines(path) < checkpoint.get(key, 0):
+            raise RunDirError(f"{path}: shorter than the checkpoint of round {checkpoint['round']} records; "
                               "the run cannot resume from it")
 
 
@@ -416,15 +417,12 @@ def record_privacy(cfg) -> dict:
             "each client's own key (operating-system entropy, never sent)"}
 
 
-PRIVATE_ROWS = "server_private.jsonl"  # under DP: the cohort and the unnoised statistics, the server's alone
-
-
 def export_model(model, method_cls, out: Path) -> None:
     method_cls.before_export(model)
     if method_cls.uses_lora:
-        save_adapter(model, out / "adapter")
+        save_adapter(model, RunDir(out).adapter)
     else:
-        model.save_pretrained(str(out / "model"))
+        model.save_pretrained(str(RunDir(out).model))
 
 
 def code_version() -> dict:
@@ -454,8 +452,7 @@ def device_name(model) -> str:
 
 
 def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
-    with open(out / "metrics.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = RunDir(out).rows()
     metric_keys = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match")
     evaluated = [r for r in rows if any(k in r for k in metric_keys)]
     last = evaluated[-1] if evaluated else {}
@@ -485,5 +482,5 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
         summary["record_privacy"] = record_privacy(cfg)
     if privacy.any_enabled(cfg) and not privacy.is_private(cfg):
         summary["warnings"].insert(0, privacy.NOT_PRIVATE)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    RunDir(out).summary.write_text(json.dumps(summary, indent=1))
     return summary

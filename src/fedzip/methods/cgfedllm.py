@@ -52,6 +52,7 @@ from fedzip.methods.state import ServerState
 from fedzip.methods.training import round_train_config, train_locally
 from fedzip.models.lora import is_lora
 from fedzip.registry import register_method
+from fedzip.rundir import RunDir
 from fedzip.wire import Message
 
 ENC = "enc::"
@@ -295,7 +296,7 @@ class CgFedLLM(Method):
         passed = cos["autoencoder"] > max(cos["zero"], cos["random_projection"])
         metrics |= {f"gate_cosine_{k}": v for k, v in cos.items()} | {"gate_passed": float(passed)}
         if self.rt.run_dir is not None:
-            (self.rt.run_dir / "autoencoder_gate.json").write_text(json.dumps(
+            RunDir(self.rt.run_dir).autoencoder_gate.write_text(json.dumps(
                 {"passed": passed, "heldout_maps": len(heldout), "training_maps": len(train),
                  "latent_values": self._latent_numel(), "cosine": cos, "epochs_run": len(log.train_loss),
                  "best_epoch": log.best_epoch, "stopped_early": log.stopped_early,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from fedzip.engine.ledger import read_ledger
 from fedzip.errors import RunDirError
 from fedzip.report.links import LINKS, cumulative_seconds
+from fedzip.rundir import RunDir
 
 FORMAT = "fedzip-compact-run/1"
 _CURVE_KEYS = ("accuracy", "macro_f1", "loss", "perplexity", "ceval_accuracy", "exact_match", "eval_examples",
@@ -36,18 +36,17 @@ def seedless_label(name: str) -> str:
 
 def compact_run(run_dir: Path, label: str | None = None) -> dict:
     """The compact result of the finished run in ``run_dir`` (one error line if it has not finished)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "summary.json").exists():
+    run = RunDir(run_dir)
+    run_dir = run.path
+    if not run.finished():
         raise RunDirError(f"{run_dir}: not a finished run (no summary.json)")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    ledger = read_ledger(run_dir / "ledger.jsonl")
+    summary = run.read_summary()
+    config = yaml.safe_load(run.config.read_text())
+    rows = run.rows()
+    ledger = run.ledger_rows()
     # A DP run keeps each client's compute, memory and steps in the server's own file (fedzip.privacy): they
     # enter link times, memory and step time here, never the curve, whose keys are all released ones.
-    private = run_dir / "server_private.jsonl"
-    kept = {r["round"]: r for r in map(json.loads, private.read_text().splitlines())} if private.exists() else {}
-    server_rows = [r | kept.get(r["round"], {}) for r in rows]
+    server_rows = run.server_rows()
 
     curve = []
     for r in rows:
@@ -68,10 +67,10 @@ def compact_run(run_dir: Path, label: str | None = None) -> dict:
     peak_cuda = max((m["cuda_peak_bytes"] for m in memory if "cuda_peak_bytes" in m), default=None)
     where = summary.get("device", "cpu")
     extras = {}
-    if (run_dir / "method.json").exists():  # the method's set-up facts (ranks, map size, latent size, ...)
-        extras["method_facts"] = json.loads((run_dir / "method.json").read_text())
-    if (run_dir / "autoencoder_gate.json").exists():  # CG-FedLLM's quality gate, without its loss curves
-        gate = json.loads((run_dir / "autoencoder_gate.json").read_text())
+    if run.method_facts.exists():  # the method's set-up facts (ranks, map size, latent size, ...)
+        extras["method_facts"] = json.loads(run.method_facts.read_text())
+    if run.autoencoder_gate.exists():  # CG-FedLLM's quality gate, without its loss curves
+        gate = json.loads(run.autoencoder_gate.read_text())
         extras["autoencoder_gate"] = {k: v for k, v in gate.items() if not k.endswith("_loss")}
     return extras | {
         "format": FORMAT, "label": label or seedless_label(run_dir.name), "method": summary["method"],

@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import html
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedzip.engine.ledger import read_ledger
 from fedzip.errors import RunDirError
 from fedzip.report.links import Link, cumulative_seconds
 from fedzip.report.targets import cumulative_bytes, first_reaching, fixed_subset_curve, reference_target
+from fedzip.rundir import RunDir
 
 
 @dataclass
@@ -35,14 +34,11 @@ class Run:
 
 
 def load_run(path: Path) -> Run:
-    path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.exists():
-        raise RunDirError(f"{path} is not a run directory (no metrics.jsonl)")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"method": "?", "final_metrics": {}}
-    return Run(path=path, label=f"{path.name}", summary=summary, rows=rows)
+    run = RunDir(path)
+    if not run.metrics.exists():
+        raise RunDirError(f"{run.path} is not a run directory (no metrics.jsonl)")
+    summary = run.read_summary() if run.finished() else {"method": "?", "final_metrics": {}}
+    return Run(path=run.path, label=f"{run.path.name}", summary=summary, rows=run.rows())
 
 
 def primary_metric(runs: list[Run]) -> str:
@@ -93,9 +89,11 @@ class Comparison:
                 f"evaluations, {self.drop:g} {'below' if self.higher else 'above'})")
 
     def columns(self, run: Run) -> dict:
-        ledger_path = run.path / "ledger.jsonl"
-        ledger = read_ledger(ledger_path) if ledger_path.exists() and self.links else []
-        times = {link.name: cumulative_seconds(run.rows, ledger, link) for link in self.links}
+        rundir = RunDir(run.path)
+        ledger = rundir.ledger_rows() if rundir.ledger.exists() and self.links else []
+        # a round's time over a link needs each client's compute: a DP run keeps it in the server's own rows
+        rows = rundir.server_rows() if self.links else run.rows
+        times = {link.name: cumulative_seconds(rows, ledger, link) for link in self.links}
         if self.target is None:
             return {f"h ({name})": (t[max(t)] / 3600 if t else None) for name, t in times.items()}
         reached = first_reaching(fixed_subset_curve(run.rows, self.metric), self.target, self.window, self.higher)
@@ -194,6 +192,6 @@ def write_report(dirs: list[Path], out_dir: Path, comparison: Comparison | None 
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
 padding:4px 8px;text-align:right}}img{{max-width:48%;margin:1%}}</style></head><body>
 <h1>fedzip report</h1><table><tr>{head}</tr>{body}</table>{imgs}{note}</body></html>"""
-    path = out_dir / "report.html"
+    path = RunDir(out_dir).report
     path.write_text(page, encoding="utf-8")
     return path
