@@ -209,7 +209,7 @@ def collapse_rounds(seeds) -> dict[int, tuple[int | None, int | None]]:
     """Per seed, the first round in which no sampled client of HetLoRA's row holds a component above rank 8,
     and above rank 4 (None: none within the run). From the engine's own sampling and rank assignment."""
     from fedzip.config import load_config
-    from fedzip.engine.simulation import sample_clients
+    from fedzip.engine.rounds import sample_clients
     from fedzip.methods.hafl import HetLoRAOptions, assign_ranks
 
     overrides = dict((label, o) for label, o, _ in ROWS)["hetlora"]

@@ -41,8 +41,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from fedzip.config import load_config
+    from fedzip.engine.client import client_seed
+    from fedzip.engine.rounds import sample_clients
     from fedzip.engine.runtime import build_runtime
-    from fedzip.engine.simulation import client_seed, sample_clients
     from fedzip.methods import METHODS
     from fedzip.methods.flasc import flatten, global_topk_masks
     from fedzip.methods.training import train_locally

@@ -34,7 +34,7 @@ def play_round(cfg, rt, server, client, rnd, store, cids=None, lost=(), codec="f
     """One round through the wire (encode with ``codec`` both ways, decode against both sides' specs) for
     ``cids`` (default: the round's sample); the replies of clients in ``lost`` never reach the server. Returns
     the decoded replies."""
-    from fedzip.engine.simulation import sample_clients
+    from fedzip.engine.rounds import sample_clients
     from fedzip.methods import ClientContext
     from fedzip.wire import decode, encode
 

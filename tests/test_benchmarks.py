@@ -265,7 +265,7 @@ def test_hetlora_collapse_rounds_are_the_first_rounds_no_sampled_client_holds_th
     from b1_hetero import CONFIG, PROFILE, ROWS, collapse_rounds
 
     from fedzip.config import load_config
-    from fedzip.engine.simulation import sample_clients
+    from fedzip.engine.rounds import sample_clients
     from fedzip.methods.hafl import HetLoRAOptions, assign_ranks
 
     cfg = load_config(CONFIG, [*PROFILE, *dict((lab, o) for lab, o, _ in ROWS)["hetlora"]])

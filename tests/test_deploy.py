@@ -71,7 +71,7 @@ def test_a_hostile_supernode_cannot_stop_the_run_and_its_replies_count_as_silenc
     clients 1 and 3 never replied."""
     from test_robustness import Hostile
 
-    import fedzip.engine.simulation as sim
+    import fedzip.engine.rounds as sim
 
     overrides = tiny_cfg + ["rounds=7", "num_clients=4", "clients_per_round=4", "deploy.max_round_retries=0",
                             "deploy.min_reply_fraction=0.5", "wire.max_payload_bytes=200000"]

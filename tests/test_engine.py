@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import fedzip.engine.client as client_mod
-import fedzip.engine.simulation as sim
+import fedzip.engine.rounds as sim
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger

@@ -13,7 +13,7 @@ from fedzip.data.partition import client_test_indices
 from fedzip.engine import run_experiment
 from fedzip.engine.ledger import read_ledger
 from fedzip.engine.personal import own_test_indices, read_reply
-from fedzip.engine.simulation import sample_clients
+from fedzip.engine.rounds import sample_clients
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.methods import ClientContext

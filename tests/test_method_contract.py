@@ -30,8 +30,8 @@ from fedzip.config import load_config
 from fedzip.deploy.local import LocalFederation
 from fedzip.engine.client import run_client
 from fedzip.engine.ledger import read_ledger
+from fedzip.engine.rounds import sample_clients
 from fedzip.engine.runtime import build_runtime
-from fedzip.engine.simulation import sample_clients
 from fedzip.engine.state import ClientStateStore
 from fedzip.methods import METHODS, Method
 from fedzip.methods.state import load_server_state, save_server_state
@@ -215,7 +215,7 @@ def test_a_flower_run_equals_the_simulation_and_its_ledger_equals_the_wire(tmp_p
 def test_a_refused_reply_changes_nothing_and_the_round_ends_as_without_it(overrides, tmp_path):
     """``aggregate`` refuses a reply with a lying example count before it changes any state (the protocol's
     contract), so the engine can drop that one client: the round then ends exactly as if it had not replied."""
-    from fedzip.engine.simulation import aggregate_valid
+    from fedzip.engine.rounds import aggregate_valid
     from fedzip.errors import PayloadError
     from fedzip.wire import Message
 

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from helpers import assert_same_adapter
 
-import fedzip.engine.simulation as sim
+import fedzip.engine.rounds as sim
 from fedzip.config import load_config
 from fedzip.engine import run_experiment
 from fedzip.errors import PayloadError, RunDirError, TooFewReplies

@@ -129,7 +129,7 @@ def leaderboard_report(dirs: list[Path], args, out: Path) -> int:
 def cmd_deploy_local(args) -> int:
     from fedzip.config import load_config
     from fedzip.deploy.local import deploy_local
-    from fedzip.engine.simulation import prepare_run_dir
+    from fedzip.engine.rounds import prepare_run_dir
 
     cfg = load_config(args.config or "quickstart", args.set)  # a bad config fails here, before Flower starts
     out = prepare_run_dir(Path(args.out) if args.out else Path(args.runs_dir) / f"{cfg.run_name()}-flower",

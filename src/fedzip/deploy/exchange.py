@@ -1,6 +1,6 @@
 """The Flower exchange: a round's encoded messages go to the SuperNodes hosting the sampled clients.
 
-The engine (``fedzip.engine.simulation``) drives the rounds exactly as in a simulation; only this
+The round engine (``fedzip.engine.rounds``) drives the rounds exactly as in a simulation; only this
 object differs. It finds which SuperNode hosts which logical client (a ``query`` message to each new
 node), sends each ``train`` message, and waits up to ``deploy.round_timeout_s``. Missing, failed,
 malformed or oversized replies are reported as failures (the engine logs them in the ledger); clients
