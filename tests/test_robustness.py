@@ -223,3 +223,16 @@ def test_checkpoint_files_and_folders_are_synced_private_and_swapped_only_when_c
     run_experiment(cfg, run, resume=True, progress=False)
     names = {os.path.basename(p) for p in synced}
     assert {"server.safetensors", "state.json", "checkpoints.tmp", run.name} <= names
+
+
+def test_a_replys_meta_is_validated_once_into_typed_facts():
+    from fedzip.methods.base import ReplyMeta
+
+    facts = ReplyMeta.parse({"num_examples": 12, "steps": 3, "train_loss": 0.5, "record_epsilon": 2.0, "own": 1})
+    assert facts == ReplyMeta(12, 3, 0.5, 2.0)
+    assert ReplyMeta.parse({"num_examples": 1}) == ReplyMeta(1)
+    for bad in ({}, {"num_examples": True}, {"num_examples": 0}, {"num_examples": 10**13}, {"num_examples": 2.0},
+                {"num_examples": 4, "steps": -1}, {"num_examples": 4, "steps": "3"},
+                {"num_examples": 4, "train_loss": "low"}, {"num_examples": 4, "record_epsilon": -1.0}):
+        with pytest.raises(PayloadError):
+            ReplyMeta.parse(bad)

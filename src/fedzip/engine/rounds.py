@@ -32,6 +32,7 @@ from fedzip.engine.runtime import Runtime, build_runtime, client_runtime
 from fedzip.engine.simulation import InProcessExchange, export_personal_models
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError, PayloadError, RunDirError, TooFewReplies
+from fedzip.methods.base import ReplyMeta
 from fedzip.models import save_adapter
 from fedzip.progress import RunProgress
 from fedzip.registry import method_class
@@ -306,19 +307,22 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
             continue
         finally:
             timing["decode_s"] += time.time() - t0
+        try:
+            facts = ReplyMeta.parse(replies[cid].meta)  # validated once: the rest of the round trusts it
+        except PayloadError as exc:
+            log.warning("round %d: reply from client %d rejected: %s", rnd, cid, exc)
+            rejected.append(cid)
+            del replies[cid]
+            ledger.record(rnd, cid, "up", len(up), rejected=str(exc)[:300])
+            continue
         ledger.record(rnd, cid, "up", len(up))
         replies[cid].diagnostics = diagnostics.get(cid, {})
-        if isinstance(replies[cid].meta.get("train_loss"), (int, float)):
-            losses.append(float(replies[cid].meta["train_loss"]))
-        examples = replies[cid].meta.get("num_examples")
-        if isinstance(examples, int) and not isinstance(examples, bool):
-            client_examples[str(cid)] = examples  # what weighting uses: all a server learns of a client's data
-        record_eps = replies[cid].meta.get("record_epsilon")
-        if isinstance(record_eps, float):  # record-level DP-SGD: the client's own accountant
-            record_epsilon[str(cid)] = record_eps
-        steps = replies[cid].meta.get("steps")
-        if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
-            client_steps += steps
+        if facts.train_loss is not None:
+            losses.append(facts.train_loss)
+        client_examples[str(cid)] = facts.num_examples  # what weighting uses: all a server learns of a client's data
+        if facts.record_epsilon is not None:  # record-level DP-SGD: the client's own accountant
+            record_epsilon[str(cid)] = facts.record_epsilon
+        client_steps += facts.steps or 0
 
     need = math.ceil(cfg.deploy.min_reply_fraction * len(cids))
     if len(replies) < need:

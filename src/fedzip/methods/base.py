@@ -7,6 +7,7 @@ and decode them on the other side; methods never see bytes and engines never see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -200,12 +201,41 @@ def one_client(cfg):
     return cfg
 
 
+@dataclass(frozen=True)
+class ReplyMeta:
+    """What every reply says about its client's round, validated once when the server receives it (the engine
+    refuses a reply whose meta does not parse). A method's own keys (FLASC's ``dp_below``, CG-FedLLM's
+    ``scale``) are the method's to check."""
+
+    num_examples: int  # the client's training examples: weighs it in aggregation
+    steps: int | None = None  # local steps it took
+    train_loss: float | None = None  # its mean training loss (absent where DP keeps it home)
+    record_epsilon: float | None = None  # record-level DP-SGD: its own accountant's epsilon
+
+    @classmethod
+    def parse(cls, meta: dict) -> "ReplyMeta":
+        n = meta.get("num_examples")
+        if not _is_int(n) or not 0 < n <= 10**12:
+            raise PayloadError(f"reply meta 'num_examples' must be a positive integer, got {n!r}")
+        steps = meta.get("steps")
+        if steps is not None and (not _is_int(steps) or not 0 <= steps <= 10**9):
+            raise PayloadError(f"reply meta 'steps' must be a non-negative integer, got {steps!r}")
+        loss, eps = meta.get("train_loss"), meta.get("record_epsilon")
+        for key, value, low in (("train_loss", loss, -math.inf), ("record_epsilon", eps, 0.0)):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value) or value < low):
+                raise PayloadError(f"reply meta {key!r} must be a finite number{' >= 0' if low == 0 else ''}, "
+                                   f"got {value!r}")
+        return cls(n, steps, None if loss is None else float(loss), None if eps is None else float(eps))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def reply_weight(reply: Message) -> int:
     """The sample count a client reports, validated: it weighs the client in aggregation."""
-    n = reply.meta.get("num_examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or n > 10**12:
-        raise PayloadError(f"reply meta 'num_examples' must be a positive integer, got {n!r}")
-    return n
+    return ReplyMeta.parse(reply.meta).num_examples
 
 
 def weighted_average(replies: dict[int, Message], names: list[str]) -> dict[str, torch.Tensor]:
