@@ -111,6 +111,7 @@ class Randomness:
         return self.key is None
 
     def _digest(self, rnd: int, who: int, stream: int, size: int) -> bytes:
+        assert self.key is not None  # keyed draws only
         return hashlib.blake2b(struct.pack("<qqq", rnd, who, stream), key=self.key, digest_size=size).digest()
 
     def generator(self, rnd: int, who: int, stream: int) -> torch.Generator:

@@ -17,6 +17,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,9 @@ from fedzip.engine.runtime import Runtime, build_runtime, client_runtime
 from fedzip.engine.simulation import InProcessExchange, export_personal_models
 from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError, PayloadError, RunDirError, TooFewReplies
-from fedzip.methods.base import ReplyMeta
-from fedzip.models import save_adapter
+from fedzip.methods.base import Method, ReplyMeta
+from fedzip.methods.state import ServerState
+from fedzip.models import TrainableView, save_adapter
 from fedzip.progress import RunProgress
 from fedzip.registry import method_class
 from fedzip.rundir import RunDir
@@ -83,20 +85,26 @@ class OpenRun:
     """A run between its start (or resume) and its end: what the round loop reads and writes."""
 
     cfg: ExperimentConfig
-    method_cls: type
+    method_cls: type[Method]
     dir: RunDir
     rt: Runtime
-    method: object
+    method: Method
     store: ClientStateStore
     ledger: Ledger
     bar: RunProgress
-    exchange: object
+    exchange: Any  # InProcessExchange, the Flower exchange, or a test's
     personal: PersonalEvaluation | None
     identity: RunIdentity
     start: int  # the first round to run
     elapsed_before: float  # seconds the run spent before this start
     metrics_lines: int = 0
     private_lines: int = 0
+
+    @property
+    def view(self) -> TrainableView:
+        """The server's trainable view (a server always loads its model)."""
+        assert self.rt.view is not None
+        return self.rt.view
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = True,
@@ -139,7 +147,8 @@ def open_run(cfg: ExperimentConfig, out: Path, resume: bool, progress: bool, exc
     if resume:
         _check_same_config(run_dir, cfg, method_cls)
     run_dir.config.write_text(dump_config(cfg))
-    checkpoint = server_state = None
+    checkpoint: dict[str, Any] = {}
+    server_state: ServerState | None = None
     if resume:  # verified before anything is built: a damaged checkpoint is one line, not a resumed run that differs
         checkpoint, server_state = load_checkpoint(run_dir.checkpoints)
         _check_run_files(run_dir, checkpoint)
@@ -165,7 +174,7 @@ def open_run(cfg: ExperimentConfig, out: Path, resume: bool, progress: bool, exc
     identity = start_identity(out, resume)
 
     start, elapsed_before = 1, 0.0
-    if resume:
+    if server_state is not None:
         method.load_server_state(server_state)
         start, elapsed_before = checkpoint["round"] + 1, checkpoint["wall_seconds"]
         _truncate_lines(run_dir.ledger, checkpoint["ledger_lines"])
@@ -204,14 +213,14 @@ def evaluate_round(run: OpenRun, rnd: int) -> dict:
     row: dict = {}
     full = rnd == cfg.rounds
     if not run.method_cls.personalised:
-        rt.view.set(method.global_tensors())
+        run.view.set(method.global_tensors())
         row |= rt.task.evaluate(rt.model, cfg.eval.batch_size, None if full else cfg.eval.max_examples, seed=cfg.seed)
     if personal is not None:
         row |= personal(rnd, full)
     if full and cfg.eval.max_examples and cfg.eval.max_examples < row.get("eval_examples", 0):
         # the last round on the fixed subset too, so the run's curve ends where the run ends
-        rt.view.set(method.global_tensors())
-        row["fixed_subset"] = (personal(rnd, False, own=False) if run.method_cls.personalised else
+        run.view.set(method.global_tensors())
+        row["fixed_subset"] = (personal(rnd, False, own=False) if personal is not None and run.method_cls.personalised else
                                rt.task.evaluate(rt.model, cfg.eval.batch_size, cfg.eval.max_examples, seed=cfg.seed))
     own = method.evaluate(rnd, None if full else cfg.eval.max_examples)
     if own:
@@ -246,7 +255,7 @@ def record_round(run: OpenRun, rnd: int, row: dict) -> None:
 def finish_run(run: OpenRun, wall: float) -> dict:
     """The exported model (and, in a simulation, the evaluated clients' own), and the summary."""
     cfg, rt, method, out = run.cfg, run.rt, run.method, run.dir.path
-    rt.view.set(method.global_tensors())
+    run.view.set(method.global_tensors())
     export_model(rt.model, run.method_cls, out)
     if run.personal is not None and run.method_cls.personalised and run.method_cls.uses_lora and \
             isinstance(run.exchange, InProcessExchange):
@@ -332,7 +341,7 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
                             "; the run stopped after its last completed round and can be resumed")
     t0 = time.time()
     # Under DP a round with no reply still releases noise (what it releases must not say that no one took part).
-    extra = {}
+    extra: dict[str, Any] = {}
     if replies or privacy.enabled(cfg):
         extra, dropped = aggregate_valid(method, rnd, replies)
         for cid, reason in dropped.items():
@@ -427,7 +436,7 @@ def code_version() -> dict:
 
     from fedzip import __version__
 
-    out = {"version": __version__, "commit": None, "dirty": None}
+    out: dict[str, Any] = {"version": __version__, "commit": None, "dirty": None}
     here = Path(__file__).resolve().parent.parent  # the package: src/fedzip in a checkout
     try:
         git = ["git", "-C", str(here)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ import torch
 from fedzip.data import Task, TextData, load_source, partition, partition_stats
 from fedzip.models import TrainableView, inject_lora, load_base_model, load_tokenizer
 from fedzip.models.device import resolve_device  # noqa: F401  (re-exported: tests and apps import it here)
+
+if TYPE_CHECKING:
+    from fedzip.privacy import Randomness
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ class Runtime:
     run_dir: Path | None = None  # where a method may keep artefacts worth reusing (e.g. a trained codec)
     # The server's DP randomness (fedzip.privacy.Randomness): the cohort and the noise. The engine sets it from
     # the checkpoint on resume; a client's runtime has none (a client draws from its own key).
-    randomness: object | None = None
+    randomness: Randomness | None = None
 
     @property
     def client_sizes(self) -> list[int]:
