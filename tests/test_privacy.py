@@ -210,13 +210,15 @@ def test_dp_sgd_trains_a_causal_lm_on_per_example_losses(tmp_path, cache_dir):
 
 
 def test_a_private_run_releases_no_cohort_and_no_unnoised_statistic(tmp_path, tiny_cfg):
-    run_experiment(load_config("quickstart", tiny_cfg + DP + ["privacy.clip_quantile=0.5", "privacy.clip_count_noise=2"]),
+    run_experiment(load_config("quickstart", tiny_cfg + DP + ["privacy.clip_quantile=0.5", "privacy.clip_count_noise=2",
+                                                              "eval.personal_clients=2", "eval.personal_examples=8"]),
                    tmp_path / "run", progress=False)
     for row in released_rows(tmp_path / "run"):
         assert not set(row) & set(privacy.UNPROTECTED_ROW_KEYS), row
+        assert not [k for k in row if k.startswith("personal_")], row  # clients' scores on their own data
         assert {"cohort_size", "replied", "epsilon", "dp_clip", "dp_unclipped_share_noised"} <= set(row)
     kept = server_rows(tmp_path / "run")
-    assert all("clients" in r and "dp_update_norm" in r and "train_loss" in r for r in kept)
+    assert all("clients" in r and "dp_update_norm" in r and "train_loss" in r and "personal_accuracy" in r for r in kept)
     for private in ("server_private.jsonl", "ledger.jsonl", "checkpoints/state.json"):  # the operator's alone
         assert (tmp_path / "run" / private).stat().st_mode & 0o077 == 0, private
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

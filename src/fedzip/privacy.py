@@ -161,10 +161,11 @@ UNPROTECTED_ROW_KEYS = ("clients", "client_examples", "client_record_epsilon", "
 
 
 def split_row(cfg, row: dict) -> tuple[dict, dict]:
-    """(what metrics.jsonl may hold, what only the server keeps) of a round's row. Without DP: (row, {})."""
+    """(what metrics.jsonl may hold, what only the server keeps) of a round's row. Without DP: (row, {}).
+    Personalised evaluation's scores (``personal_*``) are clients' accuracy on their own data, without noise."""
     if not any_enabled(cfg):
         return row, {}
-    private = {k: row[k] for k in UNPROTECTED_ROW_KEYS if k in row}
+    private = {k: v for k, v in row.items() if k in UNPROTECTED_ROW_KEYS or k.startswith("personal_")}
     public = {k: v for k, v in row.items() if k not in private}
     return public, ({"round": row["round"], **private} if private else {})
 
