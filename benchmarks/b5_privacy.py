@@ -117,8 +117,10 @@ CHANGES = [
     "seed; a deployment draws from the operating system's entropy, and its accuracy at a given epsilon is the same "
     "in distribution. Adaptive clipping used to count raw 0/1 bits (sensitivity 1) where its budget split assumed "
     "centred bits (1/2), so its rows reported epsilon 8 and 3 while they spent about 10.4 and 4.9. The count is "
-    "centred now; the capped rows were run again with it at the epsilon they name, and the uncapped ones (seed 0 "
-    "only) are re-accounted below from the noise they added. The default delta is now min(1e-5, 0.01 / N); B5 keeps "
+    "centred now; the capped rows were run again with it at the epsilon they name (3 seeds each, code commit "
+    "85586be), and the uncapped ones (seed 0 only) are re-accounted below from the noise they added. The re-run rows "
+    "end where the old ones did: the fix leaves the update's noise as it was and halves what one client moves the "
+    "count by, so only the epsilon the old rows stated was wrong. The default delta is now min(1e-5, 0.01 / N); B5 keeps "
     "1/500 explicitly, as its rows ran with it.",
 ]
 
