@@ -446,7 +446,7 @@ class DPSGD:
     seed: int
 
 
-def records(cfg, client=None) -> DPSGD | None:
+def records(cfg, client) -> DPSGD | None:
     """Record-level DP-SGD for ``client`` when ``privacy.records`` is on, else None (what ``train_locally`` takes)."""
     rec = cfg.privacy.records
     if rec.noise_multiplier is None:
@@ -455,8 +455,7 @@ def records(cfg, client=None) -> DPSGD | None:
         import opacus  # noqa: F401
     except ImportError:
         raise ConfigError("privacy.records needs Opacus: pip install 'fedzip[dp]'") from None
-    seed = client_randomness(cfg, client).int_seed(client.round, client.cid, DP_SGD) if client is not None else 0
-    return DPSGD(rec.noise_multiplier, rec.clip, seed)
+    return DPSGD(rec.noise_multiplier, rec.clip, client_randomness(cfg, client).int_seed(client.round, client.cid, DP_SGD))
 
 
 def record_delta(cfg, num_examples: int) -> float:

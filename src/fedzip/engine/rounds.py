@@ -306,24 +306,18 @@ def run_round(cfg, method, ledger: Ledger, rnd: int, bar: RunProgress, exchange)
         ledger.record(rnd, cid, "down", len(downs[cid]), kind)
         up = ups[cid]
         t0 = time.time()
-        try:
+        try:  # the payload, then the meta every reply carries, validated once: the rest of the round trusts both
             replies[cid] = decode(up, method.up_spec(cid, rnd), max_bytes=cfg.wire.max_payload_bytes)
+            facts = ReplyMeta.parse(replies[cid].meta)
         except Exception as exc:  # noqa: BLE001 - a bad reply is dropped and logged, never fatal to the server
             reason = str(exc) if isinstance(exc, PayloadError) else f"{type(exc).__name__}: {exc}"
             log.warning("round %d: reply from client %d rejected: %s", rnd, cid, reason[:300])
             rejected.append(cid)
+            replies.pop(cid, None)
             ledger.record(rnd, cid, "up", len(up), rejected=reason[:300])  # it arrived: its bytes count
             continue
         finally:
             timing["decode_s"] += time.time() - t0
-        try:
-            facts = ReplyMeta.parse(replies[cid].meta)  # validated once: the rest of the round trusts it
-        except PayloadError as exc:
-            log.warning("round %d: reply from client %d rejected: %s", rnd, cid, exc)
-            rejected.append(cid)
-            del replies[cid]
-            ledger.record(rnd, cid, "up", len(up), rejected=str(exc)[:300])
-            continue
         ledger.record(rnd, cid, "up", len(up))
         replies[cid].diagnostics = diagnostics.get(cid, {})
         if facts.train_loss is not None:

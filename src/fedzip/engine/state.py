@@ -47,12 +47,10 @@ class ClientStateStore:
         folder.mkdir(mode=0o700, exist_ok=True)
         path = folder / "key"
         if not path.exists():
+            from fedzip.engine.checkpoint import write_private
+
             tmp = folder / f".key.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-                f.flush()
-                os.fsync(f.fileno())
+            write_private(tmp, secrets.token_bytes(32))
             try:
                 os.link(tmp, path)  # atomic, and never replaces a key another process made first
             except FileExistsError:
