@@ -11,7 +11,7 @@ runs that never reach their target are counted, never averaged in.
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from fedzip.report.targets import cumulative_bytes, first_reaching, fixed_subset_curve, smoothed, tail_gain
 
@@ -98,11 +98,9 @@ def build_leaderboard(records: list[dict], reference: str, window: int = 3, drop
             "warnings": [f"seed {s}, {w}" for s in seeds for w in runs[s].get("warnings", [])],
             "per_seed": judged,
         })
-    formats: dict[str, list[str]] = defaultdict(list)
-    for r in records:  # runs from before the key sent FZP1
-        formats[r.get("wire_format", "FZP1")].append(f"{r['label']} s{r['seed']}")
+    formats = Counter(r.get("wire_format", "FZP1") for r in records)  # runs from before the key sent FZP1
     return {"metric": metric, "higher_is_better": higher, "reference": reference, "window": window, "drop": drop,
-            "links": links, "rows": rows, "wire_formats": {f: len(v) for f, v in sorted(formats.items())},
+            "links": links, "rows": rows, "wire_formats": dict(sorted(formats.items())),
             "code_commits": sorted({r.get("code_commit") or "not recorded" for r in records})}
 
 
