@@ -18,6 +18,7 @@ from fedzip.engine.state import ClientStateStore
 from fedzip.errors import ConfigError
 from fedzip.methods import METHODS
 from fedzip.methods.base import ClientContext
+from fedzip.rundir import RunDir
 from fedzip.wire import decode, encode
 
 DP = ["privacy.mode=central", "privacy.clip=0.05", "privacy.noise_multiplier=1.0", "num_clients=8",
@@ -160,13 +161,12 @@ def test_a_private_run_resumes_to_the_same_adapter(tmp_path, tiny_cfg, monkeypat
 
 
 def released_rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(run_dir).rows()
 
 
 def server_rows(run_dir):
     """metrics.jsonl with what the server kept to itself (server_private.jsonl) merged back in, round by round."""
-    private = {r["round"]: r for r in map(json.loads, (run_dir / "server_private.jsonl").read_text().splitlines())}
-    return [r | private.get(r["round"], {}) for r in released_rows(run_dir)]
+    return RunDir(run_dir).server_rows()
 
 
 @pytest.mark.parametrize("mode", ["central", "local", "records"])

@@ -282,6 +282,15 @@ def describe(cfg) -> dict:
                                      "on the updates)", "timings"]}
 
 
+def describe_records(cfg) -> dict:
+    """What a run records about record-level DP-SGD (``method.json``, ``summary.json``)."""
+    rec = cfg.privacy.records
+    return {"unit": "record", "noise_multiplier": rec.noise_multiplier, "clip": rec.clip, "private": is_private(cfg),
+            "delta": rec.delta if rec.delta is not None else "min(1e-5, 0.01 / the client's example count)",
+            "randomness": NOT_PRIVATE if cfg.privacy.reproducible else
+            "each client's own key (operating-system entropy, never sent)"}
+
+
 def run_epsilon(cfg, rounds: int) -> float:
     """Epsilon at the run's delta after ``rounds`` rounds of this run's mechanism."""
     return epsilon(accounted_rate(cfg), noise_multiplier(cfg), rounds, target_delta(cfg), cfg.privacy.accountant)

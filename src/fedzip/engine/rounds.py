@@ -168,7 +168,7 @@ def open_run(cfg: ExperimentConfig, out: Path, resume: bool, progress: bool, exc
     method.init_global()
     run_dir.method_facts.write_text(json.dumps(
         {"method": cfg.method, **method.describe(), **({"privacy": privacy.describe(cfg)} if privacy.enabled(cfg) else {}),
-         **({"record_privacy": record_privacy(cfg)} if cfg.privacy.records.noise_multiplier is not None else {})},
+         **({"record_privacy": privacy.describe_records(cfg)} if cfg.privacy.records.noise_multiplier is not None else {})},
         indent=1))
     store = ClientStateStore(run_dir.client_state)
     identity = start_identity(out, resume)
@@ -406,16 +406,6 @@ def _check_run_files(run: RunDir, checkpoint: dict) -> None:
                               "the run cannot resume from it")
 
 
-def record_privacy(cfg) -> dict:
-    """What a run records about record-level DP-SGD (``method.json``)."""
-    return {"unit": "record", "noise_multiplier": cfg.privacy.records.noise_multiplier,
-            "clip": cfg.privacy.records.clip, "private": privacy.is_private(cfg),
-            "delta": cfg.privacy.records.delta if cfg.privacy.records.delta is not None else
-            "min(1e-5, 0.01 / the client's example count)",
-            "randomness": privacy.NOT_PRIVATE if cfg.privacy.reproducible else
-            "each client's own key (operating-system entropy, never sent)"}
-
-
 def export_model(model, method_cls, out: Path) -> None:
     method_cls.before_export(model)
     if method_cls.uses_lora:
@@ -478,7 +468,7 @@ def write_summary(cfg, out: Path, wall: float, device: str = "cpu") -> dict:
     if privacy.enabled(cfg):
         summary["privacy"] = privacy.describe(cfg) | {"epsilon": rows[-1].get("epsilon") if rows else 0.0}
     if cfg.privacy.records.noise_multiplier is not None:
-        summary["record_privacy"] = record_privacy(cfg)
+        summary["record_privacy"] = privacy.describe_records(cfg)
     if privacy.any_enabled(cfg) and not privacy.is_private(cfg):
         summary["warnings"].insert(0, privacy.NOT_PRIVATE)
     RunDir(out).summary.write_text(json.dumps(summary, indent=1))
